@@ -1,0 +1,102 @@
+"""Entry point of the ``syntheticct`` command: parses arguments, sets up progress, maps errors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .. import __version__
+from ..errors import Cancelled, SyntheticCTError
+from ..progress import JsonLinesProgress, TqdmProgress, no_progress
+
+# Subcommand modules, in the order `--help` lists them.
+COMMAND_MODULES = ("phantom", "synthesize", "models", "register", "compare", "train", "evaluate", "demo")
+
+EXIT_ERROR = 1
+EXIT_CANCELLED = 130
+
+logger = logging.getLogger("SyntheticCTLib")
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("output options")
+    group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                       help="progress as a tqdm bar on stderr (default), JSON lines on stdout "
+                            "({stage, fraction, message}) for a GUI, or none")
+    group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                       help="logging level of messages on stderr (default: info)")
+    return common
+
+
+_COMMON = _common_options()
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str,
+                description: Optional[str] = None) -> argparse.ArgumentParser:
+    """Register subcommand ``name`` with the options every subcommand shares (``--progress``, ``--log-level``)."""
+    return subparsers.add_parser(name, help=help, description=description or help, parents=[_COMMON],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syntheticct",
+        description="Synthetic CT from MRI: phantom, synthesis, registration and bone-surface comparison. "
+                    "Not for diagnostic use.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:  # TODO(integration): drop once every subcommand module exists
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    reporter = {"bar": TqdmProgress, "json": JsonLinesProgress}.get(args.progress)
+    report = reporter() if reporter else no_progress
+    try:
+        return int(args.run(args, report) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("syntheticct: cancelled; no partial output was left.\n")
+        return EXIT_CANCELLED
+    except Cancelled as e:
+        sys.stderr.write(f"syntheticct: cancelled: {e}\n")
+        return EXIT_CANCELLED
+    except SyntheticCTError as e:
+        sys.stderr.write(f"syntheticct {args.command}: error: {e}\n")
+        return EXIT_ERROR
+    finally:
+        close = getattr(report, "close", None)
+        if close:
+            close()
+
+
+def entry_point() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
