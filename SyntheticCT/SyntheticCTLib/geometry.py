@@ -22,29 +22,45 @@ def same_grid(a: sitk.Image, b: sitk.Image, *, tolerance: float = 1e-4) -> bool:
 
 def describe_grid(image: sitk.Image) -> str:
     """A one-line description of an image's grid, for error messages."""
-    return (f"size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())} mm, "
-            f"origin {tuple(round(o, 3) for o in image.GetOrigin())}")
+    return (
+        f"size {image.GetSize()}, spacing {tuple(round(s, 4) for s in image.GetSpacing())} mm, "
+        f"origin {tuple(round(o, 3) for o in image.GetOrigin())}"
+    )
 
 
-def check_same_grid(a: sitk.Image, b: sitk.Image, *, names: Sequence[str] = ("first image", "second image"),
-                    tolerance: float = 1e-4) -> None:
+def check_same_grid(
+    a: sitk.Image, b: sitk.Image, *, names: Sequence[str] = ("first image", "second image"), tolerance: float = 1e-4
+) -> None:
     """Raise :class:`GeometryMismatchError` when ``a`` and ``b`` do not share a voxel grid."""
     if not same_grid(a, b, tolerance=tolerance):
         raise GeometryMismatchError(
             f"{names[0]} and {names[1]} must share a voxel grid; got {describe_grid(a)} vs {describe_grid(b)}. "
-            "Resample with SyntheticCTLib.geometry.resample_like first.")
+            "Resample with SyntheticCTLib.geometry.resample_like first."
+        )
 
 
-def resample_like(image: sitk.Image, reference: sitk.Image, *, transform: Optional[sitk.Transform] = None,
-                  interpolator: int = sitk.sitkLinear, default_value: float = 0.0,
-                  pixel_type: Optional[int] = None) -> sitk.Image:
+def resample_like(
+    image: sitk.Image,
+    reference: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    interpolator: int = sitk.sitkLinear,
+    default_value: float = 0.0,
+    pixel_type: Optional[int] = None,
+) -> sitk.Image:
     """Resample ``image`` onto the grid of ``reference``.
 
     ``transform`` maps points of the reference (fixed) space to the image (moving) space, as ITK
     resampling uses it.
     """
-    return sitk.Resample(image, reference, transform or sitk.Transform(), interpolator, default_value,
-                         image.GetPixelID() if pixel_type is None else pixel_type)
+    return sitk.Resample(
+        image,
+        reference,
+        transform or sitk.Transform(),
+        interpolator,
+        default_value,
+        image.GetPixelID() if pixel_type is None else pixel_type,
+    )
 
 
 def grid_with_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
@@ -64,13 +80,15 @@ def grid_with_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image
     return grid
 
 
-def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear,
-                        default_value: float = 0.0) -> sitk.Image:
+def resample_to_spacing(
+    image: sitk.Image, spacing: Sequence[float], *, interpolator: int = sitk.sitkLinear, default_value: float = 0.0
+) -> sitk.Image:
     """Resample ``image`` to a new voxel ``spacing``, keeping its field of view and direction."""
     if np.allclose(image.GetSpacing(), spacing, atol=1e-6):
         return image
-    return resample_like(image, grid_with_spacing(image, spacing), interpolator=interpolator,
-                         default_value=default_value)
+    return resample_like(
+        image, grid_with_spacing(image, spacing), interpolator=interpolator, default_value=default_value
+    )
 
 
 def physical_points_of_indices(image: sitk.Image, indices_zyx: np.ndarray) -> np.ndarray:

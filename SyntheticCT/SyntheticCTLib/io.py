@@ -79,14 +79,21 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> sitk.Image:
         chosen = [s for s in series if s.series_uid == series_uid]
         if not chosen:
             known = ", ".join(s.series_uid for s in series)
-            raise VolumeReadError(f"'{folder}' has no DICOM series with SeriesInstanceUID {series_uid}; it holds: {known}.")
+            raise VolumeReadError(
+                f"'{folder}' has no DICOM series with SeriesInstanceUID {series_uid}; it holds: {known}."
+            )
         info = chosen[0]
     else:
         info = series[0]
         if len(series) > 1:
             logger.warning(
-                "'%s' holds %d DICOM series; reading the largest (%s, %d files, '%s'). "
-                "Name another with series_uid.", folder, len(series), info.series_uid, info.n_files, info.description)
+                "'%s' holds %d DICOM series; reading the largest (%s, %d files, '%s'). Name another with series_uid.",
+                folder,
+                len(series),
+                info.series_uid,
+                info.n_files,
+                info.description,
+            )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(info.files))
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -106,20 +113,26 @@ def validate_volume(image: sitk.Image, source: PathLike = "<image>", *, check_fi
     name = str(source)
     dim = image.GetDimension()
     if dim == 4:
-        raise VolumeReadError(f"'{name}' is a 4D image (size {image.GetSize()}); a scalar 3D volume is required. "
-                              "Split the time points or echoes into separate 3D files.")
+        raise VolumeReadError(
+            f"'{name}' is a 4D image (size {image.GetSize()}); a scalar 3D volume is required. "
+            "Split the time points or echoes into separate 3D files."
+        )
     if dim != 3:
         raise VolumeReadError(f"'{name}' is {dim}D (size {image.GetSize()}); a 3D volume is required.")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise VolumeReadError(f"'{name}' is a vector image with {image.GetNumberOfComponentsPerPixel()} components "
-                              "per voxel; a scalar 3D volume is required. Save each channel as its own file.")
+        raise VolumeReadError(
+            f"'{name}' is a vector image with {image.GetNumberOfComponentsPerPixel()} components "
+            "per voxel; a scalar 3D volume is required. Save each channel as its own file."
+        )
     size = image.GetSize()
     if min(size) == 0:
         raise VolumeReadError(f"'{name}' is empty (size {size}).")
     spacing = image.GetSpacing()
     if any((not np.isfinite(s)) or s <= 0 or s > MAX_SPACING_MM for s in spacing):
-        raise VolumeReadError(f"'{name}' has absurd voxel spacing {tuple(spacing)} mm; each spacing must be "
-                              f"positive and at most {MAX_SPACING_MM:g} mm.")
+        raise VolumeReadError(
+            f"'{name}' has absurd voxel spacing {tuple(spacing)} mm; each spacing must be "
+            f"positive and at most {MAX_SPACING_MM:g} mm."
+        )
     if check_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         array = sitk.GetArrayViewFromImage(image)
         if not np.isfinite(array).all():
@@ -156,9 +169,12 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
             image = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports every I/O failure as RuntimeError
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown cause"
+        if "spacing" in first.lower():
+            raise VolumeReadError(f"'{path}' has absurd voxel spacing (zero or negative): {first}") from e
         raise VolumeReadError(
             f"Could not read '{path}': the file is unreadable or corrupt ({first}). Supported: .nii, .nii.gz, "
-            ".nrrd, .mha, .mhd, or a folder with a DICOM series.") from e
+            ".nrrd, .mha, .mhd, or a folder with a DICOM series."
+        ) from e
     return validate_volume(image, path)
 
 
@@ -225,8 +241,7 @@ class _AtomicOutput:
         return False
 
 
-def write_volume(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike] = (),
-                 compress: bool = True) -> Path:
+def write_volume(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike] = (), compress: bool = True) -> Path:
     """Write ``image`` to ``path`` atomically, keeping its geometry exactly.
 
     The format follows the suffix (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``).
@@ -234,7 +249,9 @@ def write_volume(image: sitk.Image, path: PathLike, *, inputs: Iterable[PathLike
     """
     path = Path(path)
     if not volume_suffix(path):
-        raise VolumeWriteError(f"Cannot write '{path}': unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}.")
+        raise VolumeWriteError(
+            f"Cannot write '{path}': unknown volume format; use one of {', '.join(VOLUME_SUFFIXES)}."
+        )
     check_not_input(path, inputs)
     try:
         with atomic_output(path) as tmp:

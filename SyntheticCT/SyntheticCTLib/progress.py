@@ -125,5 +125,8 @@ def parse_progress_line(line: str) -> Optional[dict]:
         fraction = float(obj["fraction"])
     except (TypeError, ValueError):
         return None
-    return {"stage": str(obj["stage"]), "fraction": min(max(fraction, 0.0), 1.0),
-            "message": str(obj.get("message", ""))}
+    return {
+        "stage": str(obj["stage"]),
+        "fraction": min(max(fraction, 0.0), 1.0),
+        "message": str(obj.get("message", "")),
+    }

@@ -24,29 +24,44 @@ logger = logging.getLogger("SyntheticCTLib")
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("output options")
-    group.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                       help="progress as a tqdm bar on stderr (default), JSON lines on stdout "
-                            "({stage, fraction, message}) for a GUI, or none")
-    group.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                       help="logging level of messages on stderr (default: info)")
+    group.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        default="bar",
+        help="progress as a tqdm bar on stderr (default), JSON lines on stdout "
+        "({stage, fraction, message}) for a GUI, or none",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="logging level of messages on stderr (default: info)",
+    )
     return common
 
 
 _COMMON = _common_options()
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str,
-                description: Optional[str] = None) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: Optional[str] = None
+) -> argparse.ArgumentParser:
     """Register subcommand ``name`` with the options every subcommand shares (``--progress``, ``--log-level``)."""
-    return subparsers.add_parser(name, help=help, description=description or help, parents=[_COMMON],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        parents=[_COMMON],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syntheticct",
         description="Synthetic CT from MRI: phantom, synthesis, registration and bone-surface comparison. "
-                    "Not for diagnostic use.")
+        "Not for diagnostic use.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
