@@ -184,8 +184,8 @@ def test_compare_profiles_refuses_different_trajectories():
 
 def test_trajectory_leaving_the_image_stops_the_search():
     image = _block()
-    start, end = _world(image, (5, 25, 20)), _world(image, (30, 25, 20))
-    beyond = _world(image, (30, 25, 20)) + 3 * (_world(image, (30, 25, 20)) - _world(image, (5, 25, 20)))
+    start, mid = _world(image, (5, 25, 20)), _world(image, (30, 25, 20))
+    beyond = mid + 3 * (mid - start)
     profile = sample_profile(image, start, beyond)
     assert not profile.inside_image.all() and profile.inside_image[0]
     (breach,) = find_breaches(profile)  # leaves the block at i = 39.5, then the image: one breach
