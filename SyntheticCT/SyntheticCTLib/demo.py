@@ -415,6 +415,8 @@ def _run(
     from . import inference, phantom
     from .models import resolve_model
 
+    # The model first: a wrong name or a corrupt package fails before any work.
+    package = model if hasattr(model, "card") else resolve_model(model)
     steps = _Steps(report)
     images_dir = work / "images"
     images_dir.mkdir()
@@ -462,7 +464,6 @@ def _run(
     true_params = rigid_parameters(true_transform, true_transform.GetCenter())
 
     # 3. synthesize ---------------------------------------------------------------------------------
-    package = model if hasattr(model, "card") else resolve_model(model)
 
     def _synthesize(progress: ProgressCallback):
         sct = inference.synthesize(list(case.mri), package, device=device, progress=progress)
