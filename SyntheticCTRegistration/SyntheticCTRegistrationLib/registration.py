@@ -1,0 +1,594 @@
+"""Register a moving image (synthetic CT, CT or MRI) to a fixed CT with SimpleITK.
+
+:func:`register` runs a multi-resolution registration:
+
+1. **Preparation.** The modality of each image is detected (:func:`.modality.detect_modality`) and
+   the metric chosen: correlation on the HU window [-200, 1500] for two CT-like images, Mattes mutual
+   information otherwise (override with ``metric``). The fixed image is cropped to its body (or mask).
+2. **Initialization** (:mod:`.initialization`): as-is, geometry centres and body centroids, each with a
+   coarse grid of rotations, scored on the coarsest level; the best few are refined and the best kept.
+3. **Rigid** (Euler 3D) on every level, coarse to fine (regular-step gradient descent).
+4. ``affine``: an affine transform on the finer levels, from the rigid result.
+   ``deformable``: a B-spline (coarse control grid, bounded iterations, L-BFGS-B) on top of the affine.
+   ``bone-local``: the global rigid result is refined per bone (:mod:`.bone_local`).
+
+The transform maps points of the **fixed** space to the **moving** space (ITK resampling convention);
+see :mod:`.transforms_io` for the files and how 3D Slicer loads them. Metric samples are drawn with a
+fixed seed: the same inputs give the same transform.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from SyntheticCTLib.errors import InvalidParameterError
+from SyntheticCTLib.io import validate_volume
+from SyntheticCTLib.progress import ProgressCallback, no_progress, scaled
+
+from .bone_local import DEFAULT_BONE_THRESHOLD_HU, DEFAULT_DILATION_MM, bone_components, bone_label_map, refine_bones
+from .engine import (
+    DEFAULT_SEED,
+    LevelResult,
+    NonOverlapError,
+    RegistrationError,
+    make_method,
+    optimize,
+    sampling_fraction,
+)
+from .initialization import (
+    INITIALIZATIONS,
+    Initialization,
+    check_overlap,
+    initialize_rigid,
+    mask_points,
+    transform_points,
+)
+from .modality import check_not_constant, choose_metric, detect_modality, foreground_mask, intensity_window, windowed
+from .pyramid import crop_to_mask, level_spacing, mask_on_grid, plan_levels, shrink
+from .transforms_io import (
+    TRANSFORM_DIRECTION,
+    TransformIOError,
+    read_transform,
+    transform_from_dict,
+    transform_to_dict,
+    write_transform,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODES",
+    "RegistrationResult",
+    "RegistrationError",
+    "NonOverlapError",
+    "TransformIOError",
+    "register",
+    "resample_moving",
+    "write_transform",
+    "read_transform",
+    "transform_to_dict",
+    "transform_from_dict",
+    "transform_points",
+    "target_registration_error",
+    "TRANSFORM_DIRECTION",
+]
+
+MODES = ("rigid", "affine", "deformable", "bone-local")
+
+DEFAULT_LEVELS_MM = (8.0, 4.0, 2.0, 1.0)
+"""Target voxel spacings of the levels, coarse to fine (never finer than the fixed image)."""
+
+AFFINE_COARSEST_MM = 4.0
+DEFORMABLE_LEVELS_MM = (4.0, 2.0)
+BONE_LOCAL_LEVELS_MM = (2.0, 1.0)
+DEFAULT_BSPLINE_SPACING_MM = 50.0
+CROP_MARGIN_MM = 10.0
+SEARCH_MAX_SAMPLES = 20_000
+POOR_CORRELATION = -0.25  # correlation metric = -NCC^2: above this, the images hardly agree
+
+
+@dataclass
+class RegistrationResult:
+    """The outcome of :func:`register`.
+
+    ``transform`` maps fixed-space points to moving-space points (ITK resampling convention).
+    ``per_bone`` (bone-local mode) lists dicts ``{label, transform, metric_value, voxels, iterations,
+    shift_from_global_mm}``; ``transform`` stays the global rigid one.
+    """
+
+    transform: sitk.Transform
+    metric_value: float
+    iterations: int
+    elapsed_s: float
+    mode: str
+    metric: str
+    per_bone: List[dict] = field(default_factory=list)
+    converged: bool = True
+    fixed_modality: str = ""
+    moving_modality: str = ""
+    initialization: Optional[dict] = None
+    levels: List[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (transform parameters included for linear transforms)."""
+        transform = transform_to_dict(self.transform)
+        if transform.get("type") == "CompositeTransform":
+            transform = {
+                "type": "CompositeTransform",
+                "transforms": [
+                    t
+                    if "matrix" in t
+                    else {
+                        "type": t["type"],
+                        "parameters": len(t.get("parameters", [])),
+                        "fixed_parameters": t.get("fixed_parameters"),
+                    }
+                    for t in transform["transforms"]
+                ],
+            }
+        return {
+            "mode": self.mode,
+            "metric": self.metric,
+            "metric_value": float(self.metric_value),
+            "iterations": int(self.iterations),
+            "elapsed_s": round(float(self.elapsed_s), 3),
+            "converged": bool(self.converged),
+            "fixed_modality": self.fixed_modality,
+            "moving_modality": self.moving_modality,
+            "transform_direction": TRANSFORM_DIRECTION,
+            "transform": transform,
+            "initialization": self.initialization,
+            "levels": self.levels,
+            "per_bone": [
+                {**{k: v for k, v in b.items() if k != "transform"}, "transform": transform_to_dict(b["transform"])}
+                for b in self.per_bone
+            ],
+        }
+
+
+def target_registration_error(estimated: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> np.ndarray:
+    """Distances (mm) between where ``estimated`` and ``truth`` map each world point of ``points`` ``(n, 3)``."""
+    return np.linalg.norm(transform_points(estimated, points) - transform_points(truth, points), axis=1)
+
+
+def resample_moving(
+    moving: sitk.Image,
+    fixed: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    default_value: Optional[float] = None,
+    interpolator: int = sitk.sitkLinear,
+) -> sitk.Image:
+    """The moving image resampled onto the fixed grid through ``transform`` (same pixel type as ``moving``).
+
+    ``default_value`` (outside the moving field of view) defaults to -1000 HU for a CT-like image, else 0.
+    """
+    if default_value is None:
+        default_value = -1000.0 if detect_modality(moving) == "ct" else 0.0
+    return sitk.Resample(moving, fixed, transform, interpolator, float(default_value), moving.GetPixelID())
+
+
+def _checked_mask(mask: Optional[sitk.Image], reference: sitk.Image, name: str) -> Optional[sitk.Image]:
+    if mask is None:
+        return None
+    validate_volume(mask, name, check_finite=False)
+    binary = mask_on_grid(mask, reference)
+    if not np.any(sitk.GetArrayViewFromImage(binary)):
+        raise InvalidParameterError(f"The {name} is empty inside the image's field of view (no nonzero voxel).")
+    return binary
+
+
+def _moving_factors(fixed_factors: Sequence[int], fixed: sitk.Image, moving: sitk.Image) -> List[int]:
+    target = max(s * f for s, f in zip(fixed.GetSpacing(), fixed_factors))
+    return [max(1, min(int(round(target / s)), max(1, n // 8))) for s, n in zip(moving.GetSpacing(), moving.GetSize())]
+
+
+class _Pyramid:
+    """Level images of the (windowed, cropped) fixed and moving images, built on demand."""
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, spacings_mm: Sequence[float]) -> None:
+        self.fixed, self.moving = fixed, moving
+        self.factors = plan_levels(fixed, spacings_mm)
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def level(self, i: int):
+        if i not in self._cache:
+            f = self.factors[i]
+            self._cache[i] = (shrink(self.fixed, f), shrink(self.moving, _moving_factors(f, self.fixed, self.moving)))
+        return self._cache[i]
+
+    def spacing(self, i: int) -> float:
+        return level_spacing(self.fixed, self.factors[i])
+
+    def voxels(self, i: int) -> int:
+        return int(np.prod(self.level(i)[0].GetSize()))
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    mode: str = "rigid",
+    metric: str = "auto",
+    fixed_mask: Optional[sitk.Image] = None,
+    moving_mask: Optional[sitk.Image] = None,
+    bone_labels: Optional[sitk.Image] = None,
+    progress: Optional[ProgressCallback] = None,
+    initialize: str = "auto",
+    level_spacings_mm: Sequence[float] = DEFAULT_LEVELS_MM,
+    search_max_deg: float = 30.0,
+    search_step_deg: float = 15.0,
+    max_iterations: int = 200,
+    max_samples: int = 100_000,
+    seed: int = DEFAULT_SEED,
+    bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM,
+    bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU,
+    bone_dilation_mm: float = DEFAULT_DILATION_MM,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; the result's transform maps fixed points to moving points.
+
+    Parameters
+    ----------
+    fixed, moving
+        Scalar 3D images (the fixed one is normally the CT). Any geometry; they need not overlap at first.
+    mode
+        ``rigid`` (Euler 3D), ``affine``, ``deformable`` (B-spline over the affine) or ``bone-local``
+        (global rigid, then one rigid transform per bone, in ``per_bone``).
+    metric
+        ``auto`` (correlation for two CT-like images, Mattes mutual information otherwise),
+        ``correlation``, ``meansquares`` or ``mattes``.
+    fixed_mask, moving_mask
+        Optional masks (nonzero = use); the metric only samples there.
+    bone_labels
+        Bone label map in the fixed space (0 = no bone) for ``bone-local``; default: the connected
+        components of the fixed CT above ``bone_threshold_hu``.
+    progress
+        ``report(fraction, stage, message)``; it may raise ``Cancelled`` to stop.
+    initialize
+        ``auto``, ``geometry``, ``moments`` or ``none`` (the physical space as given, no search).
+    level_spacings_mm
+        Target spacings of the resolution levels, coarse to fine.
+    search_max_deg, search_step_deg
+        The rotation grid of the initial search, about each axis (0 disables the search).
+    max_iterations, max_samples, seed
+        Optimizer iterations per level, metric samples per level, and the sampling seed.
+
+    Raises
+    ------
+    InvalidParameterError
+        Unknown mode/metric, constant image, empty mask, bone-local without a CT or labels.
+    NonOverlapError
+        The images do not overlap after initialization.
+    RegistrationError
+        SimpleITK failed.
+    """
+    started = time.perf_counter()
+    report = progress or no_progress
+    if mode not in MODES:
+        raise InvalidParameterError(f"Unknown registration mode '{mode}'; choose one of {', '.join(MODES)}.")
+    if initialize not in INITIALIZATIONS:
+        raise InvalidParameterError(
+            f"Unknown initialization '{initialize}'; choose one of {', '.join(INITIALIZATIONS)}."
+        )
+    if max_iterations < 1 or max_samples < 100:
+        raise InvalidParameterError("max_iterations must be >= 1 and max_samples >= 100.")
+    validate_volume(fixed, "fixed image")
+    validate_volume(moving, "moving image")
+    check_not_constant(fixed, "fixed")
+    check_not_constant(moving, "moving")
+
+    report(0.0, "preparing", "detecting modalities")
+    fixed_modality, moving_modality = detect_modality(fixed), detect_modality(moving)
+    metric_name = choose_metric(fixed_modality, moving_modality, metric)
+    logger.info(
+        "Fixed image: %s-like, moving image: %s-like; metric: %s.",
+        fixed_modality.upper(),
+        moving_modality.upper(),
+        metric_name,
+    )
+    if mode == "bone-local" and bone_labels is None and fixed_modality != "ct":
+        raise InvalidParameterError(
+            "Bone-local registration needs a CT as the fixed image (its bone is split into "
+            "pieces) or a bone label map in the fixed space."
+        )
+
+    fixed_mask = _checked_mask(fixed_mask, fixed, "fixed mask")
+    moving_mask = _checked_mask(moving_mask, moving, "moving mask")
+    fixed_body = fixed_mask if fixed_mask is not None else foreground_mask(fixed, fixed_modality)
+    moving_body = moving_mask if moving_mask is not None else foreground_mask(moving, moving_modality)
+    fixed_w = windowed(fixed, intensity_window(fixed, fixed_modality))
+    moving_w = windowed(moving, intensity_window(moving, moving_modality))
+    fixed_crop = crop_to_mask(fixed_w, fixed_body, CROP_MARGIN_MM)
+    moving_crop = crop_to_mask(moving_w, moving_body, CROP_MARGIN_MM) if moving_mask is None else moving_w
+    fixed_points = mask_points(fixed_body, max_points=5000, seed=seed)
+    moving_points = mask_points(moving_body, max_points=5000, seed=seed + 1)
+    if len(fixed_points) == 0:
+        fixed_points = mask_points(sitk.Cast(fixed_w == fixed_w, sitk.sitkUInt8), max_points=5000, seed=seed)
+    if len(moving_points) == 0:
+        moving_points = mask_points(sitk.Cast(moving_w == moving_w, sitk.sitkUInt8), max_points=5000, seed=seed)
+    mask_f = mask_on_grid(fixed_mask, fixed_crop) if fixed_mask is not None else None
+
+    pyramid = _Pyramid(fixed_crop, moving_crop, level_spacings_mm)
+    n_levels = len(pyramid)
+    mask_fraction = 1.0 if mask_f is None else float(np.mean(sitk.GetArrayViewFromImage(mask_f) > 0))
+
+    # Progress shares of the stages.
+    shares = {"initialization": 0.2, "rigid": 0.45}
+    if mode == "affine":
+        shares["affine"] = 0.3
+    elif mode == "deformable":
+        shares.update(affine=0.2, deformable=0.3)
+    elif mode == "bone-local":
+        shares["bone-local"] = 0.3
+    total_share = sum(shares.values())
+    bounds, position = {}, 0.0
+    for stage, share in shares.items():
+        bounds[stage] = (position / total_share, (position + share) / total_share)
+        position += share
+
+    levels_log: List[dict] = []
+    iterations = 0
+
+    def run_level(
+        i: int,
+        transform: sitk.Transform,
+        stage: str,
+        stage_report: ProgressCallback,
+        *,
+        optimizer: str = "rsgd",
+        moving_initial: Optional[sitk.Transform] = None,
+        iteration_cap: Optional[int] = None,
+        final: bool = False,
+        log: bool = True,
+    ) -> LevelResult:
+        nonlocal iterations
+        fixed_level, moving_level = pyramid.level(i)
+        spacing = pyramid.spacing(i)
+        eligible = int(pyramid.voxels(i) * mask_fraction)
+        method = make_method(
+            metric_name,
+            sampling=sampling_fraction(eligible, max_samples),
+            seed=seed + i,
+            fixed_mask=mask_f,
+            moving_mask=moving_mask,
+        )
+        result = optimize(
+            method,
+            fixed_level,
+            moving_level,
+            transform,
+            optimizer=optimizer,
+            max_iterations=iteration_cap or max_iterations,
+            step=spacing,
+            min_step=spacing * (0.002 if final else 0.02),
+            moving_initial=moving_initial,
+            report=stage_report,
+            stage=f"{stage} registration",
+            label=f"level {i + 1}/{n_levels} ({spacing:.1f} mm): ",
+        )
+        iterations += result.iterations
+        if log:
+            levels_log.append(
+                {
+                    "stage": stage,
+                    "level": i + 1,
+                    "spacing_mm": round(spacing, 3),
+                    "iterations": result.iterations,
+                    "metric_value": result.metric_value,
+                    "stop": result.stop_condition,
+                }
+            )
+        logger.debug(
+            "%s level %d (%.1f mm): %d iterations, metric %.6g; %s",
+            stage,
+            i + 1,
+            spacing,
+            result.iterations,
+            result.metric_value,
+            result.stop_condition,
+        )
+        return result
+
+    # 1. Initialization on the coarsest level.
+    init_report = scaled(report, *bounds["initialization"])
+    rigid_report = scaled(report, *bounds["rigid"])
+    fixed_coarse, moving_coarse = pyramid.level(0)
+    search_method = make_method(
+        metric_name,
+        sampling=sampling_fraction(int(pyramid.voxels(0) * mask_fraction), SEARCH_MAX_SAMPLES),
+        seed=seed,
+        fixed_mask=mask_f,
+        moving_mask=moving_mask,
+    )
+    first_level_done = False
+    if initialize == "none":
+        init = initialize_rigid(
+            fixed_coarse,
+            moving_coarse,
+            method="none",
+            metric_method=search_method,
+            fixed_points=fixed_points,
+            moving_points=moving_points,
+        )
+    else:
+        refine_iterations = min(max_iterations, 100)
+
+        def refine(t: sitk.Transform):
+            r = run_level(0, t, "initialization", lambda *a, **k: None, iteration_cap=refine_iterations, log=False)
+            return r.transform, r.metric_value
+
+        init = initialize_rigid(
+            fixed_coarse,
+            moving_coarse,
+            method=initialize,
+            metric_method=search_method,
+            fixed_points=fixed_points,
+            moving_points=moving_points,
+            search_max_deg=search_max_deg,
+            search_step_deg=search_step_deg,
+            refine=refine,
+            progress=lambda f, m: init_report(f, "initialization", m),
+        )
+        first_level_done = True
+    check_overlap(init.transform, fixed_points, moving)
+    _log_initialization(init)
+    init_report(1.0, "initialization", f"{init.method}, rotation {init.rotation_deg} deg")
+
+    # 2. Rigid, coarse to fine.
+    transform = init.transform
+    result: Optional[LevelResult] = None
+    rigid_levels = list(range(1 if first_level_done else 0, n_levels))
+    for k, i in enumerate(rigid_levels):
+        result = run_level(
+            i,
+            transform,
+            "rigid",
+            scaled(rigid_report, k / len(rigid_levels), (k + 1) / len(rigid_levels)),
+            final=i == n_levels - 1,
+        )
+        transform = result.transform
+    if result is None:  # a single level, already optimized during the initialization
+        result = run_level(0, transform, "rigid", rigid_report, final=True)
+        transform = result.transform
+
+    per_bone: List[dict] = []
+    # 3. Affine / deformable / bone-local.
+    if mode in ("affine", "deformable"):
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(transform.GetCenter())
+        affine.SetMatrix(transform.GetMatrix())
+        affine.SetTranslation(transform.GetTranslation())
+        affine_levels = [i for i in range(n_levels) if pyramid.spacing(i) <= AFFINE_COARSEST_MM + 1e-6] or [
+            n_levels - 1
+        ]
+        affine_report = scaled(report, *bounds["affine"])
+        for k, i in enumerate(affine_levels):
+            result = run_level(
+                i,
+                affine,
+                "affine",
+                scaled(affine_report, k / len(affine_levels), (k + 1) / len(affine_levels)),
+                final=i == n_levels - 1,
+            )
+            affine = result.transform
+        transform = affine
+    if mode == "deformable":
+        transform, result = _deformable(
+            pyramid, transform, bspline_spacing_mm, run_level, scaled(report, *bounds["deformable"])
+        )
+    if mode == "bone-local":
+        labels = (
+            bone_label_map(bone_labels, fixed)
+            if bone_labels is not None
+            else bone_components(fixed, threshold_hu=bone_threshold_hu)
+        )
+        per_bone = refine_bones(
+            fixed_w,
+            moving_w,
+            labels,
+            transform,
+            metric=metric_name,
+            level_spacings_mm=[s for s in BONE_LOCAL_LEVELS_MM],
+            dilation_mm=bone_dilation_mm,
+            max_iterations=max_iterations,
+            max_samples=max(max_samples // 2, 1000),
+            seed=seed,
+            moving_mask=moving_mask,
+            progress=scaled(report, *bounds["bone-local"]),
+        )
+        iterations += sum(b["iterations"] for b in per_bone)
+
+    converged = _check_convergence(result, metric_name)
+    elapsed = time.perf_counter() - started
+    report(1.0, "done", f"metric {result.metric_value:.5g}, {iterations} iterations, {elapsed:.1f} s")
+    logger.info(
+        "Registration (%s, %s) finished in %.1f s: metric %.6g after %d iterations.",
+        mode,
+        metric_name,
+        elapsed,
+        result.metric_value,
+        iterations,
+    )
+    return RegistrationResult(
+        transform=transform,
+        metric_value=float(result.metric_value),
+        iterations=iterations,
+        elapsed_s=elapsed,
+        mode=mode,
+        metric=metric_name,
+        per_bone=per_bone,
+        converged=converged,
+        fixed_modality=fixed_modality,
+        moving_modality=moving_modality,
+        initialization=init.to_dict(),
+        levels=levels_log,
+    )
+
+
+def _deformable(pyramid: _Pyramid, affine: sitk.Transform, control_spacing_mm: float, run_level, report):
+    """A B-spline over ``affine`` on the levels of :data:`DEFORMABLE_LEVELS_MM` (L-BFGS-B, bounded iterations)."""
+    if not control_spacing_mm > 0:
+        raise InvalidParameterError("The B-spline control-point spacing must be positive.")
+    fixed_full = pyramid.fixed
+    extent = [n * s for n, s in zip(fixed_full.GetSize(), fixed_full.GetSpacing())]
+    mesh = [max(1, int(round(e / control_spacing_mm))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(fixed_full, mesh, 3)
+    candidates = [
+        i
+        for i in range(len(pyramid))
+        if pyramid.spacing(i) >= min(DEFORMABLE_LEVELS_MM) - 1e-6
+        and pyramid.spacing(i) <= max(DEFORMABLE_LEVELS_MM) + 1e-6
+    ] or [len(pyramid) - 1]
+    result = None
+    for k, i in enumerate(candidates):
+        result = run_level(
+            i,
+            bspline,
+            "deformable",
+            scaled(report, k / len(candidates), (k + 1) / len(candidates)),
+            optimizer="lbfgsb",
+            moving_initial=affine,
+            iteration_cap=50,
+        )
+        bspline = result.transform
+    composite = sitk.CompositeTransform([affine, bspline])
+    return composite, result
+
+
+def _log_initialization(init: Initialization) -> None:
+    logger.info(
+        "Initialization: %s translation, rotation (%.0f, %.0f, %.0f) deg, %.0f %% overlap, %d candidates.",
+        init.method,
+        *init.rotation_deg,
+        100 * init.overlap,
+        init.candidates,
+    )
+
+
+def _check_convergence(result: LevelResult, metric: str) -> bool:
+    converged = True
+    if result.hit_iteration_limit:
+        logger.warning(
+            "The registration did not converge within %d iterations at the finest level "
+            "(final metric value %.6g); the result may be imprecise.",
+            result.max_iterations,
+            result.metric_value,
+        )
+        converged = False
+    if metric == "correlation" and result.metric_value > POOR_CORRELATION:
+        logger.warning(
+            "The registration ended with a poor similarity (correlation metric %.4f, where -1 is a "
+            "perfect match); the images may not show the same anatomy.",
+            result.metric_value,
+        )
+        converged = False
+    return converged
