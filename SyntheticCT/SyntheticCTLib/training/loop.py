@@ -1,0 +1,816 @@
+"""The training loop: AdamW with warmup and cosine decay, validation, checkpoints, resume, DDP, export.
+
+Run it with :func:`train` (or ``syntheticct train --config FILE [--resume]``). Under ``torchrun``
+(``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: gloo on the CPU, NCCL on GPUs; each rank
+draws its own share of every global batch (sample indices ``rank::world_size`` of the step's block,
+each sample seeded by ``(seed, epoch, index)``), and only rank 0 writes files.
+
+Validation runs after each epoch (every ``validation.every_epochs``) on whole validation volumes,
+through :func:`SyntheticCTLib.inference.synthesize` (the product's sliding-window inference, on a
+model package written from the current weights), and is scored by
+:func:`SyntheticCTRegistrationLib.compare.compare`: MAE, ME, PSNR, SSIM in the body (SynthRAD
+conventions), bone Dice and bone-surface distances. The best model is the one with the lowest
+validation bone-surface p95.
+
+Outputs in ``output_dir``: ``checkpoints/last.pt`` (every ``checkpoint_every`` steps, at each epoch end
+and on cancel), ``checkpoints/best.pt``, ``metrics.csv`` (one row per epoch), ``steps.csv`` (one row per
+step), ``learning_curves.png``, ``training_summary.json``, ``train.log`` and the exported package ``model/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, SyntheticCTError
+from ..io import atomic_output
+from ..progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from .augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
+from .config import TrainingConfig, load_config
+from .data import PatchSampler, PreparedCase, collect_cases, generate_phantom_cases, prepare_cases
+from .losses import SynthesisLoss
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+VALIDATION_KEYS = ("mae_hu", "me_hu", "psnr_db", "ssim", "bone_dice", "surface_mean_mm", "surface_p95_mm")
+EPOCH_COLUMNS = (
+    ("epoch", "step", "lr", "train_loss", "train_l1", "train_gradient")
+    + tuple(f"val_{k}" for k in VALIDATION_KEYS)
+    + ("val_time_s", "elapsed_s", "best")
+)
+STEP_COLUMNS = ("step", "epoch", "loss", "l1", "gradient", "lr")
+
+
+class TrainingError(SyntheticCTError):
+    """Training cannot start or continue (e.g. ``--resume`` with no checkpoint or another configuration)."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    package_dir: Optional[Path]
+    steps: int
+    best_epoch: Optional[int]
+    best_metrics: Dict[str, float]
+    history: List[Dict[str, Any]]
+    elapsed_s: float
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Dist:
+    """Rank, world size and collectives; a no-op stand-in when not distributed."""
+
+    def __init__(self, device_name: str) -> None:
+        import torch
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.device = _select_device(device_name, self.local_rank if self.world > 1 else None)
+        self.enabled = self.world > 1
+        self.initialized_here = False
+        if self.enabled:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if not dist.is_initialized():
+                dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+                self.initialized_here = True
+            logger.info(
+                "Distributed training: rank %d of %d (%s, backend %s).", self.rank, self.world, self.device, backend
+            )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if not self.enabled:
+            return float(value)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def gather(self, obj: Any) -> List[Any]:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.enabled and self.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _select_device(name: str, local_rank: Optional[int]):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("training.device is 'cuda' but no CUDA device is available.")
+        return torch.device("cuda", local_rank or 0)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("training.device is 'mps' but MPS is not available.")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, batches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate factor at ``step``: linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_batch(sampler: PatchSampler, config: TrainingConfig, epoch: int, indices: Sequence[int], device):
+    """Assemble the augmented batch of the given global sample indices: ``(image, target, body, bone)`` tensors."""
+    import torch
+
+    patch = tuple(config.training.patch_size)
+    aug = config.augmentation
+    spacing_zyx = tuple(float(s) for s in config.data.spacing_mm)[::-1]
+    margin = rotation_margin(patch, aug.rotation_degrees)
+    images, targets, bodies, bones = [], [], [], []
+    for index in indices:
+        rng = sampler.rng(epoch, index)
+        spatial = draw_spatial(rng, aug)
+        size = [p + 2 * m for p, m in zip(patch, margin)] if spatial.rotates else list(patch)
+        sample = sampler.sample(rng, size)
+        n = sample.image.shape[0]
+        stack = torch.from_numpy(
+            np.concatenate([sample.image, sample.target[None], sample.body[None], sample.bone[None]], axis=0)
+        )
+        stack = apply_spatial(stack, patch, spatial, spacing=spacing_zyx, nearest_channels=(n + 1, n + 2))
+        image = apply_intensity(stack[:n], rng, aug)
+        images.append(image)
+        targets.append(stack[n : n + 1])
+        bodies.append(stack[n + 1 : n + 2])
+        bones.append(stack[n + 2 : n + 3])
+    return tuple(torch.stack(t).to(device, non_blocking=True) for t in (images, targets, bodies, bones))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(row.get(k)) for k in columns})
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Sequence[Dict[str, Any]]) -> None:
+    """A PNG with the training loss per step (and its moving average), validation MAE, Dice and surfaces."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 7.5), dpi=100)
+    axes = fig.subplots(2, 2)
+    ax = axes[0, 0]
+    if steps:
+        s = np.array([r["step"] for r in steps], dtype=float)
+        loss = np.array([r["loss"] for r in steps], dtype=float)
+        ax.plot(s, loss, color="0.75", lw=0.6, label="loss per step")
+        k = max(1, min(50, len(loss) // 10))
+        if len(loss) >= k > 1:
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(s[k - 1 :], smooth, color="C0", lw=1.5, label=f"moving average ({k})")
+        ax.set_yscale("log")
+        ax2 = ax.twinx()
+        ax2.plot(s, [r["lr"] for r in steps], color="C3", lw=0.8, alpha=0.6)
+        ax2.set_ylabel("learning rate", color="C3")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss")
+    ax.legend(loc="upper right", fontsize=8)
+    val = [r for r in epochs if r.get("val_mae_hu") is not None and math.isfinite(r.get("val_mae_hu") or math.nan)]
+    x = [r["step"] for r in val]
+    panels = [
+        (axes[0, 1], [("val_mae_hu", "MAE (HU)"), ("val_me_hu", "ME (HU)")], "validation MAE / ME in the body"),
+        (axes[1, 0], [("val_bone_dice", "bone Dice"), ("val_ssim", "SSIM")], "validation bone Dice, SSIM"),
+        (
+            axes[1, 1],
+            [("val_surface_mean_mm", "surface mean (mm)"), ("val_surface_p95_mm", "surface p95 (mm)")],
+            "validation bone-surface distance",
+        ),
+    ]
+    for ax, series, title in panels:
+        for key, label in series:
+            ys = [r.get(key) for r in val]
+            if any(y is not None for y in ys):
+                ax.plot(x, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if val:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(str(tmp), format="png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def validate(
+    network,
+    config: TrainingConfig,
+    train_cases: Sequence[PreparedCase],
+    validation_cases: Sequence[PreparedCase],
+    work_dir: Path,
+    manifests: Sequence[dict],
+    device,
+) -> Dict[str, Any]:
+    """Score the current weights on whole validation volumes with the product's inference and compare.
+
+    The weights are written as a model package in ``work_dir`` (as :mod:`.export` writes the final one),
+    loaded with :func:`~SyntheticCTLib.models.package.load_model_package`, run by
+    :func:`~SyntheticCTLib.inference.synthesize`, and scored by
+    :func:`~SyntheticCTRegistrationLib.compare.compare` against each case's CT on the working grid.
+    """
+    from SyntheticCTRegistrationLib.compare import compare
+
+    from ..inference import synthesize
+    from ..models.package import load_model_package
+    from .export import build_card, export_package
+
+    card = build_card(config, train_cases, manifests=manifests)
+    if config.validation.overlap is not None:
+        card["overlap"] = float(config.validation.overlap)
+    state = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
+    package = load_model_package(export_package(work_dir, card, state))
+    per_case = []
+    for case in validation_cases:
+        sct = synthesize(case.mri, package, device=str(device))
+        result = compare(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
+        metrics = {k: _as_float(result.metrics.get(k)) for k in VALIDATION_KEYS}
+        metrics["case"] = case.name
+        per_case.append(metrics)
+        logger.info(
+            "  validation %s: MAE %.1f HU, Dice %.3f, surface mean %.3f / p95 %.3f mm",
+            case.name,
+            metrics["mae_hu"],
+            metrics["bone_dice"],
+            metrics["surface_mean_mm"],
+            metrics["surface_p95_mm"],
+        )
+    mean = {k: float(np.nanmean([m[k] for m in per_case])) if per_case else math.nan for k in VALIDATION_KEYS}
+    return {"mean": mean, "cases": per_case}
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def selection_score(metrics: Dict[str, float]) -> float:
+    """Lower is better: validation bone-surface p95 (mm), ties broken by MAE; NaN ranks last."""
+    p95 = metrics.get("surface_p95_mm", math.nan)
+    mae = metrics.get("mae_hu", math.nan)
+    if not math.isfinite(p95):
+        return math.inf
+    return p95 + 1e-6 * (mae if math.isfinite(mae) else 1e6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def config_fingerprint(config: TrainingConfig) -> str:
+    """A hash of what must not change on ``--resume`` (model, data, schedule, loss, augmentation, seed)."""
+    d = config.to_dict()
+    keep = {k: d[k] for k in ("seed", "data", "model", "training", "loss", "augmentation")}
+    for key in ("num_threads", "checkpoint_every", "device", "amp"):
+        keep["training"].pop(key, None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    import torch
+
+    with atomic_output(path) as tmp:
+        torch.save(state, str(tmp))
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise TrainingError(f"Cannot read the checkpoint '{path}': {type(e).__name__}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def train(
+    config, *, resume: bool = False, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None
+) -> TrainResult:
+    """Train a synthesis model as ``config`` (a :class:`TrainingConfig` or a path to a YAML/JSON file) says.
+
+    Parameters
+    ----------
+    resume
+        Continue from ``output_dir/checkpoints/last.pt`` at its exact step (weights, optimizer,
+        schedule, gradient scaler, history). The configuration must be the same, except for
+        ``training.num_threads``, ``checkpoint_every``, ``device`` and ``amp``.
+    progress
+        ``report(fraction, stage, message)``; the message carries the loss, learning rate and ETA.
+        It may raise :class:`~SyntheticCTLib.errors.Cancelled` (as may ``cancel``): the last complete
+        step is then checkpointed and the exception propagates.
+
+    Returns
+    -------
+    TrainResult
+        With the exported package folder (``output_dir/model``) on rank 0 (None on other ranks).
+    """
+    if not isinstance(config, TrainingConfig):
+        config = load_config(config)
+    report = with_cancel(progress or no_progress, cancel)
+    tc = config.training
+    dist = _Dist(tc.device)
+    log_handler = None
+    rank_filter = None
+    out = config.output_dir
+    try:
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            log_handler = logging.FileHandler(out / "train.log", encoding="utf-8")
+            log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger("SyntheticCTLib").addHandler(log_handler)
+            logging.getLogger("SyntheticCTRegistrationLib").addHandler(log_handler)
+            if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
+                logging.getLogger("SyntheticCTLib").setLevel(logging.INFO)
+        else:
+            rank_filter = _RankFilter()
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(rank_filter)
+        return _train(config, resume, report, dist)
+    finally:
+        if log_handler is not None:
+            logging.getLogger("SyntheticCTLib").removeHandler(log_handler)
+            logging.getLogger("SyntheticCTRegistrationLib").removeHandler(log_handler)
+            log_handler.close()
+        if rank_filter is not None:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(rank_filter)
+        dist.close()
+
+
+def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist: _Dist) -> TrainResult:
+    import torch
+
+    tc = config.training
+    out = config.output_dir
+    device = dist.device
+    started = time.time()
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    elif dist.enabled and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))
+    checkpoint_path = out / "checkpoints" / "last.pt"
+    if resume and not checkpoint_path.is_file():
+        raise TrainingError(f"--resume: no checkpoint at '{checkpoint_path}' to resume from.")
+    if not resume and dist.is_main and checkpoint_path.is_file():
+        logger.warning("'%s' exists; starting a new run over it (use --resume to continue it).", checkpoint_path)
+
+    # -- data --------------------------------------------------------------------------------------------
+    if dist.is_main:
+        generate_phantom_cases(config, progress=scaled(report, 0.0, 0.02))
+    dist.barrier()
+    train_specs, val_specs = collect_cases(config)
+    all_specs = list(train_specs) + list(val_specs)
+    prepared = prepare_cases(
+        config, all_specs, rank=dist.rank, barrier=dist.barrier, progress=scaled(report, 0.02, 0.05)
+    )
+    by_name = {c.name: c for c in prepared}
+    train_cases = [by_name[c.name] for c in train_specs]
+    val_cases = [by_name[c.name] for c in val_specs]
+    if config.data.drop_outliers:
+        dropped = [c.name for c in train_cases if c.info.get("registration_outlier")]
+        if dropped:
+            logger.warning("Dropping registration outlier(s) from training: %s.", ", ".join(dropped))
+            train_cases = [c for c in train_cases if not c.info.get("registration_outlier")]
+    if not train_cases:
+        raise TrainingError("No training case is left.")
+    manifests = [s.manifest for s in train_specs]
+    n_channels = train_cases[0].image.shape[0]
+    logger.info(
+        "Training on %d case(s) (%s), validating on %d (%s); %d channel(s), working grid %s at %s mm.",
+        len(train_cases),
+        ", ".join(c.name for c in train_cases),
+        len(val_cases),
+        ", ".join(c.name for c in val_cases) or "none",
+        n_channels,
+        list(train_cases[0].mri[0].GetSize()),
+        list(config.data.spacing_mm),
+    )
+    if not val_cases:
+        logger.warning("No validation case: the last weights are exported, and no validation metric is measured.")
+
+    # -- model, optimiser -------------------------------------------------------------------------------
+    from ..models.architectures import build_network
+
+    torch.manual_seed(config.seed)
+    kwargs = dict(config.model.kwargs)
+    kwargs["in_channels"] = n_channels
+    network = build_network(config.model.architecture, **kwargs).to(device)
+    torch.manual_seed(config.seed + 1000 * (dist.rank + 1))
+    model = network
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    total_steps = tc.epochs * tc.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.min_lr_ratio)
+    )
+    use_amp = tc.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_fn = SynthesisLoss(
+        bone_weight=config.loss.bone_weight,
+        gradient_weight=config.loss.gradient_weight,
+        background_weight=config.loss.background_weight,
+    )
+    air_target = (max(-1000.0, config.model.output_clip[0]) - config.model.output_offset) / config.model.output_scale
+    sampler = PatchSampler(train_cases, bone_fraction=tc.bone_fraction, seed=config.seed, air_target=air_target)
+
+    # -- state ------------------------------------------------------------------------------------------
+    fingerprint = config_fingerprint(config)
+    step = 0
+    history: List[Dict[str, Any]] = []
+    step_rows: List[Dict[str, Any]] = []
+    best: Dict[str, Any] = {"epoch": None, "score": math.inf, "metrics": {}, "step": None}
+    prior_elapsed = 0.0
+    if resume:
+        ckpt = _load_checkpoint(checkpoint_path)
+        if ckpt.get("fingerprint") != fingerprint:
+            raise TrainingError(
+                f"--resume: the checkpoint '{checkpoint_path}' was written with another configuration (model, data, "
+                "schedule, loss, augmentation or seed differ); resume with the configuration that started the run."
+            )
+        if int(ckpt.get("world_size", 1)) * int(ckpt.get("batch_size", tc.batch_size)) != dist.world * tc.batch_size:
+            logger.warning(
+                "Resuming with another global batch size (%d x %d before, %d x %d now).",
+                ckpt.get("world_size"),
+                ckpt.get("batch_size"),
+                dist.world,
+                tc.batch_size,
+            )
+        network.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = int(ckpt["step"])
+        history = list(ckpt.get("history", []))
+        step_rows = [dict(r) for r in ckpt.get("steps", []) if int(r["step"]) <= step]
+        best = dict(ckpt.get("best", best))
+        prior_elapsed = float(ckpt.get("elapsed_s", 0.0))
+        logger.info("Resuming at step %d of %d (epoch %d).", step, total_steps, step // tc.steps_per_epoch + 1)
+
+    def checkpoint_state() -> Dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": fingerprint,
+            "step": step,
+            "epoch": step // tc.steps_per_epoch,
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "history": history,
+            "steps": step_rows,
+            "best": best,
+            "world_size": dist.world,
+            "batch_size": tc.batch_size,
+            "elapsed_s": prior_elapsed + time.time() - started,
+        }
+
+    def save_last() -> None:
+        if dist.is_main:
+            _save_checkpoint(checkpoint_path, checkpoint_state())
+            _write_csv(out / "steps.csv", STEP_COLUMNS, step_rows)
+
+    # -- loop -------------------------------------------------------------------------------------------
+    global_batch = tc.batch_size * dist.world
+    n_val = len(val_cases)
+    val_epochs = [e for e in range(tc.epochs) if (e + 1) % config.validation.every_epochs == 0 or e == tc.epochs - 1]
+    loop_start = time.time()
+    loop_start_step = step
+    last_val_s = 0.0
+    n_val_done = 0
+    try:
+        while step < total_steps:
+            epoch = step // tc.steps_per_epoch
+            in_epoch = step % tc.steps_per_epoch
+            first = in_epoch * global_batch + dist.rank * tc.batch_size
+            indices = list(range(first, first + tc.batch_size))
+            image, target, body, bone = make_batch(sampler, config, epoch, indices, device)
+            model.train()
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                prediction = model(image)
+            terms = loss_fn(prediction, target, body, bone)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms.total).backward()
+            if tc.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = float(optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            step += 1
+            loss_value = dist.mean(float(terms.total.detach()))
+            l1_value = dist.mean(terms.l1)
+            gdl_value = dist.mean(terms.gradient)
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"The training loss became {loss_value} at step {step}; lower "
+                    "training.learning_rate or check the data."
+                )
+            step_rows.append(
+                {"step": step, "epoch": epoch + 1, "loss": loss_value, "l1": l1_value, "gradient": gdl_value, "lr": lr}
+            )
+            done = step - loop_start_step
+            per_step = (time.time() - loop_start - last_val_s) / max(done, 1)
+            remaining_vals = sum(1 for e in val_epochs if (e + 1) * tc.steps_per_epoch >= step) if n_val else 0
+            eta = per_step * (total_steps - step) + (last_val_s / n_val_done if n_val_done else 0.0) * remaining_vals
+            report(
+                step / total_steps,
+                "train",
+                f"epoch {epoch + 1}/{tc.epochs} step {step}/{total_steps} "
+                f"loss {loss_value:.4f} lr {lr:.2e} ETA {_format_eta(eta)}",
+            )
+            if step % tc.checkpoint_every == 0 and step % tc.steps_per_epoch != 0:
+                save_last()
+            if step % tc.steps_per_epoch == 0:
+                losses = [[r["loss"], r["l1"], r["gradient"]] for r in step_rows if r["epoch"] == epoch + 1]
+                row = _epoch_row(epoch, step, lr, losses, prior_elapsed + time.time() - started)
+                if epoch in val_epochs and n_val:
+                    t0 = time.time()
+                    report(step / total_steps, "train", f"epoch {epoch + 1}/{tc.epochs}: validating on {n_val} case(s)")
+                    if dist.is_main:
+                        result = validate(
+                            network, config, train_cases, val_cases, out / "validation_package", manifests, device
+                        )
+                        mean = result["mean"]
+                        row.update({f"val_{k}": mean[k] for k in VALIDATION_KEYS})
+                        row["val_cases"] = result["cases"]
+                        score = selection_score(mean)
+                        if score < best["score"] or best["epoch"] is None:
+                            best = {"epoch": epoch + 1, "step": step, "score": score, "metrics": mean}
+                            row["best"] = 1
+                            _save_checkpoint(
+                                out / "checkpoints" / "best.pt",
+                                {
+                                    "model": network.state_dict(),
+                                    "epoch": epoch + 1,
+                                    "step": step,
+                                    "metrics": mean,
+                                    "fingerprint": fingerprint,
+                                },
+                            )
+                        logger.info(
+                            "Epoch %d/%d (step %d): loss %.4f; validation MAE %.1f HU, ME %.1f HU, PSNR %.2f "
+                            "dB, SSIM %.3f, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm%s",
+                            epoch + 1,
+                            tc.epochs,
+                            step,
+                            row["train_loss"],
+                            mean["mae_hu"],
+                            mean["me_hu"],
+                            mean["psnr_db"],
+                            mean["ssim"],
+                            mean["bone_dice"],
+                            mean["surface_mean_mm"],
+                            mean["surface_p95_mm"],
+                            " (best)" if row.get("best") else "",
+                        )
+                    dist.barrier()
+                    row["val_time_s"] = time.time() - t0
+                    last_val_s += row["val_time_s"]
+                    n_val_done += 1
+                else:
+                    logger.info("Epoch %d/%d (step %d): loss %.4f", epoch + 1, tc.epochs, step, row["train_loss"])
+                history.append(row)
+                if dist.is_main:
+                    save_last()
+                    _write_csv(out / "metrics.csv", EPOCH_COLUMNS, history)
+                    plot_learning_curves(out / "learning_curves.png", step_rows, history)
+    except Cancelled:
+        logger.warning("Training cancelled at step %d; checkpoint saved, continue with --resume.", step)
+        save_last()
+        raise
+
+    # -- final ------------------------------------------------------------------------------------------
+    from .export import build_card, export_package, state_dict_sha256
+
+    checksums = dist.gather(state_dict_sha256(network.state_dict()))
+    if dist.enabled and len(set(checksums)) != 1:
+        logger.error("The ranks ended with different weights: %s", checksums)
+    elapsed = prior_elapsed + time.time() - started
+    package_dir = None
+    summary: Dict[str, Any] = {}
+    if dist.is_main:
+        final_state = network.state_dict()
+        if best.get("epoch") is not None and (out / "checkpoints" / "best.pt").is_file():
+            final_state = _load_checkpoint(out / "checkpoints" / "best.pt")["model"]
+        summary = {
+            "text": (
+                f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); "
+                f"{total_steps} steps of {global_batch} patch(es) of {list(tc.patch_size)} voxels; "
+                f"best epoch {best.get('epoch')} by validation bone-surface p95."
+            ),
+            "steps": total_steps,
+            "epochs": tc.epochs,
+            "global_batch": global_batch,
+            "world_size": dist.world,
+            "patch_size": list(tc.patch_size),
+            "seed": config.seed,
+            "device": str(device),
+            "wall_time_s": round(elapsed, 1),
+            "best_epoch": best.get("epoch"),
+            "validation_cases": [c.name for c in val_cases],
+            "registration": {
+                c.name: {
+                    "metric_value": c.info["registration"]["metric_value"],
+                    "outlier": bool(c.info.get("registration_outlier")),
+                }
+                for c in prepared
+                if c.info.get("registration")
+            },
+            "config": config.source.name,
+        }
+        card = build_card(
+            config,
+            train_cases,
+            manifests=manifests,
+            validation_metrics=_validation_block(best, val_cases),
+            summary=summary,
+        )
+        package_dir = export_package(out / "model", card, final_state)
+        report_summary = {
+            "model": config.model.name,
+            "package": str(package_dir),
+            "steps": total_steps,
+            "wall_time_s": round(elapsed, 1),
+            "best": best,
+            "rank_weight_sha256": checksums,
+            "train_cases": [c.name for c in train_cases],
+            "validation_cases": [c.name for c in val_cases],
+            "cases": {c.name: c.info for c in prepared},
+            "history": history,
+            "config": config.to_dict(),
+        }
+        _write_json(out / "training_summary.json", report_summary)
+        summary = report_summary
+        logger.info("Training done in %s; model package written to '%s'.", _format_eta(elapsed), package_dir)
+    dist.barrier()
+    report(1.0, "train", "done")
+    return TrainResult(
+        output_dir=out,
+        package_dir=package_dir,
+        steps=step,
+        best_epoch=best.get("epoch"),
+        best_metrics=dict(best.get("metrics") or {}),
+        history=history,
+        elapsed_s=elapsed,
+        summary=summary,
+    )
+
+
+def _epoch_row(epoch: int, step: int, lr: float, losses: List[List[float]], elapsed: float) -> Dict[str, Any]:
+    arr = np.array(losses, dtype=float) if losses else np.full((1, 3), np.nan)
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "lr": lr,
+        "train_loss": float(arr[:, 0].mean()),
+        "train_l1": float(arr[:, 1].mean()),
+        "train_gradient": float(arr[:, 2].mean()),
+        "elapsed_s": elapsed,
+        "best": 0,
+    }
+
+
+def _validation_block(best: Dict[str, Any], val_cases: Sequence[PreparedCase]) -> Dict[str, Any]:
+    if best.get("epoch") is None:
+        return {}
+    block = {k: round(float(v), 4) for k, v in (best.get("metrics") or {}).items()}
+    block["cases"] = [c.name for c in val_cases]
+    block["epoch"] = best["epoch"]
+    block["note"] = (
+        "Mean over the validation cases, used for model selection (lowest bone-surface p95); "
+        "see the model card for metrics on held-out cases."
+    )
+    return block
