@@ -32,7 +32,7 @@ def _member_parts(info: zipfile.ZipInfo, archive: Path) -> tuple:
     mode = (info.external_attr >> 16) & 0xFFFF
     if stat.S_ISLNK(mode):
         raise UnsafeArchiveError(f"'{archive}': member '{name}' is a symbolic link; refusing to extract.")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise UnsafeArchiveError(f"'{archive}': member '{name}' is not a regular file or folder; refusing to extract.")
     return tuple(p for p in parts if p not in ("", "."))
 
