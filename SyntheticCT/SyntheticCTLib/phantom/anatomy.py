@@ -1,0 +1,356 @@
+"""Random anatomy of the phantom: a lumbar-spine-like torso section, drawn from a seed.
+
+All lengths are millimetres in *body coordinates*: x to the patient's left, y posterior, z superior
+(LPS), origin on the body axis at the centre of the field of view. The pose (a small rotation and
+offset) places the body in the world grid. Everything here is plain JSON-ready data; the painting
+is in :mod:`.build`.
+
+Vertebrae are numbered 1..n from superior to inferior. The whole set of vertebrae spans the
+field of view in z; the first and last are cut by its ends, like a real lumbar scan. Each vertebra
+is confined to its own slab, so neighbouring bones stay at least a few voxels apart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import InvalidParameterError
+from .shapes import Frame, align_z_to, random_waves, rotation_matrix
+
+SPINE_SCALE = 0.8
+"""Vertebral dimensions relative to an adult lumbar spine (the torso fits a 192 mm field of view)."""
+
+MIN_PITCH_MM = 14.0
+MIN_PITCH_VOXELS = 8.0
+LESION_TYPES = ("none", "sclerotic", "lytic", "random")
+
+
+def _r(value, digits: int = 4):
+    """Round floats (recursively) for a readable, JSON-ready manifest."""
+    if isinstance(value, dict):
+        return {k: _r(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_r(v, digits) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), digits)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _r(value.tolist(), digits)
+    return value
+
+
+def centreline(spine: dict, z: np.ndarray):
+    """Spine axis (x, y) in body coordinates at heights ``z``: scoliosis in x, lordosis in y."""
+    lz = spine["length_mm"]
+    phase = 2 * np.pi * spine["scoliosis_cycles"] * z / lz + spine["scoliosis_phase"]
+    x = spine["scoliosis_mm"] * np.sin(phase)
+    t = 2 * z / lz
+    y = spine["body_centre_y_mm"] + spine["lordosis_mm"] * (t * t - 1.0 / 3.0)
+    return x, y
+
+
+def centreline_tangent(spine: dict, z: float) -> np.ndarray:
+    lz = spine["length_mm"]
+    phase = 2 * np.pi * spine["scoliosis_cycles"] * z / lz + spine["scoliosis_phase"]
+    dx = spine["scoliosis_mm"] * np.cos(phase) * 2 * np.pi * spine["scoliosis_cycles"] / lz
+    dy = spine["lordosis_mm"] * 8 * z / (lz * lz)
+    return np.array([dx, dy, 1.0])
+
+
+def level_frame(spine: dict, z: float, axial_rotation_deg: float = 0.0) -> Frame:
+    """The local frame of a spinal level at height ``z`` (body coordinates)."""
+    x, y = centreline(spine, np.asarray(z))
+    rotation = align_z_to(centreline_tangent(spine, z)) @ rotation_matrix(0, 0, axial_rotation_deg)
+    return Frame(rotation, np.array([float(x), float(y), float(z)]))
+
+
+def pose_frame(pose: dict) -> Frame:
+    """Body coordinates -> world coordinates."""
+    return Frame(rotation_matrix(*pose["rotation_deg"]), np.asarray(pose["offset_mm"], dtype=float))
+
+
+def _body_extent(body: dict, pose: dict, z_half: float) -> np.ndarray:
+    """Largest |x| and |y| in world coordinates of the body contour within ``|z| <= z_half``."""
+    angles = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    p = body["exponent"]
+    c, s = np.cos(angles), np.sin(angles)
+    frame = pose_frame(pose)
+    extent = np.zeros(2)
+    for z in (-z_half, z_half):
+        taper = 1 + body["taper"] * z / (2 * z_half)
+        x = body["half_width_mm"] * taper * np.sign(c) * np.abs(c) ** (2 / p)
+        y = body["half_depth_mm"] * taper * np.sign(s) * np.abs(s) ** (2 / p)
+        world = frame.to_world(np.stack([x, y, np.full_like(x, z)], axis=1))
+        extent = np.maximum(extent, np.abs(world[:, :2]).max(axis=0))
+    return extent
+
+
+def draw_anatomy(
+    rng: np.random.Generator,
+    fov_mm: Sequence[float],
+    voxel_mm: float,
+    *,
+    n_vertebrae: Optional[int] = None,
+    lesion: str = "random",
+    bowel_gas: Optional[bool] = None,
+) -> dict:
+    """Draw every anatomy parameter of one phantom.
+
+    Parameters
+    ----------
+    rng
+        The anatomy's random generator (the seed's first stream).
+    fov_mm
+        Field of view (x, y, z) of the grid in millimetres.
+    voxel_mm
+        Typical voxel size; sets the minimum gap between bones and the minimum level height.
+    n_vertebrae
+        Number of vertebrae; random in 3..5 (as many as fit) when None.
+    lesion
+        "none", "sclerotic", "lytic" or "random" (none 40 %, sclerotic 35 %, lytic 25 %).
+    bowel_gas
+        Whether there are bowel-gas pockets; random (70 % yes) when None.
+    """
+    if lesion not in LESION_TYPES:
+        raise InvalidParameterError(f"Unknown lesion type {lesion!r}; use one of {', '.join(LESION_TYPES)}.")
+    fx, fy, fz = (float(f) for f in fov_mm)
+    min_pitch = max(MIN_PITCH_MM, MIN_PITCH_VOXELS * voxel_mm)
+    # Levels: n vertebrae span (n - 1 + u) pitches of the z field of view.
+    max_n = int(math.floor(fz / min_pitch - 0.6)) + 1
+    if n_vertebrae is None:
+        choices = [n for n in (3, 4, 5) if n <= max_n]
+        if not choices:
+            raise InvalidParameterError(
+                f"The field of view is {fz:g} mm long in z; at least {min_pitch * 2.6:.0f} mm are needed for "
+                "3 vertebrae at this spacing. Increase the size in z or the spacing."
+            )
+        n = int(rng.choice(choices))
+    else:
+        n = int(n_vertebrae)
+        if n < 1 or n > max_n:
+            raise InvalidParameterError(
+                f"n_vertebrae={n_vertebrae} does not fit: with a {fz:g} mm field of view in z and levels of at least "
+                f"{min_pitch:.0f} mm, 1..{max(max_n, 0)} vertebrae fit."
+            )
+        rng.integers(3, 6)  # keep the random stream aligned with the random-count case
+    u = rng.uniform(0.6, 1.1)
+    pitch = fz / (n - 1 + u)
+    if pitch < min_pitch:
+        u = fz / min_pitch - (n - 1)
+        pitch = min_pitch
+
+    habitus = float(rng.uniform(0, 1))
+    body = {
+        "half_width_mm": rng.uniform(72, 80) + 8 * habitus,
+        "half_depth_mm": rng.uniform(58, 65) + 8 * habitus,
+        "exponent": rng.uniform(2.2, 2.8),
+        "taper": rng.uniform(-0.06, 0.06),
+        "skin_mm": rng.uniform(1.5, 2.5),
+        "fat_posterior_mm": 3 + 11 * habitus + rng.uniform(0, 2),
+        "fat_lateral_mm": 4 + 16 * habitus + rng.uniform(0, 3),
+        "fat_anterior_mm": 5 + 18 * habitus + rng.uniform(0, 3),
+        "muscle_posterior_mm": rng.uniform(4, 9),
+        "abdominal_wall_mm": rng.uniform(7, 11),
+    }
+    pose = {
+        "rotation_deg": [rng.uniform(-4, 4), rng.uniform(-3, 3), rng.uniform(-8, 8)],
+        "offset_mm": [rng.uniform(-0.03, 0.03) * fx, rng.uniform(-0.03, 0.03) * fy, rng.uniform(-0.08, 0.08) * pitch],
+    }
+    # Scale the whole body (spine included) so that it fits the field of view with air around it.
+    margin = 2 * voxel_mm + 3.0
+    extent = _body_extent(body, pose, fz / 2)
+    room = np.array([fx / 2 - margin - abs(pose["offset_mm"][0]), fy / 2 - margin - abs(pose["offset_mm"][1])])
+    if np.any(room <= 10):
+        raise InvalidParameterError(
+            f"The field of view ({fx:g} x {fy:g} mm in x and y) is too small for the torso phantom; use at least 40 mm."
+        )
+    scale = float(min(1.0, *(room / extent)))
+    for key in (
+        "half_width_mm",
+        "half_depth_mm",
+        "fat_posterior_mm",
+        "fat_lateral_mm",
+        "fat_anterior_mm",
+        "muscle_posterior_mm",
+        "abdominal_wall_mm",
+    ):
+        body[key] *= scale
+    s = scale * SPINE_SCALE
+
+    # Vertebral design (shared means; each vertebra varies around them).
+    mean = {
+        "body_half_width": rng.uniform(19, 23) * s,
+        "body_half_depth": rng.uniform(13.5, 16) * s,
+        "canal_half_width": rng.uniform(9, 11) * s,
+        "canal_half_depth": rng.uniform(7, 8.5) * s,
+        "arch_thickness": rng.uniform(5.5, 7.5) * s,
+        "spinous_length": rng.uniform(22, 28) * s,
+        "spinous_angle_deg": rng.uniform(10, 25),
+    }
+    clearance = max(0.6, 0.4 * voxel_mm)
+    post_extent = (
+        mean["body_half_depth"]
+        + 0.5
+        + 2 * mean["canal_half_depth"]
+        + clearance
+        + mean["arch_thickness"]
+        + mean["spinous_length"] * math.cos(math.radians(mean["spinous_angle_deg"]))
+    )
+    body_centre_y = (
+        body["half_depth_mm"] - body["skin_mm"] - body["fat_posterior_mm"] - body["muscle_posterior_mm"] - post_extent
+    )
+    spine = {
+        "n_vertebrae": n,
+        "pitch_mm": pitch,
+        "length_mm": fz,
+        "end_fraction": u,
+        "body_centre_y_mm": body_centre_y,
+        "lordosis_mm": rng.uniform(2, 10) * scale,
+        "scoliosis_mm": rng.uniform(0, 5) * scale,
+        "scoliosis_cycles": rng.uniform(0.3, 0.9),
+        "scoliosis_phase": rng.uniform(0, 2 * np.pi),
+        "canal_half_width_mm": mean["canal_half_width"],
+        "canal_half_depth_mm": mean["canal_half_depth"],
+        "canal_clearance_mm": clearance,
+        "thecal_sac_fraction": rng.uniform(0.75, 0.9),
+    }
+    # Lordosis moves both ends posterior; keep the spinous processes under the skin.
+    body_centre_y -= spine["lordosis_mm"] * 2 / 3
+    spine["body_centre_y_mm"] = body_centre_y
+    gap = max(2.5, 2.6 * voxel_mm)
+    z_top = (n - 1) / 2 * pitch
+    vertebrae = []
+    for k in range(n):
+        z = z_top - k * pitch
+        growth = 1 + 0.03 * (k - (n - 1) / 2)
+        # Slabs of neighbouring levels are not parallel where the spine curves: widen the gap there.
+        t0 = centreline_tangent(spine, z - pitch / 2)
+        t1 = centreline_tangent(spine, z + pitch / 2)
+        bend = math.acos(min(1.0, float(np.dot(t0, t1) / np.linalg.norm(t0) / np.linalg.norm(t1))))
+        reach = 60 * s
+        disc_height = max(pitch * rng.uniform(0.22, 0.3), gap + voxel_mm)
+        body_half_height = (pitch - disc_height) / 2
+        arch_t = mean["arch_thickness"] * rng.uniform(0.9, 1.1)
+        vertebrae.append(
+            {
+                "index": k + 1,
+                "z_mm": z,
+                "axial_rotation_deg": rng.uniform(-3, 3)
+                + 0.6
+                * spine["scoliosis_mm"]
+                * math.sin(2 * np.pi * spine["scoliosis_cycles"] * z / fz + spine["scoliosis_phase"]),
+                "slab_half_height_mm": pitch / 2 - gap / 2 - reach * bend,
+                "body_half_width_mm": mean["body_half_width"] * growth * rng.uniform(0.95, 1.05),
+                "body_half_depth_mm": mean["body_half_depth"] * growth * rng.uniform(0.95, 1.05),
+                "body_half_height_mm": body_half_height,
+                "disc_height_mm": disc_height,
+                "waist": rng.uniform(0.03, 0.09),
+                "endplate_concavity_mm": rng.uniform(0.3, 1.2) * s,
+                "edge_radius_mm": rng.uniform(1.0, 2.0) * s,
+                "cortex_mm": rng.uniform(1.0, 1.6),
+                "cortex_posterior_mm": rng.uniform(2.0, 3.0),
+                "canal_half_width_mm": mean["canal_half_width"],
+                "canal_half_depth_mm": mean["canal_half_depth"],
+                "arch_thickness_mm": arch_t,
+                "arch_half_height_mm": body_half_height * rng.uniform(0.5, 0.65),
+                "arch_z_shift_mm": body_half_height * rng.uniform(0.05, 0.25),
+                "lamina_slope": rng.uniform(-0.35, -0.1),
+                "spinous_length_mm": mean["spinous_length"] * rng.uniform(0.9, 1.1),
+                "spinous_half_thickness_mm": rng.uniform(2.5, 3.5) * s,
+                "spinous_half_height_mm": rng.uniform(6, 9) * s,
+                "spinous_angle_deg": mean["spinous_angle_deg"] + rng.uniform(-4, 4),
+                "transverse_length_mm": rng.uniform(16, 24) * s,
+                "transverse_half_depth_mm": rng.uniform(2.5, 3.5) * s,
+                "transverse_half_height_mm": rng.uniform(4, 6) * s,
+                "transverse_angle_deg": rng.uniform(5, 20),
+                "facet_radii_mm": [rng.uniform(2.5, 3.5) * s, rng.uniform(3, 4.5) * s, rng.uniform(4, 6) * s],
+                "cortical_hu": rng.uniform(1250, 1600),
+                "cortical_hu_amplitude": rng.uniform(100, 250),
+                "cortical_waves": random_waves(rng, 4, (15, 45)),
+                "bone_volume_fraction": rng.uniform(0.11, 0.2),
+                "marrow_fat_fraction": rng.uniform(0.3, 0.65),
+                "marrow_waves": random_waves(rng, 4, (8, 25)),
+                "trabecular_grain_mm": rng.uniform(0.6, 1.1),
+                "trabecular_contrast": rng.uniform(0.2, 0.4),
+            }
+        )
+
+    # Abdomen: visceral cavity anterior to the spine, psoas muscles beside the vertebral bodies.
+    wall = body["abdominal_wall_mm"]
+    anterior = -body["half_depth_mm"] + body["skin_mm"] + body["fat_anterior_mm"] + wall
+    posterior = body_centre_y + 0.3 * mean["body_half_depth"]
+    lateral = body["half_width_mm"] - body["skin_mm"] - body["fat_lateral_mm"] - wall * 1.3
+    visceral = {
+        "centre_y_mm": (anterior + posterior) / 2,
+        "half_depth_mm": max((posterior - anterior) / 2, 5.0),
+        "half_width_mm": max(lateral, 10.0),
+        "exponent": rng.uniform(2.0, 2.6),
+        "fat_fraction": rng.uniform(0.08, 0.3),
+        "waves": random_waves(rng, 5, (10, 40)),
+    }
+    psoas = {
+        "x_mm": mean["body_half_width"] + rng.uniform(6, 9) * s,
+        "y_mm": body_centre_y + rng.uniform(-0.1, 0.3) * mean["body_half_depth"],
+        "radius_mm": rng.uniform(7, 10) * s,
+        "growth": rng.uniform(0.2, 0.6),
+        "fat_rim_mm": rng.uniform(1.0, 3.0) * s,
+    }
+    gas = []
+    if bowel_gas is None:
+        bowel_gas = bool(rng.uniform() < 0.7)
+    else:
+        rng.uniform()
+    n_gas = int(rng.integers(1, 5)) if bowel_gas else 0
+    for _ in range(n_gas):
+        gas.append(
+            {
+                "centre_mm": [
+                    rng.uniform(-0.6, 0.6) * visceral["half_width_mm"],
+                    visceral["centre_y_mm"] + rng.uniform(-0.5, 0.5) * visceral["half_depth_mm"],
+                    rng.uniform(-0.45, 0.45) * fz,
+                ],
+                "radii_mm": [rng.uniform(3, 10) * scale, rng.uniform(3, 8) * scale, rng.uniform(4, 12) * scale],
+            }
+        )
+    if lesion == "random":
+        lesion = str(rng.choice(["none", "sclerotic", "lytic"], p=[0.4, 0.35, 0.25]))
+    else:
+        rng.uniform()
+    lesion_info = None
+    if lesion != "none":
+        k = int(rng.integers(0, n))
+        v = vertebrae[k]
+        r = min(v["body_half_width_mm"], v["body_half_depth_mm"], v["body_half_height_mm"])
+        lesion_info = {
+            "type": lesion,
+            "vertebra": k + 1,
+            "centre_mm": [
+                rng.uniform(-0.35, 0.35) * v["body_half_width_mm"],
+                rng.uniform(-0.35, 0.35) * v["body_half_depth_mm"],
+                rng.uniform(-0.3, 0.3) * v["body_half_height_mm"],
+            ],
+            "radii_mm": [rng.uniform(0.3, 0.55) * r, rng.uniform(0.3, 0.55) * r, rng.uniform(0.3, 0.55) * r],
+            "waves": random_waves(rng, 3, (4, 10)),
+        }
+    return {
+        "scale": scale,
+        "habitus": habitus,
+        "body": body,
+        "pose": pose,
+        "spine": spine,
+        "vertebrae": vertebrae,
+        "visceral": visceral,
+        "psoas": psoas,
+        "bowel_gas": gas,
+        "lesion": lesion_info,
+        "texture_waves": {"muscle": random_waves(rng, 4, (15, 50)), "fat": random_waves(rng, 3, (20, 60))},
+    }
+
+
+def manifest_anatomy(anatomy: dict) -> dict:
+    """The anatomy as rounded, JSON-ready data."""
+    return _r(anatomy)
