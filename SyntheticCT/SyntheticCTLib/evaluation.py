@@ -1,0 +1,476 @@
+"""Evaluation of a model on cases with a CT, beside two non-learning baselines (``syntheticct evaluate``).
+
+For each case the model synthesizes a CT from the MRI (:func:`SyntheticCTLib.inference.synthesize`);
+the baselines (:mod:`SyntheticCTLib.baselines`) make theirs from the same MRI; each is compared with
+the case's CT by :func:`SyntheticCTRegistrationLib.compare.compare`: MAE, ME, PSNR and SSIM inside the
+body (SynthRAD conventions), bone Dice and bone-surface distances. When the CT is not aligned with
+the MRI, ``align`` registers the MRI to the CT first (rigid, optionally affine) and every method is
+compared through that one transform.
+
+Outputs in ``out_dir``:
+
+- ``metrics.json``: the model, per-case metrics of every method, and a summary per method (mean,
+  standard deviation, median, min, max over the cases);
+- ``metrics.csv`` (one row per case and method) and ``summary.csv`` (one row per method and metric);
+- ``images/<case>.png``: orthogonal slices of the MRI, sCT, CT and sCT - CT;
+- ``index.html``: the summary table and box plots (:func:`SyntheticCTLib.report.write_index`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import NOT_FOR_DIAGNOSTIC_USE, __version__
+from .errors import InvalidParameterError, SyntheticCTError
+from .io import atomic_output, read_volume
+from .progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+
+logger = logging.getLogger(__name__)
+
+MODEL_METHOD = "model"
+METRIC_KEYS = (
+    "mae_hu",
+    "me_hu",
+    "psnr_db",
+    "ssim",
+    "bone_dice",
+    "surface_mean_mm",
+    "surface_median_mm",
+    "surface_rms_mm",
+    "surface_p95_mm",
+    "surface_max_mm",
+    "surface_within_1mm",
+    "surface_within_2mm",
+)
+ALIGN_MODES = ("none", "rigid", "affine")
+
+
+@dataclass
+class EvaluationCase:
+    """A case to evaluate: MRI channel files and the CT of the same patient."""
+
+    name: str
+    mri: List[Path]
+    ct: Path
+    bone_labels: Optional[Path] = None
+
+
+@dataclass
+class EvaluationResult:
+    """Per-case metrics ``{case: {method: {metric: value}}}`` and the summary ``{method: {metric: stats}}``."""
+
+    out_dir: Path
+    cases: Dict[str, Dict[str, Dict[str, float]]]
+    summary: Dict[str, Dict[str, Dict[str, float]]]
+    files: Dict[str, Path] = field(default_factory=dict)
+
+
+def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
+    """Cases from ``case.json`` files, folders holding one, or folders of such folders.
+
+    Raises
+    ------
+    InvalidParameterError
+        A path is missing or holds no case; two cases share a name.
+    """
+    from .phantom import load_case
+
+    cases: List[EvaluationCase] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InvalidParameterError(f"No case at '{path}' (a case.json, a folder with one, or a folder of cases).")
+        if path.is_file() or (path / "case.json").is_file():
+            targets = [path]
+        else:
+            targets = [sub for sub in sorted(path.iterdir()) if (sub / "case.json").is_file()]
+            if not targets:
+                raise InvalidParameterError(f"'{path}' holds no case: no case.json in it or in its sub-folders.")
+        for target in targets:
+            case = load_case(target)
+            folder = target if target.is_dir() else target.parent
+            bone = getattr(case, "bone_labels_path", None)
+            cases.append(
+                EvaluationCase(
+                    name=folder.name,
+                    mri=[Path(p) for p in case.mri_paths],
+                    ct=Path(case.ct_path),
+                    bone_labels=Path(bone) if bone else None,
+                )
+            )
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidParameterError(f"Several cases are named {duplicates}; case folder names must be unique.")
+    return cases
+
+
+def _metrics_of(result: Any) -> Dict[str, float]:
+    metrics = getattr(result, "metrics", result)
+    out = {}
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            out[key] = math.nan
+    return out
+
+
+def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Mean, standard deviation (population), median, min, max and count of each metric per method."""
+    methods: List[str] = []
+    for per_method in cases.values():
+        for m in per_method:
+            if m not in methods:
+                methods.append(m)
+    summary: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for method in methods:
+        summary[method] = {}
+        for key in METRIC_KEYS:
+            values = np.array([c[method][key] for c in cases.values() if method in c and key in c[method]], float)
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                summary[method][key] = {
+                    "mean": math.nan,
+                    "std": math.nan,
+                    "median": math.nan,
+                    "min": math.nan,
+                    "max": math.nan,
+                    "n": 0,
+                }
+                continue
+            summary[method][key] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "median": float(np.median(values)),
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "n": int(values.size),
+            }
+    return summary
+
+
+def compare_images(
+    ct: sitk.Image,
+    sct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    bone_threshold: float = 200.0,
+    bone_labels: Optional[sitk.Image] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> Dict[str, float]:
+    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points)."""
+    from SyntheticCTRegistrationLib.compare import compare
+
+    result = compare(
+        ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
+    )
+    return _metrics_of(result)
+
+
+def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallback) -> Optional[sitk.Transform]:
+    """Register the MRI (moving) to the CT (fixed): the transform maps CT points to MRI (= sCT) points."""
+    if mode == "none":
+        return None
+    from SyntheticCTRegistrationLib.registration import register
+
+    from .geometry import resample_like
+
+    rigid = register(ct, mri, mode="rigid", progress=scaled(progress, 0.0, 0.5))
+    logger.info("Rigid MRI-to-CT registration: metric %.4f.", float(rigid.metric_value))
+    if mode == "rigid":
+        return rigid.transform
+    moved = resample_like(mri, ct, transform=rigid.transform)
+    affine = register(ct, moved, mode="affine", progress=scaled(progress, 0.5, 1.0))
+    logger.info("Affine refinement: metric %.4f.", float(affine.metric_value))
+    composite = sitk.CompositeTransform(rigid.transform)
+    composite.AddTransform(affine.transform)
+    return composite
+
+
+def _write_csvs(
+    out_dir: Path,
+    cases: Dict[str, Dict[str, Dict[str, float]]],
+    times: Dict[str, Dict[str, float]],
+    summary: Dict[str, Dict[str, Dict[str, float]]],
+) -> Dict[str, Path]:
+    def fmt(v: Any) -> Any:
+        if isinstance(v, float):
+            return "" if not math.isfinite(v) else f"{v:.6g}"
+        return v
+
+    metrics_csv = out_dir / "metrics.csv"
+    with atomic_output(metrics_csv) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "method", *METRIC_KEYS, "time_s"])
+            for name, per_method in cases.items():
+                for method, metrics in per_method.items():
+                    writer.writerow(
+                        [
+                            name,
+                            method,
+                            *(fmt(metrics[k]) for k in METRIC_KEYS),
+                            fmt(times.get(name, {}).get(method, math.nan)),
+                        ]
+                    )
+    summary_csv = out_dir / "summary.csv"
+    with atomic_output(summary_csv) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["method", "metric", "mean", "std", "median", "min", "max", "n"])
+            for method, per_key in summary.items():
+                for key, s in per_key.items():
+                    writer.writerow(
+                        [method, key, *(fmt(s[k]) for k in ("mean", "std", "median", "min", "max")), s["n"]]
+                    )
+    return {"metrics_csv": metrics_csv, "summary_csv": summary_csv}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _case_png(
+    path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
+) -> None:
+    from .geometry import resample_like
+    from .report import slices_png
+
+    mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
+    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    png = slices_png(mri_on_ct, sct_on_ct, sitk.Cast(ct, sitk.sitkFloat32))
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(png)
+
+
+def evaluate(
+    model: Any,
+    cases: Sequence[EvaluationCase],
+    out_dir: Union[str, Path],
+    *,
+    baselines: bool = True,
+    align: str = "none",
+    bone_threshold: float = 200.0,
+    use_bone_labels: bool = False,
+    device: str = "auto",
+    images: bool = True,
+    save_sct: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> EvaluationResult:
+    """Run ``model`` (a :class:`~SyntheticCTLib.models.package.ModelPackage`, a name or a path) and the baselines on
+    every case, compare each with the case's CT, and write the metrics, pictures and index to ``out_dir``.
+
+    Parameters
+    ----------
+    align
+        ``"none"`` (the CT lies on the MRI's patient coordinates), ``"rigid"`` or ``"affine"``: register the
+        MRI to the CT first; the sCTs are compared through that transform.
+    bone_threshold
+        HU threshold of bone in the CT and every sCT (Dice and surfaces).
+    use_bone_labels
+        Pass the case's bone label map to the comparison (per-bone surface distances).
+    save_sct
+        Also write each sCT as ``sct/<case>_<method>.nii.gz``.
+    """
+    from .baselines import BASELINES
+    from .inference import synthesize
+    from .training.data import read_mri_channels
+
+    if align not in ALIGN_MODES:
+        raise InvalidParameterError(f"align must be one of {', '.join(ALIGN_MODES)} (got {align!r}).")
+    if not cases:
+        raise InvalidParameterError("No case to evaluate.")
+    report = with_cancel(progress or no_progress, cancel)
+    package = _resolve_model(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = [MODEL_METHOD] + (list(BASELINES) if baselines else [])
+    per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
+    times: Dict[str, Dict[str, float]] = {}
+    index_cases = []
+    files: Dict[str, Path] = {}
+    n = len(cases)
+    for i, case in enumerate(cases):
+        sub = scaled(report, i / n, (i + 1) / n)
+        sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
+        mri = read_mri_channels(case.mri)
+        ct = read_volume(case.ct)
+        labels = read_volume(case.bone_labels) if (use_bone_labels and case.bone_labels) else None
+        if len(mri) != package.in_channels:
+            raise InvalidParameterError(
+                f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
+                f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
+            )
+        transform = _align(ct, mri[0], align, scaled(sub, 0.0, 0.1))
+        per_case[case.name] = {}
+        times[case.name] = {}
+        model_sct = None
+        for j, method in enumerate(methods):
+            step = scaled(sub, 0.1 + 0.9 * j / len(methods), 0.1 + 0.9 * (j + 1) / len(methods))
+            step(0.0, "evaluate", f"{case.name}: {method}")
+            t0 = time.perf_counter()
+            if method == MODEL_METHOD:
+                sct = synthesize(mri, package, device=device, progress=scaled(step, 0.0, 0.6), cancel=cancel)
+                model_sct = sct
+            else:
+                sct = BASELINES[method](mri)
+            elapsed = time.perf_counter() - t0
+            metrics = compare_images(
+                ct,
+                sct,
+                transform=transform,
+                bone_threshold=bone_threshold,
+                bone_labels=labels,
+                progress=scaled(step, 0.6, 1.0),
+            )
+            per_case[case.name][method] = metrics
+            times[case.name][method] = elapsed
+            logger.info(
+                "%s, %s: MAE %.1f HU, ME %.1f HU, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm (%.1f s)",
+                case.name,
+                method,
+                metrics["mae_hu"],
+                metrics["me_hu"],
+                metrics["bone_dice"],
+                metrics["surface_mean_mm"],
+                metrics["surface_p95_mm"],
+                elapsed,
+            )
+            if save_sct:
+                from .io import write_volume
+
+                write_volume(
+                    sct, out_dir / "sct" / f"{case.name}_{method.replace(' ', '_')}.nii.gz", inputs=[*case.mri, case.ct]
+                )
+        if images and model_sct is not None:
+            png = out_dir / "images" / f"{case.name}.png"
+            _case_png(png, mri[0], model_sct, ct, transform)
+            files[f"image:{case.name}"] = png
+        index_cases.append({"name": case.name, "report": None, "metrics": per_case[case.name]})
+    summary = summarize(per_case)
+    document = {
+        "disclaimer": NOT_FOR_DIAGNOSTIC_USE,
+        "syntheticct_version": __version__,
+        "model": {"name": package.name, "version": package.version, "source": str(package.source)},
+        "methods": methods,
+        "align": align,
+        "bone_threshold_hu": bone_threshold,
+        "cases": [
+            {
+                "name": c.name,
+                "mri": [str(p) for p in c.mri],
+                "ct": str(c.ct),
+                "metrics": per_case[c.name],
+                "time_s": times[c.name],
+            }
+            for c in cases
+        ],
+        "summary": summary,
+    }
+    metrics_json = out_dir / "metrics.json"
+    with atomic_output(metrics_json) as tmp:
+        tmp.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+    files["metrics_json"] = metrics_json
+    files.update(_write_csvs(out_dir, per_case, times, summary))
+    try:
+        from .report import write_index
+
+        files["index"] = write_index(
+            out_dir / "index.html",
+            index_cases,
+            title=f"SyntheticCT evaluation: {package.name}",
+            model_card=package.card,
+        )
+    except (ImportError, SyntheticCTError, ValueError) as e:  # the index is a convenience; metrics are written
+        logger.warning("Could not write index.html: %s", e)
+    report(1.0, "evaluate", "done")
+    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+
+
+def _resolve_model(model: Any):
+    from .models.package import ModelPackage
+
+    if isinstance(model, ModelPackage):
+        return model
+    try:
+        from .models.catalog import resolve_model
+    except ImportError:  # pragma: no cover - the catalog ships with the models package
+        resolve_model = None
+    path = Path(str(model))
+    if path.exists() or resolve_model is None:
+        from .models.package import load_model_package
+
+        return load_model_package(path)
+    return resolve_model(str(model))
+
+
+def held_out_block(result: EvaluationResult, *, note: str = "") -> Dict[str, Any]:
+    """A model-card block with the summary means of every method (for ``model.json``)."""
+    block: Dict[str, Any] = {"cases": sorted(result.cases), "note": note, "methods": {}}
+    for method, per_key in result.summary.items():
+        block["methods"][method] = {
+            k: (None if not math.isfinite(s["mean"]) else round(s["mean"], 4)) for k, s in per_key.items()
+        }
+    return block
+
+
+def record_in_card(model: Union[str, Path], result: EvaluationResult, *, note: str = "") -> Path:
+    """Write :func:`held_out_block` of ``result`` into ``model.json`` of the package folder ``model``.
+
+    Only ``model.json`` changes (the weights and their hashes do not). Raises
+    :class:`InvalidParameterError` unless ``model`` is a package folder.
+    """
+    from .models.package import MODEL_CARD, read_card
+
+    folder = Path(str(model))
+    if not (folder.is_dir() and (folder / MODEL_CARD).is_file()):
+        raise InvalidParameterError(f"--record-in-card needs a model package folder with {MODEL_CARD}; got '{model}'.")
+    card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
+    card["held_out_evaluation"] = _json_safe(
+        held_out_block(
+            result,
+            note=note
+            or (
+                "Mean over the evaluated cases (`syntheticct evaluate`); each method's sCT compared with the case's CT."
+            ),
+        )
+    )
+    with atomic_output(folder / MODEL_CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    read_card(folder)
+    return folder / MODEL_CARD
+
+
+__all__ = [
+    "record_in_card",
+    "EvaluationCase",
+    "EvaluationResult",
+    "evaluate",
+    "find_evaluation_cases",
+    "summarize",
+    "compare_images",
+    "held_out_block",
+    "METRIC_KEYS",
+    "MODEL_METHOD",
+]
