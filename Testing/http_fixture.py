@@ -3,7 +3,8 @@
 ``LoopbackServer`` serves byte strings by path, honours ``Range: bytes=N-`` (206), and per path can:
 ``ok``; ``wrong`` (other bytes of the same length); ``cut`` (the first request without a Range
 gets half the body, then the connection is closed); ``cut-norange`` (the same, and Range is then
-ignored: 200 and the whole body); ``stall`` (headers, then nothing); ``slow`` (small chunks with pauses).
+ignored: 200 and the whole body); ``stall`` (headers, then nothing); ``slow`` (small chunks with pauses);
+``redirect:<url>`` (302 to that URL).
 A path not served answers 404. Every request is logged with its Range header and status.
 """
 
@@ -89,6 +90,13 @@ class LoopbackServer:
             h.wfile.write(body)
             return
         mode = self.modes.get(path, "ok")
+        if mode.startswith("redirect:"):
+            self._log(path, range_header, 302)
+            h.send_response(302)
+            h.send_header("Location", mode[len("redirect:") :])
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if mode == "wrong":
             data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
         start = 0

@@ -77,6 +77,26 @@ def test_good_download_reports_bytes_and_verifies(server, payload, tmp_path):
     assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
     assert listing(tmp_path) == ["blob.bin"]
     assert server.requests == [("/blob.bin", None, 200)]
+    # Present with the right hash: not downloaded again, even with the server gone.
+    server.stop()
+    assert download(url, tmp_path / "blob.bin", sha256=sha256_hex(payload), retries=0) == dest
+    assert len(server.requests) == 1
+
+
+def test_redirects_only_to_web_urls(server, payload, tmp_path):
+    target = server.serve("real.bin", payload)
+    server.serve("moved.bin", b"", mode=f"redirect:{target}")
+    assert download(server.url("moved.bin"), tmp_path / "a.bin", sha256=sha256_hex(payload)).read_bytes() == payload
+    for i, (target, reason) in enumerate(
+        [("ftp://127.0.0.1/a.bin", "Refusing a redirect"), (f"file://{tmp_path / 'a.bin'}", "refused.*not allowed")]
+    ):
+        server.serve(f"evil{i}.bin", b"", mode=f"redirect:{target}")
+        with pytest.raises(DownloadError, match=reason):
+            download(
+                server.url(f"evil{i}.bin"), tmp_path / "b.bin", sha256=sha256_hex(payload), retries=2, backoff=0.01
+            )
+        assert server.hits(f"evil{i}.bin") == 1  # refused, not retried
+    assert listing(tmp_path) == ["a.bin"]
 
 
 def test_file_url(payload, tmp_path):

@@ -349,6 +349,26 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.lower().endswith(".zip") or text.startswith(".") or text.startswith("~")
 
 
+def _entry_or_path(name_or_path: PathLike, root: Path) -> Tuple[Optional[CatalogEntry], Path]:
+    """``(entry, path)``: a catalog entry, or None and an existing package path.
+
+    A ``Path``, or text with a path separator or a ``.zip`` suffix, is a path. A bare word is a catalog
+    name first, and a path only when no catalog model has that name.
+    """
+    text = os.fspath(name_or_path)
+    candidate = Path(text).expanduser()
+    if isinstance(name_or_path, Path) or _looks_like_path(text):
+        if not candidate.exists():
+            raise ModelPackageError(f"No model package at '{text}' (neither a folder nor a .zip exists there).")
+        return None, candidate
+    try:
+        return find_entry(text, cache_dir=root), candidate
+    except ModelNotFoundError:
+        if candidate.exists():
+            return None, candidate
+        raise
+
+
 def _bytes_reporter(report: ProgressCallback, label: str):
     def on_bytes(done: int, total: Optional[int]) -> None:
         if total:
@@ -460,14 +480,10 @@ def resolve_model(
         As :func:`load_model_package` and :func:`~SyntheticCTLib.models.download.download`.
     """
     report = with_cancel(progress or no_progress, cancel)
-    text = os.fspath(name_or_path)
-    candidate = Path(text).expanduser()
-    if candidate.exists():
-        return load_model_package(candidate)
-    if _looks_like_path(text):
-        raise ModelPackageError(f"No model package at '{text}' (neither a folder nor a .zip exists there).")
     root = _cache.cache_dir(cache_dir)
-    entry = find_entry(text, cache_dir=root)
+    entry, candidate = _entry_or_path(name_or_path, root)
+    if entry is None:
+        return load_model_package(candidate)
     folder = Path(str(entry.local_path))
     if entry.status == "missing":
         if entry.kind == SOURCE_BUNDLED:
@@ -723,13 +739,11 @@ def verify_model(name_or_path: PathLike, *, cache_dir: Optional[PathLike] = None
     Returns ``{"name", "version", "path", "files": [{"file", "sha256", "bytes"}]}``; a mismatch raises
     :class:`ChecksumError` naming the file.
     """
-    text = os.fspath(name_or_path)
-    candidate = Path(text).expanduser()
-    if candidate.exists():
+    root = _cache.cache_dir(cache_dir)
+    entry, candidate = _entry_or_path(name_or_path, root)
+    if entry is None:
         package = load_model_package(candidate, verify=True)
     else:
-        root = _cache.cache_dir(cache_dir)
-        entry = find_entry(text, cache_dir=root)
         folder = Path(str(entry.local_path))
         if entry.status == "available":
             raise ModelNotFoundError(f"Model '{entry.name}' is not in the cache; fetch it first.")

@@ -222,6 +222,8 @@ def _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeo
     request = urllib.request.Request(url, headers=headers)
     try:
         response = opener.open(request, timeout=timeout)
+    except SyntheticCTError:  # a refused redirect
+        raise
     except urllib.error.HTTPError as e:
         e.close()
         if e.code == 416 and done:
