@@ -1,0 +1,231 @@
+"""``syntheticct synthesize``: MRI in, synthetic CT out (one case, or a batch of cases, also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+one case:
+  syntheticct synthesize -i echo1.nii.gz -i echo2.nii.gz -i echo3.nii.gz -o sct.nii.gz
+  syntheticct synthesize -i MRI_DICOM_DIR -o sct.nrrd --dicom-out SCT_DICOM_DIR --uncertainty spread.nii.gz
+
+a batch (case.json files or their folders; outputs ID.nii.gz, ID.json, ... in OUT_DIR):
+  syntheticct synthesize --case cases/a --case cases/b -o OUT_DIR
+  syntheticct synthesize --case-list cases.txt -o OUT_DIR --dicom
+  torchrun --nproc_per_node 4 -m SyntheticCTLib synthesize --case-list cases.txt -o OUT_DIR
+
+The synthetic CT is not for diagnostic use.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .main import add_command
+
+    p = add_command(
+        subparsers,
+        "synthesize",
+        help="synthesize a CT from MRI with a model package (not for diagnostic use)",
+        description="Synthesize a CT (int16 HU, on the MRI's exact grid) from one or more MRI channels, in the "
+        "order the model lists them (`syntheticct models list`). Outputs are written atomically: an error or "
+        "Ctrl-C leaves no partial file.",
+    )
+    p.epilog = EPILOG
+    p.add_argument(
+        "-i",
+        "--input",
+        dest="inputs",
+        action="append",
+        metavar="MRI",
+        default=[],
+        help="an MRI channel: a volume file or a DICOM series folder; repeat for each channel",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="the sCT volume (.nii.gz, .nrrd, .mha, ...); with --case/--case-list, the output folder",
+    )
+    p.add_argument(
+        "--case",
+        dest="cases",
+        action="append",
+        metavar="CASE",
+        default=[],
+        help='batch mode: a case.json (or its folder) listing the MRI files under "mri"; repeatable',
+    )
+    p.add_argument(
+        "--case-list",
+        metavar="FILE",
+        help="batch mode: a file with one case path a line, or a JSON list of paths or {id, mri} objects",
+    )
+    p.add_argument(
+        "--model",
+        default="default",
+        metavar="NAME|PATH",
+        help="a catalog model name, a model folder or .zip (default: the bundled default model)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="auto (cuda, then mps, then cpu; default), cpu, cuda, cuda:N or mps",
+    )
+    p.add_argument(
+        "--dicom-out",
+        metavar="DIR",
+        help="also write the sCT as a DICOM CT series into this new folder (patient/study tags from "
+        "the MRI when it is DICOM)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        metavar="OUT",
+        help="also write the per-voxel spread (HU) of flip test-time augmentation (implies --tta)",
+    )
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes: slower, smoother)")
+    p.add_argument("--dicom", action="store_true", help="batch mode: also write ID_dicom/ per case")
+    p.add_argument(
+        "--uncertainty-maps",
+        action="store_true",
+        help="batch mode: also write ID_uncertainty.nii.gz per case (implies --tta)",
+    )
+    p.add_argument("--skip-existing", action="store_true", help="batch mode: skip cases whose ID.json says done")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("Z", "Y", "X"), help="override the model's patch size")
+    p.add_argument("--overlap", type=float, help="override the model's patch overlap, in [0, 1)")
+    p.add_argument("--batch-size", type=int, help="patches per batch (default: from the memory budget)")
+    p.set_defaults(run=run)
+    return p
+
+
+def _resolve_model(name_or_path: str, report):
+    from ..progress import scaled
+
+    try:
+        from ..models.catalog import resolve_model
+    except ImportError:  # catalog not installed: a path only
+        from ..models.package import load_model_package
+
+        return load_model_package(name_or_path)
+    return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
+
+
+def _window(args: argparse.Namespace):
+    window = {}
+    if args.patch_size:
+        window["patch_size"] = tuple(args.patch_size)
+    if args.overlap is not None:
+        window["overlap"] = args.overlap
+    if args.batch_size is not None:
+        window["batch_size"] = args.batch_size
+    return window or None
+
+
+def run(args: argparse.Namespace, report) -> int:
+    from ..errors import InvalidParameterError
+
+    batch = bool(args.cases or args.case_list)
+    if batch and args.inputs:
+        raise InvalidParameterError("Give either -i MRI ... (one case) or --case/--case-list (a batch), not both.")
+    if not batch and not args.inputs:
+        raise InvalidParameterError("No input: give -i MRI (repeat for each channel), or --case/--case-list.")
+    if batch and (args.dicom_out or args.uncertainty):
+        raise InvalidParameterError("In batch mode use --dicom and --uncertainty-maps (outputs go into the -o folder).")
+    if not batch and (args.dicom or args.uncertainty_maps or args.skip_existing):
+        raise InvalidParameterError("--dicom, --uncertainty-maps and --skip-existing are for batch mode (--case).")
+    return _run_batch(args, report) if batch else _run_one(args, report)
+
+
+def _run_one(args: argparse.Namespace, report) -> int:
+    from pathlib import Path
+
+    from ..dicom_export import check_dicom_target, export_dicom_series
+    from ..errors import VolumeWriteError
+    from ..inference import Synthesizer
+    from ..io import check_not_input, read_volume, volume_suffix, write_volume
+    from ..progress import scaled
+
+    inputs = [Path(p) for p in args.inputs]
+    output = Path(args.output)
+    # Check every output before the long work.
+    for path, what in ((output, "-o"), (Path(args.uncertainty) if args.uncertainty else None, "--uncertainty")):
+        if path is None:
+            continue
+        if not volume_suffix(path):
+            raise VolumeWriteError(f"{what} '{path}': unknown volume format; use .nii.gz, .nii, .nrrd, .mha or .mhd.")
+        check_not_input(path, inputs)
+    if args.uncertainty and Path(args.uncertainty).resolve() == output.resolve():
+        raise VolumeWriteError("--uncertainty must differ from -o.")
+    if args.dicom_out:
+        check_dicom_target(Path(args.dicom_out), inputs + [output], overwrite=False)
+
+    model = _resolve_model(args.model, report)
+    if len(inputs) != model.in_channels:  # fail before reading anything
+        from ..inference import check_inputs
+
+        check_inputs([None] * len(inputs), model)
+    images = []
+    for k, path in enumerate(inputs):
+        report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
+        images.append(read_volume(path))
+    want_uncertainty = bool(args.uncertainty)
+    synthesizer = Synthesizer(model, device=args.device, window=_window(args))
+    result = synthesizer.run(images, progress=scaled(report, 0.1, 0.85), tta=args.tta or want_uncertainty)
+    report(0.85, "writing", str(output))
+    write_volume(result.image, output, inputs=inputs)
+    if want_uncertainty:
+        write_volume(result.uncertainty, args.uncertainty, inputs=inputs)
+    exported = None
+    if args.dicom_out:
+        exported = export_dicom_series(
+            result.image, args.dicom_out, source=images[0], inputs=inputs, progress=scaled(report, 0.9, 1.0)
+        )
+    report(1.0, "done", f"{output}")
+    line = {"output": str(output), **result.to_dict()}
+    if want_uncertainty:
+        line["uncertainty_output"] = str(args.uncertainty)
+    if exported is not None:
+        line["dicom_out"] = str(exported.folder)
+        line["series_instance_uid"] = exported.series_instance_uid
+    sys.stdout.write(json.dumps(line) + "\n")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace, report) -> int:
+    from ..batch import iter_case_paths, read_case_list, synthesize_cases
+
+    cases = iter_case_paths(args.cases)
+    if args.case_list:
+        cases += read_case_list(args.case_list)
+    model = _resolve_model(args.model, report)
+    summary = synthesize_cases(
+        cases,
+        model,
+        args.output,
+        device=args.device,
+        tta=args.tta,
+        uncertainty=args.uncertainty_maps,
+        dicom=args.dicom,
+        window=_window(args),
+        skip_existing=args.skip_existing,
+        progress=report,
+    )
+    done = sum(1 for r in summary.records if r.get("status") == "done")
+    line = {
+        "rank": summary.rank,
+        "world_size": summary.world_size,
+        "cases": summary.cases,
+        "done": done,
+        "failed": [r["case"] for r in summary.failed],
+        "out_dir": str(args.output),
+        "summary": str(summary.summary_file) if summary.summary_file else None,
+    }
+    sys.stdout.write(json.dumps(line) + "\n")
+    if summary.failed:
+        sys.stderr.write(
+            f"syntheticct synthesize: error: {len(summary.failed)} case(s) failed: "
+            f"{', '.join(r['case'] + ' (' + r['error'] + ')' for r in summary.failed)}\n"
+        )
+        return 1
+    return 0
