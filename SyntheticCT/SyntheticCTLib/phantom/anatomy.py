@@ -24,7 +24,7 @@ SPINE_SCALE = 0.8
 """Vertebral dimensions relative to an adult lumbar spine (the torso fits a 192 mm field of view)."""
 
 MIN_PITCH_MM = 14.0
-MIN_PITCH_VOXELS = 8.0
+MIN_PITCH_VOXELS = 6.0
 LESION_TYPES = ("none", "sclerotic", "lytic", "random")
 
 
@@ -122,11 +122,11 @@ def draw_anatomy(
     # Levels: n vertebrae span (n - 1 + u) pitches of the z field of view.
     max_n = int(math.floor(fz / min_pitch - 0.6)) + 1
     if n_vertebrae is None:
-        choices = [n for n in (3, 4, 5) if n <= max_n]
+        choices = [n for n in (3, 4, 5) if n <= max_n] or ([max_n] if max_n >= 1 else [])
         if not choices:
             raise InvalidParameterError(
-                f"The field of view is {fz:g} mm long in z; at least {min_pitch * 2.6:.0f} mm are needed for "
-                "3 vertebrae at this spacing. Increase the size in z or the spacing."
+                f"The field of view is {fz:g} mm long in z; at least {min_pitch * 0.6:.0f} mm are needed for "
+                "one vertebra at this spacing. Increase the size in z."
             )
         n = int(rng.choice(choices))
     else:
@@ -209,8 +209,9 @@ def draw_anatomy(
         "length_mm": fz,
         "end_fraction": u,
         "body_centre_y_mm": body_centre_y,
-        "lordosis_mm": rng.uniform(2, 10) * scale,
-        "scoliosis_mm": rng.uniform(0, 5) * scale,
+        # Curvature of a 128 mm segment, scaled to this length (sagitta ~ length^2).
+        "lordosis_mm": rng.uniform(2, 10) * scale * min(1.0, fz / 128.0) ** 2,
+        "scoliosis_mm": rng.uniform(0, 5) * scale * min(1.0, fz / 128.0),
         "scoliosis_cycles": rng.uniform(0.3, 0.9),
         "scoliosis_phase": rng.uniform(0, 2 * np.pi),
         "canal_half_width_mm": mean["canal_half_width"],
@@ -222,6 +223,8 @@ def draw_anatomy(
     body_centre_y -= spine["lordosis_mm"] * 2 / 3
     spine["body_centre_y_mm"] = body_centre_y
     gap = max(2.5, 2.6 * voxel_mm)
+    # Thin bony parts keep a half-thickness of at least one voxel, so that the labels see them.
+    thin = max(1.0, 1.0 * voxel_mm)
     z_top = (n - 1) / 2 * pitch
     vertebrae = []
     for k in range(n):
@@ -260,14 +263,18 @@ def draw_anatomy(
                 "arch_z_shift_mm": body_half_height * rng.uniform(0.05, 0.25),
                 "lamina_slope": rng.uniform(-0.35, -0.1),
                 "spinous_length_mm": mean["spinous_length"] * rng.uniform(0.9, 1.1),
-                "spinous_half_thickness_mm": rng.uniform(2.5, 3.5) * s,
-                "spinous_half_height_mm": rng.uniform(6, 9) * s,
+                "spinous_half_thickness_mm": max(rng.uniform(2.5, 3.5) * s, thin),
+                "spinous_half_height_mm": max(rng.uniform(6, 9) * s, 2 * thin),
                 "spinous_angle_deg": mean["spinous_angle_deg"] + rng.uniform(-4, 4),
                 "transverse_length_mm": rng.uniform(16, 24) * s,
-                "transverse_half_depth_mm": rng.uniform(2.5, 3.5) * s,
-                "transverse_half_height_mm": rng.uniform(4, 6) * s,
+                "transverse_half_depth_mm": max(rng.uniform(2.5, 3.5) * s, thin),
+                "transverse_half_height_mm": max(rng.uniform(4, 6) * s, 1.5 * thin),
                 "transverse_angle_deg": rng.uniform(5, 20),
-                "facet_radii_mm": [rng.uniform(2.5, 3.5) * s, rng.uniform(3, 4.5) * s, rng.uniform(4, 6) * s],
+                "facet_radii_mm": [
+                    max(rng.uniform(2.5, 3.5) * s, thin),
+                    max(rng.uniform(3, 4.5) * s, thin),
+                    max(rng.uniform(4, 6) * s, 1.5 * thin),
+                ],
                 "cortical_hu": rng.uniform(1250, 1600),
                 "cortical_hu_amplitude": rng.uniform(100, 250),
                 "cortical_waves": random_waves(rng, 4, (15, 45)),
@@ -297,7 +304,7 @@ def draw_anatomy(
         "y_mm": body_centre_y + rng.uniform(-0.1, 0.3) * mean["body_half_depth"],
         "radius_mm": rng.uniform(7, 10) * s,
         "growth": rng.uniform(0.2, 0.6),
-        "fat_rim_mm": rng.uniform(1.0, 3.0) * s,
+        "fat_rim_mm": max(rng.uniform(1.0, 3.0) * s, 1.5 * voxel_mm),
     }
     gas = []
     if bowel_gas is None:
@@ -322,7 +329,8 @@ def draw_anatomy(
         rng.uniform()
     lesion_info = None
     if lesion != "none":
-        k = int(rng.integers(0, n))
+        # Not in the first or last vertebra, which the ends of the field of view may cut.
+        k = int(rng.integers(1, n - 1)) if n >= 3 else 0
         v = vertebrae[k]
         r = min(v["body_half_width_mm"], v["body_half_depth_mm"], v["body_half_height_mm"])
         lesion_info = {
@@ -333,7 +341,7 @@ def draw_anatomy(
                 rng.uniform(-0.35, 0.35) * v["body_half_depth_mm"],
                 rng.uniform(-0.3, 0.3) * v["body_half_height_mm"],
             ],
-            "radii_mm": [rng.uniform(0.3, 0.55) * r, rng.uniform(0.3, 0.55) * r, rng.uniform(0.3, 0.55) * r],
+            "radii_mm": [min(max(rng.uniform(0.3, 0.55) * r, 2.5 * voxel_mm), 0.7 * r) for _ in range(3)],
             "waves": random_waves(rng, 3, (4, 10)),
         }
     return {

@@ -27,6 +27,7 @@ from .shapes import (
     occupancy,
     smooth_union,
     superellipse_sdf,
+    unit_gradient,
     wave_texture,
 )
 
@@ -276,7 +277,15 @@ def _paint_vertebrae(
         wave = wave_texture(u, v, w, vert["cortical_waves"])
         hu_cort = np.clip(F32(vert["cortical_hu"]) + F32(vert["cortical_hu_amplitude"]) * wave, 1000.0, 1900.0)
         bone_id = vert["index"]
-        canvas.paint(block, occupancy(d, ramp), T.CORTICAL_BONE, hu_cort, sig.signal(T.CORTICAL_BONE), bone_id=bone_id)
+        spacing_zyx = grid.spacing[::-1]
+        canvas.paint(
+            block,
+            occupancy(unit_gradient(d, spacing_zyx), ramp),
+            T.CORTICAL_BONE,
+            hu_cort,
+            sig.signal(T.CORTICAL_BONE),
+            bone_id=bone_id,
+        )
         d += t_c
         # Trabecular interior: bone volume fraction with a fine grain and a slow variation; marrow fat
         # rises where there is less bone. Grain noise is drawn per block (the seed's texture stream).
@@ -296,7 +305,7 @@ def _paint_vertebrae(
         hu_trab = np.clip(bvtv * F32(HU_BONE_MINERAL) + (F32(1) - bvtv) * marrow, lo_hu, hi_hu)
         canvas.paint(
             block,
-            occupancy(d, ramp),
+            occupancy(unit_gradient(d, spacing_zyx), ramp),
             T.TRABECULAR_BONE,
             hu_trab,
             sig.signal(T.TRABECULAR_BONE, ff, pd_scale=F32(1) - bvtv),
@@ -312,7 +321,14 @@ def _paint_vertebrae(
             )
             np.maximum(d_les, d + F32(0.3), out=d_les)
             label = T.SCLEROTIC_LESION if lesion["type"] == "sclerotic" else T.LYTIC_LESION
-            canvas.paint(block, occupancy(d_les, ramp), label, _hu(label, wave), sig.signal(label), bone_id=bone_id)
+            canvas.paint(
+                block,
+                occupancy(unit_gradient(d_les, spacing_zyx), ramp),
+                label,
+                _hu(label, wave),
+                sig.signal(label),
+                bone_id=bone_id,
+            )
     report(1.0, "phantom: vertebrae", "")
 
 

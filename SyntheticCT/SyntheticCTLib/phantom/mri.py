@@ -23,8 +23,8 @@ F32 = np.float32
 DEFAULT_PROTOCOLS: Dict[float, dict] = {
     # 3D multi-echo spoiled GRE: first echo near in phase, second near opposed phase, third in phase at 3 T;
     # opposed, in, opposed phase at 1.5 T. TR and flip angle give T1 weighting (fat bright, CSF dark).
-    1.5: {"echo_times_ms": [2.3, 4.6, 6.9], "tr_ms": 12.0, "flip_angle_deg": 12.0},
-    3.0: {"echo_times_ms": [2.2, 3.4, 4.6], "tr_ms": 10.0, "flip_angle_deg": 12.0},
+    1.5: {"echo_times_ms": [2.3, 4.6, 6.9], "tr_ms": 12.0, "flip_angle_deg": 15.0},
+    3.0: {"echo_times_ms": [2.2, 3.4, 4.6], "tr_ms": 10.0, "flip_angle_deg": 15.0},
 }
 """Default acquisition per field strength (tesla)."""
 
