@@ -139,9 +139,7 @@ def _copy_source_tags(ds, source_ds) -> int:
     for group, element in COPIED_TAGS:
         tag = (group << 16) | element
         if tag in source_ds:
-            elem = source_ds[tag]
-            if elem.value is None or elem.value == "":
-                continue
+            elem = source_ds[tag]  # empty values too: an anonymised source stays anonymous
             ds.add_new(tag, elem.VR, elem.value)
             n += 1
     return n
