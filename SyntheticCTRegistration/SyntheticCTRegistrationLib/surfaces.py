@@ -329,9 +329,7 @@ def signed_distances(points: np.ndarray, target, *, chunk: int = 100_000, worker
         dist2, triangle, v, w, offset = _closest_in_rings(mesh, p, centre, 1)
         # The weight of the ring's centre vertex at the closest point; 0 means the outer edge.
         corners = mesh.triangles[triangle]
-        centre_weight = np.select(
-            [corners[:, 0] == centre, corners[:, 1] == centre], [1.0 - v - w, v], default=w
-        )
+        centre_weight = np.select([corners[:, 0] == centre, corners[:, 1] == centre], [1.0 - v - w, v], default=w)
         again = np.flatnonzero(centre_weight <= 0.05)
         if again.size:
             k = min(4, len(mesh.used))
@@ -491,7 +489,9 @@ class SurfaceDistances:
         }
 
 
-def surface_distances(synthetic: vtk.vtkPolyData, reference: vtk.vtkPolyData, *, store: bool = True) -> SurfaceDistances:
+def surface_distances(
+    synthetic: vtk.vtkPolyData, reference: vtk.vtkPolyData, *, store: bool = True
+) -> SurfaceDistances:
     """Signed point-wise distances from the synthetic surface to the reference surface, and back.
 
     With ``store`` the distances are added to each surface as the point array
@@ -534,9 +534,7 @@ def mask_surface_distances(
 # ---------------------------------------------------------------------------------------------
 
 
-def label_surface_points(
-    points: np.ndarray, labels: sitk.Image, *, max_distance_mm: float = 5.0
-) -> np.ndarray:
+def label_surface_points(points: np.ndarray, labels: sitk.Image, *, max_distance_mm: float = 5.0) -> np.ndarray:
     """The bone label of each point: the label of the nearest labelled voxel (0 when farther than
     ``max_distance_mm``)."""
     array = sitk.GetArrayViewFromImage(labels)
