@@ -19,6 +19,8 @@ import pytest
 from SyntheticCTLib.errors import InvalidParameterError
 from SyntheticCTLib.progress import JsonLinesProgress, parse_progress_line
 from SyntheticCTLib.runner import (
+    ChildJob,
+    JobResult,
     ProcessRunner,
     RunnerEvent,
     child_environment,
@@ -267,15 +269,18 @@ def test_runner_reports_failure_and_the_error_line():
 
 
 def test_runner_with_the_real_command_line_error(tmp_path):
-    """The real CLI: a missing input ends with exit code 1 and one clear stderr line."""
+    """The real CLI: a missing model ends with exit code 1 and one clear stderr line naming it."""
     _, subs = _subparsers()
     if "synthesize" not in subs:
         pytest.skip("the 'synthesize' subcommand is not in the command line yet")
-    args = synthesize_args([tmp_path / "missing.nii.gz"], tmp_path / "sct.nii.gz", device="cpu")
+    args = synthesize_args(
+        [tmp_path / "mri.nii.gz"], tmp_path / "sct.nii.gz", model=str(tmp_path / "no-model.zip"), device="cpu"
+    )
     runner = ProcessRunner(args, env=child_environment(python_paths=LIB_PATHS, device="cpu")).start()
     events = _wait_events(runner, timeout=120)
     assert events[-1].returncode == 1
-    assert "missing.nii.gz" in runner.error_message()
+    assert runner.error_message().startswith("syntheticct synthesize: error:")
+    assert "no-model.zip" in runner.error_message()
     assert not (tmp_path / "sct.nii.gz").exists()
 
 
@@ -393,3 +398,32 @@ def test_start_twice_and_bad_executable_are_errors(tmp_path):
         ProcessRunner([str(tmp_path / "no-such-python"), "-c", "pass"]).start()
     with pytest.raises(InvalidParameterError):
         ProcessRunner([])
+
+
+def test_child_job_calls_back_once_and_reports_the_error_line():
+    env = child_environment(python_paths=LIB_PATHS)
+    script = PROGRESS_SCRIPT.replace(
+        'sys.stderr.write("a warning on stderr\\n")',
+        'sys.stderr.write("syntheticct synthesize: error: no file at x.nrrd\\n")',
+    )
+    seen, finished = [], []
+    job = ChildJob([PY, "-c", script, "1"], env=env, on_event=seen.append, on_finished=finished.append).start()
+    result = job.wait(timeout=30)
+    assert result == JobResult(1, False, "syntheticct synthesize: error: no file at x.nrrd")
+    assert finished == [result] and not job.running and job.pump() is False
+    assert [e.fraction for e in seen if e.kind == "progress"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert not result.ok and result.describe() == "syntheticct synthesize: error: no file at x.nrrd"
+    ok = ChildJob([PY, "-c", "pass"]).start().wait(timeout=30)
+    assert ok is not None and ok.ok and ok.describe() == "Done."
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are a POSIX feature")
+def test_child_job_cancel():
+    finished = []
+    job = ChildJob([PY, "-c", "import time; time.sleep(60)"], on_finished=finished.append, grace_s=0.5).start()
+    assert job.pump() is True
+    job.cancel()
+    result = job.wait(timeout=30)
+    assert result is not None and result.cancelled and not result.ok
+    assert result.describe() == "Cancelled; nothing was changed."
+    assert finished == [result]

@@ -171,13 +171,17 @@ def models_fetch_args(name: str, *, python: Optional[PathLike] = None) -> List[s
     return base_command(python) + ["models", "fetch", str(name), "--progress", "json"]
 
 
-def models_add_args(source: str, *, sha256: Optional[str] = None, python: Optional[PathLike] = None) -> List[str]:
-    """Arguments for ``syntheticct models add SOURCE [--sha256 HEX] --progress json`` (a URL, file or folder)."""
+def models_add_args(
+    source: str, *, sha256: Optional[str] = None, name: Optional[str] = None, python: Optional[PathLike] = None
+) -> List[str]:
+    """Arguments for ``syntheticct models add SOURCE [--sha256 HEX] [--name N] --progress json`` (URL, file, folder)."""
     if not str(source).strip():
         raise InvalidParameterError("models add needs a URL, a .zip file or a model folder.")
     args = base_command(python) + ["models", "add", str(source)]
     if sha256:
         args += ["--sha256", str(sha256)]
+    if name:
+        args += ["--name", str(name)]
     return args + ["--progress", "json"]
 
 
@@ -494,6 +498,94 @@ class _WindowsJob:  # pragma: no cover - Windows only
             except OSError:
                 pass
             self.handle = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How a :class:`ChildJob` ended: ``returncode``, whether it was ``cancelled``, and the child's error line."""
+
+    returncode: int
+    cancelled: bool
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.cancelled
+
+    def describe(self) -> str:
+        """Plain words for a status line."""
+        if self.cancelled:
+            return "Cancelled; nothing was changed."
+        if self.returncode == 0:
+            return "Done."
+        return self.error or f"The command failed (exit code {self.returncode})."
+
+
+class ChildJob:
+    """A :class:`ProcessRunner` with callbacks, pumped from a GUI timer.
+
+    ``on_event(event)`` receives each progress and log event; ``on_finished(result)`` is called once,
+    with a :class:`JobResult`, when the child is done. :meth:`pump` drains the queued events and
+    returns True while the job still runs, so a GUI calls it from a timer until it returns False::
+
+        job = ChildJob(args, env=env, on_event=show, on_finished=done).start()
+        def poll():
+            if job.pump():
+                qt.QTimer.singleShot(100, poll)
+        poll()
+    """
+
+    def __init__(
+        self,
+        args: Sequence[PathLike],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[PathLike] = None,
+        on_event=None,
+        on_finished=None,
+        grace_s: float = 3.0,
+    ) -> None:
+        self.runner = ProcessRunner(args, env=env, cwd=cwd, grace_s=grace_s)
+        self.on_event = on_event
+        self.on_finished = on_finished
+        self.result: Optional[JobResult] = None
+
+    def start(self) -> ChildJob:
+        self.runner.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.result is None
+
+    def cancel(self) -> None:
+        self.runner.cancel()
+
+    def pump(self) -> bool:
+        """Handle the queued events; return True while the job runs (call again later)."""
+        if self.result is not None:
+            return False
+        for event in self.runner.poll():
+            if event.kind == "finished":
+                code = event.returncode if event.returncode is not None else -1
+                self.result = JobResult(code, event.cancelled, "" if event.cancelled else self.runner.error_message())
+                if self.on_finished is not None:
+                    self.on_finished(self.result)
+                return False
+            if self.on_event is not None:
+                self.on_event(event)
+        return True
+
+    def wait(self, timeout: Optional[float] = None, *, interval: float = 0.02, idle=None) -> Optional[JobResult]:
+        """Pump until the job ends (or ``timeout``); ``idle()`` runs between pumps (e.g. processEvents)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pump():
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+            if idle is not None:
+                idle()
+            time.sleep(interval)
+        return self.result
 
 
 def run_to_completion(
