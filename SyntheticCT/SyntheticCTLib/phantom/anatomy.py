@@ -296,8 +296,8 @@ def draw_anatomy(
         "half_depth_mm": max((posterior - anterior) / 2, 5.0),
         "half_width_mm": max(lateral, 10.0),
         "exponent": rng.uniform(2.0, 2.6),
-        "fat_fraction": rng.uniform(0.08, 0.3),
-        "waves": random_waves(rng, 5, (10, 40)),
+        "fat_area_fraction": rng.uniform(0.15, 0.4),
+        "loop_cell_mm": rng.uniform(7, 10) * scale,
     }
     psoas = {
         "x_mm": mean["body_half_width"] + rng.uniform(6, 9) * s,
@@ -305,6 +305,23 @@ def draw_anatomy(
         "radius_mm": rng.uniform(7, 10) * s,
         "growth": rng.uniform(0.2, 0.6),
         "fat_rim_mm": max(rng.uniform(1.0, 3.0) * s, 1.5 * voxel_mm),
+    }
+    # Kidneys (upper lumbar levels), lateral to the psoas, inside perirenal fat; clipped to the muscle wall.
+    inner_w = body["half_width_mm"] - body["skin_mm"] - body["fat_lateral_mm"]
+    k_radii = [rng.uniform(14, 18) * s, rng.uniform(10, 13) * s, rng.uniform(40, 50) * s]
+    k_rim = max(rng.uniform(3, 7) * s, 1.5 * voxel_mm)
+    k_x = min(
+        psoas["x_mm"] + psoas["radius_mm"] * (1 + psoas["growth"]) + k_radii[0] + k_rim + 2,
+        inner_w - k_radii[0] - k_rim - 3,
+    )
+    kidneys = {
+        "present": bool(rng.uniform() < 0.8),
+        "x_mm": k_x,
+        "y_mm": body_centre_y + rng.uniform(0, 0.6) * mean["body_half_depth"],
+        "z_mm": fz * rng.uniform(0.25, 0.55),
+        "radii_mm": k_radii,
+        "tilt_deg": rng.uniform(5, 20),
+        "fat_rim_mm": k_rim,
     }
     gas = []
     if bowel_gas is None:
@@ -355,7 +372,8 @@ def draw_anatomy(
         "psoas": psoas,
         "bowel_gas": gas,
         "lesion": lesion_info,
-        "texture_waves": {"muscle": random_waves(rng, 4, (15, 50)), "fat": random_waves(rng, 3, (20, 60))},
+        "kidneys": kidneys,
+        "texture_cell_mm": {"fat": 12.0, "muscle": 6.0, "bowel_content": 5.0},
     }
 
 

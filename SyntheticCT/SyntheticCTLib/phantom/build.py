@@ -19,12 +19,15 @@ from .canvas import Canvas
 from .mri import TissueSignals
 from .shapes import (
     F32,
+    Frame,
     Grid,
     box_sdf,
     ellipse_sdf,
     ellipsoid_sdf,
     extrude,
+    lattice_noise,
     occupancy,
+    rotation_matrix,
     smooth_union,
     superellipse_sdf,
     unit_gradient,
@@ -45,8 +48,9 @@ def _hu(label: int, texture: Optional[np.ndarray] = None):
     return np.clip(F32(row.hu_mean) + F32(row.hu_sd) * texture, lo, hi)
 
 
-def _paint_body(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals) -> None:
+def _paint_body(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals, rng: np.random.Generator) -> None:
     body = anatomy["body"]
+    cells = anatomy["texture_cell_mm"]
     pose = pose_frame(anatomy["pose"])
     block = grid.block()
     u, v, w = block.local(pose)
@@ -55,28 +59,28 @@ def _paint_body(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals) -
     taper = F32(1) + F32(body["taper"] / lz) * w
     p = body["exponent"]
     d_body = superellipse_sdf(u / taper, v / taper, body["half_width_mm"], body["half_depth_mm"], p) * taper
-    tex_fat = wave_texture(u, v, w, anatomy["texture_waves"]["fat"])
-    canvas.paint(block, occupancy(d_body, ramp), T.SKIN, _hu(T.SKIN, tex_fat), sig.signal(T.SKIN))
+    tex = lattice_noise(rng, block, cells["fat"])
+    canvas.paint(block, occupancy(d_body, ramp), T.SKIN, _hu(T.SKIN, tex), sig.signal(T.SKIN))
     d_body += F32(body["skin_mm"])
     canvas.paint(
-        block,
-        occupancy(d_body, ramp),
-        T.SUBCUTANEOUS_FAT,
-        _hu(T.SUBCUTANEOUS_FAT, tex_fat),
-        sig.signal(T.SUBCUTANEOUS_FAT),
+        block, occupancy(d_body, ramp), T.SUBCUTANEOUS_FAT, _hu(T.SUBCUTANEOUS_FAT, tex), sig.signal(T.SUBCUTANEOUS_FAT)
     )
-    del d_body
+    del d_body, tex
     skin = body["skin_mm"]
     inner_w = body["half_width_mm"] - skin - body["fat_lateral_mm"]
     inner_d = body["half_depth_mm"] - skin - (body["fat_anterior_mm"] + body["fat_posterior_mm"]) / 2
     shift = (body["fat_anterior_mm"] - body["fat_posterior_mm"]) / 2
     d_muscle = superellipse_sdf(u / taper, (v - F32(shift)) / taper, inner_w, inner_d, p) * taper
-    tex = wave_texture(u, v, w, anatomy["texture_waves"]["muscle"])
-    ff = np.clip(F32(0.025) + F32(0.015) * tex, 0.0, 0.1)
+    del u, v, w, taper
+    # Muscle: fine texture, a little intramuscular fat where the texture is low.
+    tex = lattice_noise(rng, block, cells["muscle"])
+    ff = np.clip(F32(0.02) - F32(0.02) * tex, 0.0, 0.12)
     canvas.paint(block, occupancy(d_muscle, ramp), T.MUSCLE, _hu(T.MUSCLE, tex), sig.signal(T.MUSCLE, ff))
 
 
-def _paint_abdomen(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals) -> None:
+def _paint_abdomen(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals, rng: np.random.Generator) -> None:
+    from scipy.special import ndtri
+
     pose = pose_frame(anatomy["pose"])
     ramp = grid.voxel_mm
     spine = anatomy["spine"]
@@ -87,11 +91,41 @@ def _paint_abdomen(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals
     block = grid.block(pose, (-a, yc - b, -big), (a, yc + b, big))
     if block is not None:
         u, v, w = block.local(pose)
-        d = superellipse_sdf(u, v - F32(yc), a, b, vis["exponent"])
-        tex = wave_texture(u, v, w, vis["waves"])
-        ff = np.clip(F32(vis["fat_fraction"]) + F32(0.15) * tex, 0.0, 0.6)
-        hu = (1 - ff) * F32(45.0) + ff * F32(-100.0) + F32(4.0) * tex
-        canvas.paint(block, occupancy(d, ramp), T.SOFT_TISSUE, hu, sig.signal(T.SOFT_TISSUE, ff))
+        alpha = occupancy(superellipse_sdf(u, v - F32(yc), a, b, vis["exponent"]), ramp)
+        del u, v, w
+        content = lattice_noise(rng, block, anatomy["texture_cell_mm"]["bowel_content"])
+        ff = np.clip(F32(0.04) + F32(0.04) * content, 0.0, 0.15)
+        hu = (1 - ff) * F32(40.0) + ff * F32(-100.0) + F32(6.0) * content
+        canvas.paint(block, alpha, T.SOFT_TISSUE, hu, sig.signal(T.SOFT_TISSUE, ff))
+        # Mesenteric fat between bowel loops: where a smooth random field exceeds a threshold.
+        loops = lattice_noise(rng, block, vis["loop_cell_mm"])
+        threshold = float(ndtri(1 - vis["fat_area_fraction"]))
+        d_fat = unit_gradient(F32(threshold) - loops, grid.spacing[::-1])
+        fat = occupancy(d_fat, ramp) * alpha
+        canvas.paint(block, fat, T.SUBCUTANEOUS_FAT, _hu(T.SUBCUTANEOUS_FAT, content), sig.signal(T.SUBCUTANEOUS_FAT))
+        del alpha, content, ff, hu, loops, d_fat, fat
+
+    kid = anatomy["kidneys"]
+    if kid["present"]:
+        for side in (-1.0, 1.0):
+            radii = np.asarray(kid["radii_mm"])
+            frame = pose.compose(
+                Frame(
+                    rotation_matrix(0, side * kid["tilt_deg"], 0),
+                    np.array([side * kid["x_mm"], kid["y_mm"], kid["z_mm"]]),
+                )
+            )
+            reach = radii + kid["fat_rim_mm"] + 2
+            block = grid.block(frame, -reach, reach)
+            if block is None:
+                continue
+            u, v, w = block.local(frame)
+            d = ellipsoid_sdf(u, v, w, *radii)
+            rim = ellipsoid_sdf(u, v, w, *(radii + kid["fat_rim_mm"]))
+            canvas.paint(
+                block, occupancy(rim, ramp), T.SUBCUTANEOUS_FAT, _hu(T.SUBCUTANEOUS_FAT), sig.signal(T.SUBCUTANEOUS_FAT)
+            )
+            canvas.paint(block, occupancy(d, ramp), T.SOFT_TISSUE, F32(32.0), sig.signal(T.SOFT_TISSUE, F32(0.0)))
 
     ps = anatomy["psoas"]
     for side in (-1.0, 1.0):
@@ -345,9 +379,9 @@ def paint_anatomy(
 
     report = report or no_progress
     report(0.0, "phantom: anatomy", "body")
-    _paint_body(canvas, grid, anatomy, sig)
+    _paint_body(canvas, grid, anatomy, sig, rng)
     report(0.3, "phantom: anatomy", "abdomen")
-    _paint_abdomen(canvas, grid, anatomy, sig)
+    _paint_abdomen(canvas, grid, anatomy, sig, rng)
     report(0.4, "phantom: anatomy", "discs and canal")
     _paint_discs(canvas, grid, anatomy, sig)
     _paint_canal(canvas, grid, anatomy, sig)

@@ -213,3 +213,29 @@ def random_waves(rng: np.random.Generator, n: int, wavelength_mm: Tuple[float, f
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     k = 2 * np.pi / rng.uniform(wavelength_mm[0], wavelength_mm[1], size=(n, 1))
     return np.hstack([directions * k, rng.uniform(0, 2 * np.pi, size=(n, 1))])
+
+
+def lattice_noise(rng: np.random.Generator, block: Block, cell_mm: float) -> np.ndarray:
+    """Smooth random field over ``block`` (zero mean, unit variance, correlation length about ``cell_mm``).
+
+    Gaussian values on a coarse lattice of ``cell_mm`` spacing (in world coordinates), smoothed, then
+    interpolated linearly to the voxels one axis at a time: cheap, and independent of the voxel size.
+    """
+    from scipy import ndimage
+
+    coords = (block.z, block.y, block.x)
+    starts = [np.floor(c.min() / cell_mm) - 2 for c in coords]
+    counts = [int(np.ceil(c.max() / cell_mm) - s) + 3 for c, s in zip(coords, starts)]
+    lattice = rng.standard_normal(counts).astype(F32)
+    lattice = ndimage.gaussian_filter(lattice, 0.8, mode="wrap")
+    lattice /= F32(max(float(lattice.std()), 1e-6))
+    out = lattice
+    for axis, (c, s, n) in enumerate(zip(coords, starts, counts)):
+        t = c / cell_mm - s
+        i0 = np.clip(np.floor(t).astype(int), 0, n - 2)
+        f = (t - i0).astype(F32)
+        shape = [1, 1, 1]
+        shape[axis] = len(c)
+        f = f.reshape(shape)
+        out = np.take(out, i0, axis=axis) * (F32(1) - f) + np.take(out, i0 + 1, axis=axis) * f
+    return out
