@@ -223,11 +223,14 @@ def lattice_noise(rng: np.random.Generator, block: Block, cell_mm: float) -> np.
     """
     from scipy import ndimage
 
+    # A lattice at half the cell size, smoothed over about two of its steps: smooth enough that the
+    # piecewise-linear interpolation shows no creases.
+    cell_mm = cell_mm / 2
     coords = (block.z, block.y, block.x)
     starts = [np.floor(c.min() / cell_mm) - 2 for c in coords]
     counts = [int(np.ceil(c.max() / cell_mm) - s) + 3 for c, s in zip(coords, starts)]
     lattice = rng.standard_normal(counts).astype(F32)
-    lattice = ndimage.gaussian_filter(lattice, 0.8, mode="wrap")
+    lattice = ndimage.gaussian_filter(lattice, 1.6, mode="wrap")
     lattice /= F32(max(float(lattice.std()), 1e-6))
     out = lattice
     for axis, (c, s, n) in enumerate(zip(coords, starts, counts)):
