@@ -38,10 +38,22 @@ class Canvas:
         bone_id: int = 0,
     ) -> None:
         """Paint a structure of occupancy ``alpha`` (block-shaped) with CT number ``hu`` and per-echo ``signals``."""
-        s = block.slices
+        inside_any = alpha > 0
+        ranges = []
+        for axes in ((1, 2), (0, 2), (0, 1)):
+            hits = np.flatnonzero(inside_any.any(axis=axes))
+            if hits.size == 0:
+                return
+            ranges.append(slice(int(hits[0]), int(hits[-1]) + 1))
+        crop = tuple(ranges)  # the part of the block the structure touches
+        s = tuple(slice(b.start + c.start, b.start + c.stop) for b, c in zip(block.slices, crop))
+        alpha = alpha[crop]
         ct = self.ct[s]
+        hu = hu[crop] if isinstance(hu, np.ndarray) and hu.ndim == 3 else hu
         ct += alpha * (np.asarray(hu, dtype=F32) - ct)
         for echo, sig in zip(self.mri, signals):
+            if isinstance(sig, np.ndarray) and sig.ndim == 3:
+                sig = sig[crop]
             m = echo[s]
             m += alpha * (sig - m)
         inside = alpha >= F32(0.5)
