@@ -121,11 +121,13 @@ def _check_metrics(metrics: dict) -> None:
 def _check_report(out: Path, metrics: dict) -> None:
     page = (out / "report.html").read_text(encoding="utf-8")
     _check_self_contained(page)
-    for key in ("surface_mean_mm", "surface_p95_mm", "bone_dice", "mae_hu"):
-        unit = {"surface_mean_mm": "mm", "surface_p95_mm": "mm"}.get(key, "")
-        text = report_lib.format_value(metrics["metrics"][key], unit)
-        assert f'data-key="{key}">{text}<' in page, (key, text)
-    assert report_lib.format_value(metrics["registration"]["tre_bone"]["mean_mm"]) in page
+    for key in ("surface_mean_mm", "surface_p95_mm", "bone_dice", "mae_hu", "surface_within_1mm"):
+        text = report_lib.metric_text(key, metrics["metrics"][key])
+        assert f'data-key="{key}" data-method="model">{text}<' in page, (key, text)
+        for name, baseline in metrics["baselines"].items():
+            text = report_lib.metric_text(key, baseline[key])
+            assert f'data-key="{key}" data-method="baseline: {name}">{text}<' in page, (name, key, text)
+    assert f"{metrics['registration']['tre_bone']['mean_mm']:.3f} mm" in page
     assert metrics["model"]["name"] in page
     # The surfaces and the pictures lie beside the page.
     vtps = sorted(out.rglob("*.vtp"))
@@ -188,15 +190,15 @@ def test_target_registration_error_of_a_known_offset():
     mask[5:15, 5:15, 5:15] = 1
     centre = demo_lib.grid_centre(mask)
     true = demo_lib.random_rigid_transform(2, centre)
-    same = demo_lib.target_registration_error(true, true, mask)
+    same = demo_lib.bone_tre(true, true, mask)
     assert same["mean_mm"] == 0 and same["max_mm"] == 0 and same["n_points"] == 1000
     offset = sitk.CompositeTransform([true, sitk.TranslationTransform(3, (0.6, 0.0, 0.8))])
-    tre = demo_lib.target_registration_error(offset, true, mask)
+    tre = demo_lib.bone_tre(offset, true, mask)
     assert tre["mean_mm"] == pytest.approx(1.0, abs=1e-9) and tre["max_mm"] == pytest.approx(1.0, abs=1e-9)
     diff = demo_lib.transform_difference(offset, true, centre)
     assert diff["rotation_error_deg"] < 1e-4 and diff["translation_error_mm"] == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(InvalidParameterError):
-        demo_lib.target_registration_error(true, true, sitk.Image(4, 4, 4, sitk.sitkUInt8))
+        demo_lib.bone_tre(true, true, sitk.Image(4, 4, 4, sitk.sitkUInt8))
 
 
 def test_index_page_summarizes_and_links_cases(tmp_path):
@@ -224,8 +226,11 @@ def test_index_page_summarizes_and_links_cases(tmp_path):
     for i in range(4):
         assert f'href="case{i}/report.html"' in page
     # The model's mean surface distance is the mean of 0.2, 0.3, 0.4, 0.5.
-    assert f"{report_lib.format_value(0.35)} \u00b1" in page
-    assert f"{report_lib.format_value(201.5)} \u00b1" in page
+    assert (
+        f'data-key="surface_mean_mm" data-method="model">{report_lib.metric_text("surface_mean_mm", 0.35)} \u00b1'
+        in page
+    )
+    assert f'data-key="mae_hu" data-method="inversion">{report_lib.metric_text("mae_hu", 201.5)} \u00b1' in page
     assert "Evaluation of tiny" in page and "inversion" in page
 
 

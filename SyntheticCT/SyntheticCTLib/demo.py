@@ -42,9 +42,10 @@ import SimpleITK as sitk
 
 from . import NOT_FOR_DIAGNOSTIC_USE, __version__
 from .errors import InvalidParameterError, VolumeWriteError
-from .geometry import physical_points_of_indices, resample_like
+from .geometry import resample_like
 from .io import atomic_output, write_volume
 from .progress import CancelToken, ProgressCallback, no_progress, with_cancel
+from .report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -191,7 +192,7 @@ def transform_difference(recovered: sitk.Transform, true: sitk.Transform, center
     }
 
 
-def target_registration_error(
+def bone_tre(
     recovered: sitk.Transform,
     true: sitk.Transform,
     mask: sitk.Image,
@@ -200,19 +201,18 @@ def target_registration_error(
 ) -> Dict[str, Any]:
     """Target registration error over the non-zero voxels of ``mask``: ``|recovered(p) - true(p)|`` in mm.
 
-    Both transforms map points of ``mask``'s space; with more than ``max_points`` voxels an even
-    stride of them is used. Returns mean, median, p95 and max (mm) and the number of points.
+    Both transforms map points of ``mask``'s space. Up to ``max_points`` voxels are drawn (seeded);
+    the distances are the registration library's
+    :func:`~SyntheticCTRegistrationLib.registration.target_registration_error`. Returns mean, median,
+    p95 and max (mm) and the number of points.
     """
-    indices = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
-    if len(indices) == 0:
+    from SyntheticCTRegistrationLib.initialization import mask_points
+    from SyntheticCTRegistrationLib.registration import target_registration_error
+
+    points = mask_points(mask, max_points=max_points)
+    if len(points) == 0:
         raise InvalidParameterError("The target registration error needs a non-empty mask (no bone voxel found).")
-    if len(indices) > max_points:
-        indices = indices[:: int(math.ceil(len(indices) / max_points))]
-    points = physical_points_of_indices(mask, indices)
-    errors = np.empty(len(points))
-    for i, p in enumerate(points):
-        p = tuple(float(v) for v in p)
-        errors[i] = math.dist(recovered.TransformPoint(p), true.TransformPoint(p))
+    errors = target_registration_error(recovered, true, points)
     return {
         "mean_mm": float(errors.mean()),
         "median_mm": float(np.median(errors)),
@@ -423,8 +423,8 @@ def _run(
 
     # 1. phantom ------------------------------------------------------------------------------------
     def _phantom(progress: ProgressCallback):
-        case = phantom.make_phantom(seed, size=size, spacing=spacing)
-        progress(0.7, "", "writing the case")
+        case = phantom.make_phantom(seed, size=size, spacing=spacing, progress=_scaled(progress, 0.0, 0.8, ""))
+        progress(0.8, "", "writing the case")
         phantom.write_phantom(case, work / "case")
         return case
 
@@ -484,7 +484,7 @@ def _run(
         registration_lib.write_transform(result.transform, work / "transform_registration.tfm")
         progress(0.9, "", "target registration error")
         bone_mask = sitk.Cast(bones_moved > 0, sitk.sitkUInt8)
-        tre = target_registration_error(result.transform, true_transform, bone_mask)
+        tre = bone_tre(result.transform, true_transform, bone_mask)
         return result, tre
 
     registration, tre = steps.run(
@@ -500,12 +500,16 @@ def _run(
     # 5. compare ------------------------------------------------------------------------------------
     def _compare(progress: ProgressCallback):
         result = compare_lib.compare(
-            ct_moved, sct, transform=registration.transform, bone_labels=bones_moved, progress=progress
+            ct_moved,
+            sct,
+            transform=registration.transform,
+            bone_labels=bones_moved,
+            progress=_scaled(progress, 0.0, 0.8, ""),
         )
-        compare_lib.write_comparison(result, work / "comparison")
-        return result
+        files = compare_lib.write_comparison(result, work / "comparison", progress=_scaled(progress, 0.8, 1.0, ""))
+        return result, files
 
-    comparison = steps.run(
+    comparison, comparison_files = steps.run(
         "compare",
         _compare,
         component="SyntheticCTRegistrationLib.compare.compare",
@@ -579,13 +583,12 @@ def _run(
             work / REPORT_FILE,
             metrics,
             mri=case.mri[0],
-            sct=sct,
             ct=ct_moved,
+            synthetic_on_ct=comparison.synthetic,
             transform=registration.transform,
-            comparison=comparison,
-            comparison_dir=work / "comparison",
-            images_dir=images_dir,
+            comparison_files=comparison_files,
             model_card=package.card,
+            images_dir=images_dir,
             progress=progress,
         )
         return None
@@ -595,7 +598,7 @@ def _run(
         _report,
         component="SyntheticCTLib.report.write_demo_report",
         version=__version__,
-        parameters={"hu_window": "fixed, see report"},
+        parameters={"hu_window": list(HU_WINDOW), "difference_window_hu": DIFFERENCE_WINDOW_HU, "pictures": "embedded"},
     )
     metrics["steps"] = [s.to_dict() for s in steps.records]
     metrics["total_seconds"] = round(sum(s.seconds for s in steps.records), 3)
@@ -642,6 +645,6 @@ __all__ = [
     "random_rigid_transform",
     "rigid_parameters",
     "run_demo",
-    "target_registration_error",
+    "bone_tre",
     "transform_difference",
 ]
