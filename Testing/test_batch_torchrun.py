@@ -14,8 +14,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SyntheticCTLib.batch import load_case_file, synthesize_cases
+from SyntheticCTLib.batch import load_case_file, read_case_list, synthesize_cases
 from SyntheticCTLib.cli.main import main
+from SyntheticCTLib.errors import InvalidParameterError
 from SyntheticCTLib.io import read_volume
 from SyntheticCTLib.models.architectures import build_network
 from SyntheticCTLib.models.package import load_model_package, write_model_package
@@ -139,6 +140,21 @@ def test_in_process_shard_and_skip_existing(cases, package_dir, tmp_path):
     assert [r["status"] for r in again.records] == ["done", "skipped"]
     assert (out / "p02.nii.gz").stat().st_mtime_ns == before
     assert load_case_file(cases / "p03").case_id == "p03"
+
+
+def test_case_lists(cases, tmp_path):
+    text_list = tmp_path / "cases.txt"
+    text_list.write_text("# cohort\n" + "\n".join(str(cases / c) for c in CASE_IDS[:2]) + "\n\n")
+    assert [c.case_id for c in read_case_list(text_list)] == ["p01", "p02"]
+    json_list = cases / "list.json"
+    json_list.write_text(
+        json.dumps(["p03/case.json", {"id": "extra", "mri": ["p04/mri_echo1.nii.gz", "p04/mri_echo2.nii.gz"]}])
+    )
+    loaded = read_case_list(json_list)
+    assert [c.case_id for c in loaded] == ["p03", "extra"]
+    assert loaded[1].mri[0] == cases / "p04" / "mri_echo1.nii.gz" and loaded[0].mri[1].is_file()
+    with pytest.raises(InvalidParameterError, match="repeated: p01"):
+        synthesize_cases([cases / "p01", cases / "p01"], None, tmp_path / "o")
 
 
 def test_cli_synthesize_to_nifti_and_dicom(cases, package_dir, tmp_path, capsys):
