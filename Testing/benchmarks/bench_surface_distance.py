@@ -66,7 +66,10 @@ def sphere_field(radius: float) -> np.ndarray:
 def cases() -> Dict[str, tuple]:
     return {
         "spheres": (sphere_field(80.0), sphere_field(81.5)),
-        "vertebra": (vertebra_field(), vertebra_field(scale=1.015, shift=(0.7, -0.5, 0.4), bumps=(0.05, 0.02), phase=0.3)),
+        "vertebra": (
+            vertebra_field(),
+            vertebra_field(scale=1.015, shift=(0.7, -0.5, 0.4), bumps=(0.05, 0.02), phase=0.3),
+        ),
     }
 
 
@@ -185,7 +188,9 @@ def run(verbose: bool = True) -> Dict[str, dict]:
 def _print_case(name: str, case: dict) -> None:
     rows = case["rows"]
     ours_row, true_row = rows["ours (SyntheticCT)"], rows["truth (sub-voxel contours)"]
-    print(f"\n== {name}: two {N}³ masks at 1 mm, {case['bone_voxels']} reference bone voxels, {case['points']} surface points")
+    print(
+        f"\n== {name}: two {N}³ masks at 1 mm, {case['bone_voxels']} reference bone voxels, {case['points']} surface points"
+    )
     header = f"{'method':28s} {'time s':>7s} {'mean mm':>8s} {'HD95 mm':>8s} {'max mm':>7s} {'<=1mm':>6s}  {'Δmean vs ours':>13s} {'ΔHD95 vs ours':>13s} {'Δmean vs truth':>14s} {'time ratio':>10s}"
     print(header)
     for method, row in rows.items():
@@ -220,5 +225,7 @@ def test_surface_distance_benchmark():
 
 
 if __name__ == "__main__":
-    print(f"bench_surface_distance: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}")
+    print(
+        f"bench_surface_distance: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, Python {sys.version.split()[0]}"
+    )
     run(verbose=True)
