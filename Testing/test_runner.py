@@ -107,7 +107,13 @@ def test_synthesize_args_need_an_input(tmp_path):
 @pytest.mark.parametrize("mode", ["rigid", "affine", "deformable", "bone-local"])
 def test_register_args(tmp_path, mode):
     args = register_args(
-        tmp_path / "ct.nrrd", tmp_path / "sct.nrrd", tmp_path / "t.tfm", mode=mode, resampled=tmp_path / "r.nrrd"
+        tmp_path / "ct.nrrd",
+        tmp_path / "sct.nrrd",
+        tmp_path / "t.tfm",
+        mode=mode,
+        resampled=tmp_path / "r.nrrd",
+        bone_labels=tmp_path / "bones.nrrd",
+        bone_threshold=180,
     )
     assert args[3] == "register"
     assert args[args.index("--fixed") + 1] == str(tmp_path / "ct.nrrd")
@@ -115,6 +121,8 @@ def test_register_args(tmp_path, mode):
     assert args[args.index("-o") + 1] == str(tmp_path / "t.tfm")
     assert args[args.index("--mode") + 1] == mode
     assert args[args.index("--resampled") + 1] == str(tmp_path / "r.nrrd")
+    assert args[args.index("--bone-labels") + 1] == str(tmp_path / "bones.nrrd")
+    assert float(args[args.index("--bone-threshold") + 1]) == 180.0
     assert args[-2:] == ["--progress", "json"]
 
 
@@ -131,6 +139,7 @@ def test_compare_args(tmp_path):
         transform=tmp_path / "t.tfm",
         bone_threshold=250.0,
         bone_labels=tmp_path / "bones.nrrd",
+        bone_transforms={2: tmp_path / "t.bone2.tfm", 1: tmp_path / "t.bone1.tfm"},
     )
     assert args[3] == "compare"
     assert args[args.index("--reference") + 1] == str(tmp_path / "ct.nrrd")
@@ -138,10 +147,16 @@ def test_compare_args(tmp_path):
     assert args[args.index("--transform") + 1] == str(tmp_path / "t.tfm")
     assert float(args[args.index("--bone-threshold") + 1]) == 250.0
     assert args[args.index("--bone-labels") + 1] == str(tmp_path / "bones.nrrd")
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--bone-transform"] == [
+        f"1={tmp_path / 't.bone1.tfm'}",
+        f"2={tmp_path / 't.bone2.tfm'}",
+    ]
     assert args[args.index("-o") + 1] == str(tmp_path / "out")
     assert args[-2:] == ["--progress", "json"]
     with pytest.raises(InvalidParameterError, match="finite"):
         compare_args("a", "b", "c", bone_threshold=float("nan"))
+    with pytest.raises(InvalidParameterError, match="label map"):
+        compare_args("a", "b", "c", bone_transforms={1: "t.tfm"})
 
 
 def test_models_args():
@@ -182,6 +197,8 @@ def test_built_arguments_parse_with_the_real_command_line(tmp_path, command):
             tmp_path / "t.tfm",
             mode="bone-local",
             resampled=tmp_path / "r.nrrd",
+            bone_labels=tmp_path / "b.nrrd",
+            bone_threshold=150,
         ),
         "compare": lambda: compare_args(
             tmp_path / "ct.nrrd",
@@ -190,6 +207,7 @@ def test_built_arguments_parse_with_the_real_command_line(tmp_path, command):
             transform=tmp_path / "t.tfm",
             bone_threshold=200,
             bone_labels=tmp_path / "b.nrrd",
+            bone_transforms={1: tmp_path / "t.bone1.tfm"},
         ),
         "models-fetch": lambda: models_fetch_args("default"),
         "models-add": lambda: models_add_args(str(tmp_path / "m.zip"), sha256="0" * 64),
@@ -197,6 +215,10 @@ def test_built_arguments_parse_with_the_real_command_line(tmp_path, command):
     ns = _parse_with_cli(built[3:])
     assert ns.progress == "json"
     assert callable(ns.run)
+    if command == "register":
+        assert ns.mode == "bone-local" and ns.bone_threshold == 150.0 and ns.bone_labels == str(tmp_path / "b.nrrd")
+    if command == "compare":
+        assert ns.bone_transform == [f"1={tmp_path / 't.bone1.tfm'}"] and ns.bone_threshold == 200.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import queue
 import signal
@@ -109,11 +110,14 @@ def register_args(
     resampled: Optional[PathLike] = None,
     fixed_mask: Optional[PathLike] = None,
     moving_mask: Optional[PathLike] = None,
+    bone_labels: Optional[PathLike] = None,
+    bone_threshold: Optional[float] = None,
     python: Optional[PathLike] = None,
 ) -> List[str]:
     """Arguments for ``syntheticct register --fixed CT --moving IMG -o T.tfm --mode M --progress json``.
 
-    The command writes a JSON summary beside the transform (``T.tfm.json``).
+    The command writes a JSON summary beside the transform (``T.tfm.json``) and, in bone-local mode,
+    one transform per bone (``T.bone<label>.tfm``).
     """
     args = base_command(python) + [
         "register",
@@ -131,7 +135,18 @@ def register_args(
         args += ["--fixed-mask", _path(fixed_mask, "The fixed mask")]
     if moving_mask is not None:
         args += ["--moving-mask", _path(moving_mask, "The moving mask")]
+    if bone_labels is not None:
+        args += ["--bone-labels", _path(bone_labels, "The bone label map")]
+    if bone_threshold is not None:
+        args += ["--bone-threshold", _hu(bone_threshold)]
     return args + ["--progress", "json"]
+
+
+def _hu(value: float) -> str:
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidParameterError(f"The bone threshold must be a finite HU value (got {value!r}).")
+    return f"{number:g}"
 
 
 def compare_args(
@@ -142,9 +157,14 @@ def compare_args(
     transform: Optional[PathLike] = None,
     bone_threshold: Optional[float] = None,
     bone_labels: Optional[PathLike] = None,
+    bone_transforms: Optional[Mapping[int, PathLike]] = None,
     python: Optional[PathLike] = None,
 ) -> List[str]:
-    """Arguments for ``syntheticct compare --reference CT --synthetic SCT -o OUT_DIR --progress json``."""
+    """Arguments for ``syntheticct compare --reference CT --synthetic SCT -o OUT_DIR --progress json``.
+
+    ``bone_transforms`` maps a bone label to its transform file (bone-local registration); it needs
+    ``bone_labels``.
+    """
     args = base_command(python) + [
         "compare",
         "--reference",
@@ -155,12 +175,16 @@ def compare_args(
     if transform is not None:
         args += ["--transform", _path(transform, "The transform")]
     if bone_threshold is not None:
-        value = float(bone_threshold)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise InvalidParameterError(f"The bone threshold must be a finite HU value (got {bone_threshold!r}).")
-        args += ["--bone-threshold", f"{value:g}"]
+        args += ["--bone-threshold", _hu(bone_threshold)]
     if bone_labels is not None:
         args += ["--bone-labels", _path(bone_labels, "The bone label map")]
+    if bone_transforms:
+        if bone_labels is None:
+            raise InvalidParameterError("Per-bone transforms need the bone label map (bone_labels).")
+        for label, path in sorted(bone_transforms.items()):
+            if int(label) < 1:
+                raise InvalidParameterError(f"Bone labels are positive integers (got {label!r}).")
+            args += ["--bone-transform", f"{int(label)}={_path(path, 'A bone transform')}"]
     return args + ["-o", _path(out_dir, "The output folder"), "--progress", "json"]
 
 
