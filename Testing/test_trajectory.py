@@ -180,6 +180,22 @@ def test_compare_profiles_refuses_different_trajectories():
     p2 = sample_profile(ct, _world(ct, (5, 25, 20)), _world(ct, (50, 25, 20)), step_mm=0.25)
     with pytest.raises(InvalidParameterError, match="same steps"):
         compare_profiles(p1, p2)
+    p3 = sample_profile(ct, _world(ct, (5, 25, 20)), _world(ct, (50, 25, 20)), n_steps=len(p1.distance_mm))
+    with pytest.raises(InvalidParameterError, match="different lengths"):
+        compare_profiles(p1, p3)
+
+
+def test_compare_profiles_across_a_rigid_move():
+    """The same line mapped into a moved copy of the image (each in its own space) gives the same profile."""
+    ct = _block()
+    moved = sitk.Image(ct)
+    shift = np.array([7.5, -4.0, 12.25])
+    moved.SetOrigin(tuple(np.array(ct.GetOrigin()) + shift))  # the same voxels, 7.5/-4/12.25 mm away
+    start, end = _world(ct, (5, 25, 20)), _world(ct, (55, 27, 21))
+    p_ct = sample_profile(ct, start, end, radius_mm=1.0)
+    p_moved = sample_profile(moved, start + shift, end + shift, radius_mm=1.0, n_steps=len(p_ct.distance_mm))
+    cmp = compare_profiles(p_moved, p_ct, bone_threshold=520.0)
+    assert cmp.mae_hu == pytest.approx(0.0, abs=1e-3) and cmp.breaches_agree and len(cmp.matched) == 1
 
 
 def test_trajectory_leaving_the_image_stops_the_search():

@@ -140,6 +140,7 @@ def sample_profile(
     step_mm: Optional[float] = None,
     rings: Optional[int] = None,
     samples_per_ring: int = 12,
+    n_steps: Optional[int] = None,
 ) -> HUProfile:
     """Sample ``image`` along the segment from ``start`` to ``end`` (LPS, mm) and across a radius.
 
@@ -156,6 +157,9 @@ def sample_profile(
         Distance between steps along the axis; default a quarter of the smallest voxel spacing.
     rings
         Number of rings; default one ring per voxel of radius (at least one when ``radius_mm > 0``).
+    n_steps
+        Number of steps (overrides ``step_mm``): sample two images with the same count to compare
+        them step by step, e.g. when the trajectory is mapped into each image's own space.
 
     Returns
     -------
@@ -179,7 +183,11 @@ def sample_profile(
         raise InvalidParameterError(f"step_mm must be positive (got {step_mm}).")
     if samples_per_ring < 3:
         raise InvalidParameterError(f"samples_per_ring must be at least 3 (got {samples_per_ring}).")
-    n_steps = max(2, int(math.ceil(length / step)) + 1)
+    if n_steps is None:
+        n_steps = max(2, int(math.ceil(length / step)) + 1)
+    elif int(n_steps) < 2:
+        raise InvalidParameterError(f"n_steps must be at least 2 (got {n_steps}).")
+    n_steps = int(n_steps)
     distances = np.linspace(0.0, length, n_steps)
     direction = (end_v - start_v) / length
     axis_points = start_v + distances[:, None] * direction
@@ -380,15 +388,23 @@ def compare_profiles(
     breach_statistic: str = "min",
     tolerance_mm: float = 2.0,
 ) -> ProfileComparison:
-    """Compare two profiles sampled along the same trajectory (same end points, steps and radius)."""
-    if len(sct.distance_mm) != len(ct.distance_mm) or not np.allclose(sct.distance_mm, ct.distance_mm, atol=1e-6):
+    """Compare two profiles sampled along the same trajectory, step by step.
+
+    Both must have the same number of steps. They may lie in different images' spaces (the planned
+    line mapped through a registration); their lengths must then agree within a step. Distances are
+    reported along ``sct``.
+    """
+    if len(sct.distance_mm) != len(ct.distance_mm):
         raise InvalidParameterError(
             f"The two profiles must use the same steps along the trajectory; got {len(sct.distance_mm)} and "
             f"{len(ct.distance_mm)} steps over {sct.length_mm:.1f} and {ct.length_mm:.1f} mm. Sample both with the "
-            "same start, end and step_mm."
+            "same n_steps (or the same start, end and step_mm)."
         )
-    if not np.allclose(sct.start, ct.start, atol=1e-6) or not np.allclose(sct.end, ct.end, atol=1e-6):
-        raise InvalidParameterError("The two profiles were sampled along different trajectories.")
+    if abs(sct.length_mm - ct.length_mm) > max(sct.step_mm, ct.step_mm, 1e-6):
+        raise InvalidParameterError(
+            f"The two profiles follow trajectories of different lengths ({sct.length_mm:.2f} and {ct.length_mm:.2f} "
+            "mm): they are not the same trajectory."
+        )
     a = sct.statistic(statistic)
     b = ct.statistic(statistic)
     valid = np.isfinite(a) & np.isfinite(b)
