@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import vtk
+from vtk.util import numpy_support
 
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.errors import GeometryMismatchError, InvalidParameterError
@@ -239,3 +240,34 @@ def test_cli_json_progress(small_phantom, tmp_path, capsys):
     assert {"resample", "distances", "writing"} <= {u["stage"] for u in updates}
     assert json.loads((out / "metrics.json").read_text())["per_bone"]
     assert Path(out / "report.html").stat().st_size > 10_000
+
+
+def rod_ct(radius: float, *, size=(48, 48, 40), origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """A CT of a soft-tissue block with a bone rod along z through the whole field of view."""
+    nx, ny, nz = size
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    array = np.full((nz, ny, nx), 40.0, dtype=np.float32)
+    array[:, :, :3] = -1000.0  # air on one side, so the body is a proper component
+    array[np.hypot(x - 24.3, y - 23.8) < radius] = 800.0
+    image = sitk.GetImageFromArray(array)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_cuts_of_the_field_of_view_are_not_measured():
+    """A rod crossing the image: its flat ends (shared by both images) are left out, so the mean is exact."""
+    reference = rod_ct(8.0)
+    synthetic = rod_ct(9.0)
+    result = compare(reference, synthetic)
+    assert result.metrics["surface_mean_mm"] == pytest.approx(1.0, abs=0.1)
+    assert result.metrics["surface_mean_signed_mm"] == pytest.approx(1.0, abs=0.1)
+    measured = numpy_support.vtk_to_numpy(result.synthetic_surface.GetPointData().GetArray("Measured"))
+    assert 0 < measured.sum() < len(measured)  # the end caps are there, but not measured
+    # A synthetic CT covering only the lower half of the reference: its cut is not measured either.
+    half = rod_ct(9.0, size=(48, 48, 20))
+    partial = compare(reference, half)
+    assert partial.metrics["body_overlap_fraction"] == pytest.approx(0.5, abs=0.05)
+    assert partial.metrics["surface_mean_mm"] == pytest.approx(1.0, abs=0.1)
+    assert partial.metrics["synthetic_to_reference"]["area_mm2"] == pytest.approx(
+        result.metrics["synthetic_to_reference"]["area_mm2"] / 2, rel=0.15
+    )

@@ -34,11 +34,13 @@ from .metrics import HU_RANGE, body_mask, image_metrics
 from .surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
+    MEASURED_ARRAY,
     SurfaceDistances,
     bone_row,
     bone_surface,
     label_surface_points,
     per_bone_stats,
+    points_in_mask,
     set_point_array,
     surface_distances,
     surface_points,
@@ -238,7 +240,20 @@ def compare(
     report(0.5, "surfaces", "Extracting the bone surfaces")
     synthetic_surface = bone_surface(synthetic_bone)
     report(0.6, "distances", "Signed point-wise surface distances")
-    distances = surface_distances(synthetic_surface, reference_surface)
+    # Points on a cut of the compared region (the image border, the synthetic CT's field of view,
+    # the label margin) lie on flat faces that both surfaces share: they are left out of the statistics.
+    interior = _interior(region)
+    syn_measured = points_in_mask(surface_points(synthetic_surface), interior, like=reference)
+    ref_measured = points_in_mask(surface_points(reference_surface), interior, like=reference)
+    set_point_array(synthetic_surface, MEASURED_ARRAY, syn_measured.astype(np.uint8))
+    set_point_array(reference_surface, MEASURED_ARRAY, ref_measured.astype(np.uint8))
+    distances = surface_distances(
+        synthetic_surface, reference_surface, synthetic_measured=syn_measured, reference_measured=ref_measured
+    )
+    if distances.symmetric.n_points == 0:
+        raise InvalidParameterError(
+            "Every bone-surface point lies on a cut of the compared field of view: nothing to measure."
+        )
 
     per_bone: List[dict] = []
     if labels is not None:
@@ -289,7 +304,8 @@ def compare(
             "label_margin_mm": float(label_margin_mm) if labels is not None else None,
             "transform": None if transform is None else transform.GetName(),
             "distance_sign": "positive outside the other bone surface",
-            "statistics": "area-weighted over surface points; symmetric pools both directions",
+            "statistics": "area-weighted over surface points; symmetric pools both directions; points on a cut "
+            "of the field of view (point array Measured = 0) left out",
         },
         "versions": {
             "SyntheticCTRegistrationLib": __version__,
@@ -313,6 +329,15 @@ def compare(
         bone_labels=labels,
         per_bone=per_bone,
     )
+
+
+def _interior(region: np.ndarray) -> np.ndarray:
+    """``region`` without its outer voxel layer and without the image's border voxels."""
+    from scipy import ndimage
+
+    inner = np.zeros_like(region, dtype=bool)
+    inner[1:-1, 1:-1, 1:-1] = region[1:-1, 1:-1, 1:-1]
+    return ndimage.binary_erosion(inner, iterations=1)
 
 
 def _coverage(synthetic_ct: sitk.Image, reference: sitk.Image, transform: Optional[sitk.Transform]) -> sitk.Image:
@@ -340,9 +365,20 @@ def _bone_local_rows(
 
     label_array = sitk.GetArrayViewFromImage(labels)
     spacing_zyx = np.asarray(reference.GetSpacing())[::-1]
-    distance, nearest = ndimage.distance_transform_edt(label_array == 0, sampling=spacing_zyx, return_indices=True)
-    owner = label_array[tuple(nearest)]
-    owner[distance > margin_mm] = 0
+    # Each voxel within margin_mm of a bone belongs to the nearest bone; computed on the labels' bounding box.
+    present = np.nonzero(label_array)
+    pad = np.ceil(margin_mm / spacing_zyx).astype(int) + 1
+    box = tuple(
+        slice(max(0, int(p.min()) - q), min(n, int(p.max()) + 1 + q))
+        for p, q, n in zip(present, pad, label_array.shape)
+    )
+    crop = label_array[box]
+    distance, nearest = ndimage.distance_transform_edt(crop == 0, sampling=spacing_zyx, return_indices=True)
+    owner = np.zeros(label_array.shape, dtype=label_array.dtype)
+    owner_crop = crop[tuple(nearest)]
+    owner_crop[distance > margin_mm] = 0
+    owner[box] = owner_crop
+    del distance, nearest
     by_label = {row["label"]: row for row in rows}
     items = sorted(bone_transforms.items())
     for i, (label, bone_transform) in enumerate(items):
@@ -361,7 +397,15 @@ def _bone_local_rows(
         if not np.any(sitk.GetArrayViewFromImage(syn)) or not np.any(sitk.GetArrayViewFromImage(ref)):
             logger.warning("Bone %s: no bone in its zone after its transform; kept the global measurement.", label)
             continue
-        sub = surface_distances(bone_surface(syn), bone_surface(ref), store=False)
+        syn_surface, ref_surface = bone_surface(syn), bone_surface(ref)
+        interior = _interior(zone)
+        sub = surface_distances(
+            syn_surface,
+            ref_surface,
+            store=False,
+            synthetic_measured=points_in_mask(surface_points(syn_surface), interior, like=reference),
+            reference_measured=points_in_mask(surface_points(ref_surface), interior, like=reference),
+        )
         row = bone_row(int(label), sub, name=f"bone {int(label)}")
         row["transform"] = "bone-local"
         row["bone_dice"] = dice(ref, syn)
@@ -390,6 +434,8 @@ def distance_histogram(distances: SurfaceDistances) -> List[dict]:
         ("synthetic_to_reference", distances.synthetic_distances, distances.synthetic_weights),
         ("reference_to_synthetic", distances.reference_distances, distances.reference_weights),
     ):
+        measured = weights > 0
+        values, weights = values[measured], weights[measured]
         index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(rows) - 1)
         counts = np.bincount(index, minlength=len(rows))
         area = np.bincount(index, weights=weights, minlength=len(rows))

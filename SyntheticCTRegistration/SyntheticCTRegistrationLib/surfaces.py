@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,6 +33,8 @@ DISTANCE_ARRAY = "SignedDistance_mm"
 """Name of the point array holding the signed distance to the other surface, in mm."""
 AREA_ARRAY = "Area_mm2"
 """Name of the point array holding the surface area each vertex stands for, in mm²."""
+MEASURED_ARRAY = "Measured"
+"""Name of the point array: 1 for points in the statistics, 0 for points on a cut of the field of view."""
 LABEL_ARRAY = "BoneLabel"
 """Name of the point array holding the bone label of each vertex (per-bone statistics)."""
 
@@ -380,7 +382,8 @@ class DistanceStats:
     ``mean_abs_mm``, ``median_mm``, ``rms_mm`` and ``p95_mm`` are of the absolute distance;
     ``max_mm`` is the largest absolute distance (the directed Hausdorff distance);
     ``within_1mm``/``within_2mm`` are the fractions (0..1) of surface area within 1 and 2 mm;
-    ``mean_signed_mm`` is the signed mean (positive: the surface lies outside the other one).
+    ``mean_signed_mm`` is the signed mean (positive: the surface lies outside the other one);
+    ``n_points`` counts the points measured (those of positive weight).
     """
 
     mean_abs_mm: float
@@ -398,6 +401,8 @@ class DistanceStats:
     def from_values(cls, distances: np.ndarray, weights: Optional[np.ndarray] = None) -> DistanceStats:
         d = np.asarray(distances, dtype=float)
         w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=float)
+        if weights is not None:  # points of zero weight (e.g. on a cut of the field of view) do not count
+            d, w = d[w > 0], w[w > 0]
         if d.size == 0 or w.sum() <= 0:
             nan = float("nan")
             return cls(nan, nan, nan, nan, nan, nan, nan, nan, int(d.size), 0.0)
@@ -490,12 +495,19 @@ class SurfaceDistances:
 
 
 def surface_distances(
-    synthetic: vtk.vtkPolyData, reference: vtk.vtkPolyData, *, store: bool = True
+    synthetic: vtk.vtkPolyData,
+    reference: vtk.vtkPolyData,
+    *,
+    store: bool = True,
+    synthetic_measured: Optional[np.ndarray] = None,
+    reference_measured: Optional[np.ndarray] = None,
 ) -> SurfaceDistances:
     """Signed point-wise distances from the synthetic surface to the reference surface, and back.
 
     With ``store`` the distances are added to each surface as the point array
-    ``SignedDistance_mm`` (outside the other surface positive).
+    ``SignedDistance_mm`` (outside the other surface positive). ``synthetic_measured`` and
+    ``reference_measured`` (booleans per point) leave points out of the statistics, e.g. those on a
+    cut of the field of view (see :func:`points_in_mask`); their distances are still stored.
     """
     for name, poly in (("synthetic", synthetic), ("reference", reference)):
         if poly.GetNumberOfPoints() == 0:
@@ -508,7 +520,33 @@ def surface_distances(
     if store:
         set_point_array(synthetic, DISTANCE_ARRAY, d_syn)
         set_point_array(reference, DISTANCE_ARRAY, d_ref)
-    return SurfaceDistances.from_arrays(d_syn, _areas(synthetic), d_ref, _areas(reference))
+    w_syn, w_ref = _areas(synthetic), _areas(reference)
+    if synthetic_measured is not None:
+        w_syn = np.where(np.asarray(synthetic_measured, dtype=bool), w_syn, 0.0)
+    if reference_measured is not None:
+        w_ref = np.where(np.asarray(reference_measured, dtype=bool), w_ref, 0.0)
+    return SurfaceDistances.from_arrays(d_syn, w_syn, d_ref, w_ref)
+
+
+def points_in_mask(
+    points: np.ndarray, mask: Union[sitk.Image, np.ndarray], like: Optional[sitk.Image] = None
+) -> np.ndarray:
+    """True for each world point whose nearest voxel of ``mask`` is set (False outside the grid).
+
+    ``mask`` is an image, or a (z, y, x) array on the grid of ``like``.
+    """
+    grid = mask if isinstance(mask, sitk.Image) else like
+    if grid is None:
+        raise InvalidParameterError("points_in_mask needs the grid (like=) of an array mask.")
+    array = sitk.GetArrayViewFromImage(mask) if isinstance(mask, sitk.Image) else np.asarray(mask)
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    index = np.rint(
+        ((points - np.asarray(grid.GetOrigin())) @ _direction(grid)) / np.asarray(grid.GetSpacing())
+    ).astype(np.int64)[:, ::-1]
+    inside = np.all((index >= 0) & (index < np.array(array.shape)), axis=1)
+    result = np.zeros(len(points), dtype=bool)
+    result[inside] = array[index[inside, 0], index[inside, 1], index[inside, 2]] > 0
+    return result
 
 
 def _areas(poly: vtk.vtkPolyData) -> np.ndarray:
