@@ -364,15 +364,20 @@ def signed_distances(points: np.ndarray, target, *, chunk: int = 100_000, worker
 # ---------------------------------------------------------------------------------------------
 
 
-def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values`` weighted by ``weights`` (inverted weighted CDF)."""
+def weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Sequence[float]) -> list:
+    """The ``qs`` quantiles (0..1) of ``values`` weighted by ``weights`` (inverted weighted CDF), one sort."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
-        return float("nan")
-    order = np.argsort(values, kind="stable")
+        return [float("nan") for _ in qs]
+    order = np.argsort(values)
     cumulative = np.cumsum(np.asarray(weights, dtype=float)[order])
-    index = int(np.searchsorted(cumulative, q * cumulative[-1], side="left"))
-    return float(values[order][min(index, len(values) - 1)])
+    index = np.searchsorted(cumulative, np.asarray(qs, dtype=float) * cumulative[-1], side="left")
+    return [float(values[order[min(int(i), len(values) - 1)]]) for i in index]
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` weighted by ``weights`` (inverted weighted CDF)."""
+    return weighted_quantiles(values, weights, [q])[0]
 
 
 @dataclass(frozen=True)
@@ -408,11 +413,12 @@ class DistanceStats:
             return cls(nan, nan, nan, nan, nan, nan, nan, nan, int(d.size), 0.0)
         a = np.abs(d)
         total = float(w.sum())
+        median, p95 = weighted_quantiles(a, w, (0.5, 0.95))
         return cls(
             mean_abs_mm=float(np.dot(w, a) / total),
-            median_mm=weighted_quantile(a, w, 0.5),
+            median_mm=median,
             rms_mm=float(np.sqrt(np.dot(w, a * a) / total)),
-            p95_mm=weighted_quantile(a, w, 0.95),
+            p95_mm=p95,
             max_mm=float(a.max()),
             within_1mm=float(w[a <= 1.0].sum() / total),
             within_2mm=float(w[a <= 2.0].sum() / total),
