@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -43,6 +44,11 @@ GOAL_LARGE_GIB = 3.0
 def _peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _current_rss_mib() -> float:
@@ -134,11 +140,11 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
             from SyntheticCTLib.sliding_window import SlidingWindow
 
             runner = SlidingWindow(net, device, batch_size=batch)
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             result = runner.predict(volume, cfg["patch"], cfg["overlap"])
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             output = result.output[0]
             extra = {"patches": result.n_run}
         else:
@@ -146,20 +152,21 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
 
             net = net.to(device)
             x = torch.from_numpy(volume)[None]
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             with torch.inference_mode():
                 y = sliding_window_inference(
                     x.to(device), cfg["patch"], batch, net, overlap=cfg["overlap"], mode="gaussian", sigma_scale=0.125
                 )
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             output = y[0, 0].float().cpu().numpy()
             extra = {}
         np.save(out_npy, output)
         return {
             "method": name,
             "seconds": seconds,
+            "cpu_seconds": cpu,
             "voxels_per_s": voxels / seconds,
             "peak_rss_mib": _peak_rss_mib(),
             "rss_before_mib": baseline,
@@ -172,9 +179,8 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
     from SyntheticCTLib.models.package import load_model_package, write_model_package
 
     images = []
-    for arr in channels:
-        images.append(sitk.GetImageFromArray(arr))
-    del channels, arr
+    while channels:  # one numpy copy at a time, so that the set-up does not set the peak
+        images.append(sitk.GetImageFromArray(channels.pop(0)))
     net = _network(len(images), cfg)
     card = {
         "name": "bench",
@@ -192,14 +198,15 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
         del net
         baseline = _current_rss_mib()
         synthesizer = Synthesizer(package, device=device, window={"batch_size": batch})
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         result = synthesizer.run(images)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     if out_npy:
         np.save(out_npy, sitk.GetArrayViewFromImage(result.image))
     return {
         "method": name,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "voxels_per_s": voxels / seconds,
         "peak_rss_mib": _peak_rss_mib(),
         "rss_before_mib": baseline,
@@ -268,16 +275,21 @@ def report(results: dict) -> str:
             continue
         more = f", {r['patches']} patches" if "patches" in r else ""
         if "patches_total" in r:
-            more += f" of {r['patches_total']} (the others hold no body voxel)"
+            more += f" of {r['patches_total']}" + (
+                " (the others hold no body voxel)" if r["patches"] < r["patches_total"] else ""
+            )
         lines.append(
-            f"  {key:16s} {r['seconds']:8.1f} s  {r['voxels_per_s'] / 1e6:6.3f} Mvoxel/s  peak RSS "
+            f"  {key:16s} {r['seconds']:8.1f} s (CPU {r['cpu_seconds']:.0f} s)  {r['voxels_per_s'] / 1e6:6.3f} "
+            "Mvoxel/s  peak RSS "
             f"{r['peak_rss_mib']:6.0f} MiB (before the run {r['rss_before_mib']:.0f}){more}"
         )
     if results.get("monai"):
-        m = results["monai"]["seconds"]
+        m, mc = results["monai"]["seconds"], results["monai"]["cpu_seconds"]
+        ours, full = results["ours-window"], results["ours-synthesize"]
         lines.append(
-            f"  ratio ours/MONAI (time): window {results['ours-window']['seconds'] / m:.3f}, full synthesis "
-            f"{results['ours-synthesize']['seconds'] / m:.3f}  (below 1: ours faster)"
+            f"  ratio ours/MONAI: wall time: window {ours['seconds'] / m:.3f}, full synthesis {full['seconds'] / m:.3f}; "
+            f"CPU time: window {ours['cpu_seconds'] / mc:.3f}, full synthesis {full['cpu_seconds'] / mc:.3f} "
+            "(below 1: ours faster)"
         )
         d = results["ours_vs_monai_abs_diff"]
         lines.append(
@@ -286,6 +298,13 @@ def report(results: dict) -> str:
             "patch border, which lacks context, weighs as much as a patch centre; ours keeps the Gaussian "
             "ratio there and trusts a patch fully up to a volume edge it touches)"
         )
+    try:
+        lines.append(
+            f"  load average after the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the "
+            "machine inflates wall times; CPU times are steadier)"
+        )
+    except OSError:
+        pass
     return "\n".join(lines)
 
 
@@ -297,7 +316,7 @@ def report_large(r: dict) -> str:
     gib = r["peak_rss_mib"] / 1024
     return (
         f"synthesize {LARGE_SIZE[0]}x{LARGE_SIZE[1]}x{LARGE_SIZE[2]} (3 float32 channels, 1 mm) on {r['device']}: "
-        f"{r['seconds']:.0f} s, {r['patches']} of {r['patches_total']} patches, peak RSS {gib:.2f} GiB "
+        f"{r['seconds']:.0f} s (CPU {r['cpu_seconds']:.0f} s), {r['patches']} of {r['patches_total']} patches, peak RSS {gib:.2f} GiB "
         f"(inputs alone {r['rss_before_mib'] / 1024:.2f} GiB); goal < {GOAL_LARGE_GIB:g} GB: "
         f"{'met' if r['peak_rss_mib'] * 2**20 < GOAL_LARGE_GIB * 1e9 else 'NOT met'}"
     )
