@@ -72,7 +72,8 @@ MIN_OVERLAP = 0.01
 class ComparisonResult:
     """Everything :func:`compare` measured, on the reference grid.
 
-    ``metrics`` is the JSON-ready dict of :data:`REQUIRED_KEYS` and more; ``synthetic`` is the
+    ``metrics`` is the JSON-ready dict of :data:`REQUIRED_KEYS` and more (non-finite values, such
+    as the PSNR of identical images, are None, written as null); ``synthetic`` is the
     synthetic CT resampled onto the reference grid; the surfaces carry ``SignedDistance_mm``.
     """
 

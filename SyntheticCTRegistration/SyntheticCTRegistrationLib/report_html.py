@@ -31,6 +31,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .figures { display: flex; flex-wrap: wrap; gap: 14px; }
 figure { margin: 0; flex: 1 1 320px; max-width: 100%; }
 figure img { width: 100%; height: auto; border: 1px solid #ddd; border-radius: 4px; }
+.narrow { max-width: 900px; }
 figcaption { font-size: 0.9em; color: #555; margin-top: 4px; }
 .banner { background: #fff3cd; border: 1px solid #e0c46c; color: #6b5200; padding: 8px 14px; border-radius: 6px;
           margin-top: 14px; }
@@ -276,7 +277,10 @@ def comparison_report(
     if "distance_histogram" in images:
         sections.append(
             section(
-                "Distance histogram", figure(images["distance_histogram"], "Signed surface distances, ±1 mm marked")
+                "Distance histogram",
+                '<div class="narrow">'
+                + figure(images["distance_histogram"], "Signed surface distances, ±1 mm marked")
+                + "</div>",
             )
         )
     settings = metrics.get("settings")
