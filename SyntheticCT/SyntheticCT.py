@@ -112,7 +112,7 @@ class SyntheticCTParameterNode:
     showBone3D: bool = False
     computeUncertainty: bool = False
     exportDicom: bool = False
-    dicomDirectory: pathlib.Path
+    dicomDirectory: pathlib.Path = pathlib.Path.home()
 
 
 #
@@ -173,6 +173,7 @@ class SyntheticCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicomButton)
         self.ui.cacheDirectoryButton.connect("directoryChanged(QString)", self.onCacheDirectoryChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
 
         self.initializeParameterNode()
         self.refreshModels()
@@ -199,7 +200,16 @@ class SyntheticCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        fresh = self._parameterNode is None and not self.logic.getParameterNode().parameterNode.GetAttribute(
+            "SyntheticCT.initialized"
+        )
         self.setParameterNode(self.logic.getParameterNode())
+        if fresh:  # a new scene: start from the user's usual device
+            self._parameterNode.parameterNode.SetAttribute("SyntheticCT.initialized", "1")
+            saved = qt.QSettings().value(SETTINGS_DEVICE, "")
+            for device in Device:
+                if device.value == saved:
+                    self._parameterNode.device = device
         if not self._parameterNode.inputVolume1:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.GetAttribute(SYNTHETIC_ATTRIBUTE):
@@ -353,6 +363,10 @@ class SyntheticCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             freed = self.logic.clearCache()
             self._setStatus(_("Freed {mb:.0f} MB.").format(mb=freed / 1e6))
             self.refreshModels()
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode is not None:
+            qt.QSettings().setValue(SETTINGS_DEVICE, self._parameterNode.device.value)
 
     def onCacheDirectoryChanged(self, path: str) -> None:
         self.logic.setCacheDirectory(path)

@@ -227,6 +227,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
             synthetic = [v for v in volumes if v.GetAttribute("SyntheticCT.Synthetic") == "1"]
             others = [v for v in volumes if not v.GetAttribute("SyntheticCT.Synthetic")]
+            others.sort(key=lambda v: "ct" in v.GetName().lower().replace("sct", ""))  # CTs last
             if not p.movingVolume and synthetic:
                 p.movingVolume = synthetic[0]
             if not p.fixedVolume and others:
