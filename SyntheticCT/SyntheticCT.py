@@ -529,6 +529,10 @@ class SyntheticCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parent = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder for the DICOM series"))
                 if not parent:
                     return
+            if not node.GetAttribute(SYNTHETIC_ATTRIBUTE) and not slicer.util.confirmYesNoDisplay(
+                _("'{n}' was not made by SyntheticCT. Export it as a synthetic CT anyway?").format(n=node.GetName())
+            ):
+                return
             folder = self.logic.exportDicom(node, parent)
             self._setStatus(_("DICOM series written to {folder}").format(folder=folder))
 
@@ -965,10 +969,6 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
 
         from SyntheticCTLib.dicom_export import export_dicom_series
 
-        if not volume.GetAttribute(SYNTHETIC_ATTRIBUTE) and not slicer.util.confirmYesNoDisplay(
-            _("'{n}' was not made by SyntheticCT. Export it as a synthetic CT anyway?").format(n=volume.GetName())
-        ):
-            raise ValueError(_("Export cancelled."))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume.GetName())
         folder = pathlib.Path(parentDirectory) / f"{safe}_{stamp}"
