@@ -27,7 +27,10 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from functools import cache, lru_cache
 from pathlib import Path
@@ -795,6 +798,27 @@ def test_no_torch_at_module_import(module):
             ):
                 problems.append(f"{module}.py:{node.lineno}: '{n}' is imported when the module loads")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_lib_imports_at_module_load_do_not_pull_torch(module):
+    """The Lib modules a module file imports when Slicer loads it import neither torch nor matplotlib."""
+    names = set()
+    for node in _tree(_module_file(module)).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0].endswith("Lib"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name.split(".")[0].endswith("Lib")}
+    assert names, f"{module}.py imports nothing from its Lib at load time"
+    script = (
+        "import sys\n"
+        + "".join(f"import {n}\n" for n in sorted(names))
+        + ("heavy = sorted(m for m in ('torch', 'matplotlib', 'monai') if m in sys.modules)\nassert not heavy, heavy\n")
+    )
+    paths = [str(REPO / m) for m in MODULES]
+    env = {"PYTHONPATH": os.pathsep.join(paths), "PATH": os.environ.get("PATH", "")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("module", MODULES)
