@@ -405,7 +405,9 @@ class SyntheticCTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = True
             return
         self.ui.applyButton.text = _("Apply")
-        ready = self._parameterNode is not None and self._currentEntry() is not None and all(self._inputNodes())
+        entry = self._currentEntry()
+        fits = entry is not None and len(self.logic.inputLabels(entry, self._card)) <= MAX_INPUTS
+        ready = self._parameterNode is not None and fits and all(self._inputNodes())
         self.ui.applyButton.enabled = bool(ready)
         self.ui.applyButton.toolTip = (
             _("Generate the synthetic CT.") if ready else _("Choose a model and a volume for every input.")
