@@ -201,6 +201,23 @@ def test_target_registration_error_of_a_known_offset():
         demo_lib.bone_tre(true, true, sitk.Image(4, 4, 4, sitk.sitkUInt8))
 
 
+def test_publish_replaces_the_demo_files_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "out"
+    (out / "comparison").mkdir(parents=True)
+    (out / "comparison" / "stale.png").write_bytes(b"old")
+    (out / "report.html").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    work = out / ".demo-x.partial"
+    (work / "comparison").mkdir(parents=True)
+    (work / "comparison" / "metrics.json").write_text("{}")
+    (work / "report.html").write_text("new")
+    demo_lib._publish(work, out)
+    assert sorted(p.name for p in out.iterdir()) == [".demo-x.partial", "comparison", "notes.txt", "report.html"]
+    assert not list(work.iterdir())
+    assert [p.name for p in (out / "comparison").iterdir()] == ["metrics.json"]
+    assert (out / "report.html").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
+
+
 def test_index_page_summarizes_and_links_cases(tmp_path):
     cases = []
     for i in range(4):
