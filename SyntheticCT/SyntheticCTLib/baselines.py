@@ -86,7 +86,7 @@ def bulk_density_classes(
     *,
     body_mask: Optional[np.ndarray] = None,
     air_fraction: float = 0.08,
-    bone_fraction: float = 0.35,
+    bone_fraction: float = 0.3,
 ) -> np.ndarray:
     """Class map (0 air, 1 soft tissue, 2 bone; :data:`BULK_DENSITY_LABELS`) of the MRI, as a uint8 array."""
     if not 0 <= air_fraction <= bone_fraction:
@@ -108,7 +108,7 @@ def bulk_density_sct(
     *,
     body_mask: Optional[np.ndarray] = None,
     air_fraction: float = 0.08,
-    bone_fraction: float = 0.35,
+    bone_fraction: float = 0.3,
     hu: Optional[Dict[str, float]] = None,
 ) -> sitk.Image:
     """The bulk-density sCT (see the module docstring); int16 HU on the MRI grid."""

@@ -65,13 +65,14 @@ class PhantomSpec:
     spacing: float = 1.0
     options: Dict[str, Any] = field(default_factory=dict)
     folder: str = "phantom_cases"
+    name: str = ""
 
 
 @dataclass
 class DataConfig:
     cases: List[CaseSpec] = field(default_factory=list)
     case_folders: List[Path] = field(default_factory=list)
-    phantoms: Optional[PhantomSpec] = None
+    phantoms: List[PhantomSpec] = field(default_factory=list)
     validation_cases: List[str] = field(default_factory=list)
     validation_fraction: float = 0.0
     align: str = "none"
@@ -393,6 +394,45 @@ def _parse_cases(reader: _Reader, base: Path) -> List[CaseSpec]:
     return cases
 
 
+def _parse_phantoms(reader: _Reader) -> List[PhantomSpec]:
+    """``data.phantoms``: one group (a mapping) or several (a list of mappings, each with a ``name``)."""
+    value = reader.raw("phantoms", None)
+    if value is None:
+        return []
+    groups = value if isinstance(value, list) else [value]
+    specs: List[PhantomSpec] = []
+    seen: Dict[int, str] = {}
+    for i, group in enumerate(groups):
+        where = reader.key("phantoms") + (f"[{i}]" if isinstance(value, list) else "")
+        ph = _Reader(reader.source, group, where)
+        default_name = "" if not isinstance(value, list) else f"group{i + 1}"
+        spec = PhantomSpec(
+            train_seeds=ph.int_list("train_seeds"),
+            validation_seeds=ph.int_list("validation_seeds"),
+            size=ph.triple("size", (128, 128, 96), integer=True, minimum=8),
+            spacing=ph.number("spacing", 1.0, minimum=0.0, exclusive_minimum=True),
+            options=ph.mapping_value("options"),
+            folder=ph.string("folder", "phantom_cases"),
+            name=ph.string("name", default_name),
+        )
+        ph.finish()
+        if spec.name and not spec.name.replace("-", "").replace("_", "").isalnum():
+            ph.fail(f"{ph.key('name')} must be letters, digits, '-' or '_' (got {spec.name!r})")
+        for seed in spec.train_seeds + spec.validation_seeds:
+            if seed in seen:
+                ph.fail(
+                    f"phantom seed {seed} is used twice ({seen[seed]} and {where}); every seed must be used once, "
+                    "so that validation and held-out seeds never meet training seeds"
+                )
+            seen[seed] = where
+        specs.append(spec)
+    if specs and not any(s.train_seeds for s in specs):
+        reader.fail(f"{reader.key('phantoms')} must list at least one training seed (train_seeds)")
+    if len({s.name for s in specs}) != len(specs):
+        reader.fail(f"{reader.key('phantoms')}: every group needs its own name")
+    return specs
+
+
 def _parse_data(reader: _Reader, base: Path) -> DataConfig:
     data = DataConfig()
     data.cases = _parse_cases(reader, base)
@@ -402,22 +442,7 @@ def _parse_data(reader: _Reader, base: Path) -> DataConfig:
     if not isinstance(folders, list):
         reader.fail(f"{reader.key('case_folders')} must be a list of folders")
     data.case_folders = [_resolve(base, f, reader, reader.key("case_folders")) for f in folders]
-    if reader.has("phantoms"):
-        ph = reader.sub("phantoms")
-        data.phantoms = PhantomSpec(
-            train_seeds=ph.int_list("train_seeds"),
-            validation_seeds=ph.int_list("validation_seeds"),
-            size=ph.triple("size", (128, 128, 96), integer=True, minimum=8),
-            spacing=ph.number("spacing", 1.0, minimum=0.0, exclusive_minimum=True),
-            options=ph.mapping_value("options"),
-            folder=ph.string("folder", "phantom_cases"),
-        )
-        ph.finish()
-        if not data.phantoms.train_seeds:
-            ph.fail(f"{ph.key('train_seeds')} must list at least one seed")
-        both = set(data.phantoms.train_seeds) & set(data.phantoms.validation_seeds)
-        if both:
-            ph.fail(f"seeds {sorted(both)} are in both {ph.key('train_seeds')} and {ph.key('validation_seeds')}")
+    data.phantoms = _parse_phantoms(reader)
     data.validation_cases = reader.string_list("validation_cases")
     data.validation_fraction = reader.number("validation_fraction", 0.0, minimum=0.0, maximum=0.9)
     data.align = reader.string("align", "none", choices=ALIGN_MODES)
@@ -425,7 +450,7 @@ def _parse_data(reader: _Reader, base: Path) -> DataConfig:
     data.outlier_z = reader.number("outlier_z", 3.5, minimum=0.0, exclusive_minimum=True)
     data.drop_outliers = reader.boolean("drop_outliers", False)
     reader.finish()
-    if not data.cases and not data.case_folders and data.phantoms is None:
+    if not data.cases and not data.case_folders and not data.phantoms:
         reader.fail("data must name training cases: data.cases, data.case_folders or data.phantoms")
     return data
 

@@ -32,12 +32,12 @@ from ..errors import SyntheticCTError
 from ..geometry import resample_like, resample_to_spacing, same_grid
 from ..io import read_volume
 from ..progress import ProgressCallback, no_progress, scaled
-from .config import CaseSpec, ConfigError, TrainingConfig, check_architecture
+from .config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_architecture
 
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
-PREPARED_VERSION = 1
+PREPARED_VERSION = 2
 DEFAULT_NORMALIZATION = {"method": "percentile", "lower": 0.5, "upper": 99.5, "mask": "body"}
 
 
@@ -92,31 +92,32 @@ def find_cases(folder: Path) -> List[CaseSpec]:
     return found
 
 
-def _phantom_folder(config: TrainingConfig, seed: int) -> Path:
-    return config.output_dir / config.data.phantoms.folder / f"seed_{seed:04d}"
+def phantom_case_name(spec: PhantomSpec, seed: int) -> str:
+    """The case name of a generated phantom: ``phantom_seed0007`` or ``phantom_<group>_seed0007``."""
+    return f"phantom_{spec.name}_seed{seed:04d}" if spec.name else f"phantom_seed{seed:04d}"
 
 
-def _phantom_key(config: TrainingConfig, seed: int) -> Dict[str, Any]:
-    spec = config.data.phantoms
+def _phantom_folder(config: TrainingConfig, spec: PhantomSpec, seed: int) -> Path:
+    return config.output_dir / spec.folder / phantom_case_name(spec, seed)
+
+
+def _phantom_key(spec: PhantomSpec, seed: int) -> Dict[str, Any]:
     return {"seed": int(seed), "size": list(spec.size), "spacing": float(spec.spacing), "options": spec.options}
 
 
 def generate_phantom_cases(config: TrainingConfig, *, progress: Optional[ProgressCallback] = None) -> None:
     """Write the configured phantom cases under ``output_dir`` (skipping those already written alike)."""
-    spec = config.data.phantoms
-    if spec is None:
-        return
     report = progress or no_progress
-    seeds = list(spec.train_seeds) + list(spec.validation_seeds)
-    for i, seed in enumerate(seeds):
-        folder = _phantom_folder(config, seed)
+    jobs = [(spec, seed) for spec in config.data.phantoms for seed in spec.train_seeds + spec.validation_seeds]
+    for i, (spec, seed) in enumerate(jobs):
+        folder = _phantom_folder(config, spec, seed)
         stamp = folder / "training_key.json"
-        key = _phantom_key(config, seed)
+        key = _phantom_key(spec, seed)
         if (folder / "case.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
             continue
         from ..phantom import make_phantom, write_phantom
 
-        report(i / len(seeds), "phantoms", f"phantom seed {seed}")
+        report(i / len(jobs), "phantoms", f"phantom seed {seed}")
         logger.info("Generating phantom seed %d, size %s at %g mm.", seed, list(spec.size), spec.spacing)
         phantom = make_phantom(seed, size=tuple(spec.size), spacing=spec.spacing, **spec.options)
         write_phantom(phantom, folder)
@@ -135,12 +136,12 @@ def collect_cases(config: TrainingConfig) -> Tuple[List[CaseSpec], List[CaseSpec
     for folder in data.case_folders:
         cases.extend(find_cases(folder))
     validation_names = set(data.validation_cases)
-    if data.phantoms is not None:
-        for seed in list(data.phantoms.train_seeds) + list(data.phantoms.validation_seeds):
-            case = _case_from_manifest(_phantom_folder(config, seed))
-            case.name = f"phantom_seed{seed:04d}"
+    for spec in data.phantoms:
+        for seed in list(spec.train_seeds) + list(spec.validation_seeds):
+            case = _case_from_manifest(_phantom_folder(config, spec, seed))
+            case.name = phantom_case_name(spec, seed)
             cases.append(case)
-            if seed in data.phantoms.validation_seeds:
+            if seed in spec.validation_seeds:
                 validation_names.add(case.name)
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -268,12 +269,29 @@ def normalization_specs(config: TrainingConfig, n_channels: int) -> List[Dict[st
     return [dict(s) for s in specs]
 
 
-def body_mask_and_normalize(mri: Sequence[sitk.Image], specs: Sequence[Dict[str, Any]]):
-    """The inference's body mask and normalised channel stack ``(C, Z, Y, X)`` for MRI channels."""
+def native_body_mask(mri_native: Sequence[sitk.Image], working_grid: sitk.Image) -> sitk.Image:
+    """The body mask as the inference makes it: on the input grid, then nearest-neighbour onto the model grid."""
+    from ..normalization import mri_body_mask
+
+    body = np.asarray(mri_body_mask([sitk.GetArrayViewFromImage(im) for im in mri_native])).astype(np.uint8)
+    image = sitk.GetImageFromArray(body)
+    image.CopyInformation(mri_native[0])
+    if same_grid(image, working_grid):
+        return image
+    return resample_like(image, working_grid, interpolator=sitk.sitkNearestNeighbor)
+
+
+def body_mask_and_normalize(
+    mri: Sequence[sitk.Image], specs: Sequence[Dict[str, Any]], body: Optional[np.ndarray] = None
+):
+    """The body mask (the inference's; computed here when not given) and the normalised stack ``(C, Z, Y, X)``."""
     from ..normalization import mri_body_mask, normalize_channels
 
     arrays = [sitk.GetArrayFromImage(im).astype(np.float32) for im in mri]
-    body = np.asarray(mri_body_mask(arrays)).astype(bool)
+    if body is None:
+        body = np.asarray(mri_body_mask(arrays)).astype(bool)
+    if not body.any():
+        body = np.ones(body.shape, dtype=bool)
     normalized = normalize_channels(arrays, body, list(specs))
     image = np.stack([np.asarray(a, dtype=np.float32) for a in normalized], axis=0)
     return body, image
@@ -299,7 +317,7 @@ def _cache_folder(config: TrainingConfig, case: CaseSpec) -> Path:
     return config.output_dir / "prepared" / case.name
 
 
-def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[Tuple[List[sitk.Image], sitk.Image, dict]]:
+def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[tuple]:
     meta_path = folder / "prepared.json"
     if not meta_path.is_file():
         return None
@@ -312,12 +330,15 @@ def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[Tuple[List
     try:
         mri = [sitk.ReadImage(str(folder / f"mri_{i}.mha"), sitk.sitkFloat32) for i in range(n_channels)]
         ct = sitk.ReadImage(str(folder / "ct.mha"), sitk.sitkFloat32)
+        body = sitk.ReadImage(str(folder / "body.mha"), sitk.sitkUInt8)
     except RuntimeError:
         return None
-    return mri, ct, meta["info"]
+    return mri, ct, body, meta["info"]
 
 
-def _write_cached(folder: Path, key: str, mri: Sequence[sitk.Image], ct: sitk.Image, info: dict) -> None:
+def _write_cached(
+    folder: Path, key: str, mri: Sequence[sitk.Image], ct: sitk.Image, body: sitk.Image, info: dict
+) -> None:
     from ..io import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,14 +347,18 @@ def _write_cached(folder: Path, key: str, mri: Sequence[sitk.Image], ct: sitk.Im
             sitk.WriteImage(image, str(tmp), useCompression=False)
     with atomic_output(folder / "ct.mha") as tmp:
         sitk.WriteImage(ct, str(tmp), useCompression=False)
+    with atomic_output(folder / "body.mha") as tmp:
+        sitk.WriteImage(body, str(tmp), useCompression=True)
     with atomic_output(folder / "prepared.json") as tmp:
         tmp.write_text(json.dumps({"key": key, "info": info}, indent=1))
 
 
-def resample_case(
-    case: CaseSpec, config: TrainingConfig, *, progress: Optional[ProgressCallback] = None
-) -> Tuple[List[sitk.Image], sitk.Image, dict]:
-    """Read a case, align the CT to the MRI if configured, and resample both to the working grid."""
+def resample_case(case: CaseSpec, config: TrainingConfig, *, progress: Optional[ProgressCallback] = None) -> tuple:
+    """Read a case, align the CT to the MRI if configured, and resample both to the working grid.
+
+    Returns ``(mri, ct, body, info)``: the MRI channels and the CT (float32) on the working grid, the
+    body mask (uint8 image, made as the inference makes it) and a summary (registration, source geometry).
+    """
     report = progress or no_progress
     mri_native = read_mri_channels(case.mri)
     ct_native = sitk.Cast(read_volume(case.ct), sitk.sitkFloat32)
@@ -348,13 +373,9 @@ def resample_case(
         "working_size": list(mri[0].GetSize()),
         "registration": None,
     }
+    body = native_body_mask(mri_native, mri[0])
     transform: Optional[sitk.Transform] = None
     if config.data.align != "none":
-        from ..normalization import mri_body_mask
-
-        arrays = [sitk.GetArrayViewFromImage(im) for im in mri]
-        body = sitk.GetImageFromArray(np.asarray(mri_body_mask(arrays)).astype(np.uint8))
-        body.CopyInformation(mri[0])
         logger.info("Case '%s': registering the CT to the MRI (%s).", case.name, config.data.align)
         transform, info["registration"] = align_ct_to_mri(
             mri[0], ct_native, config.data.align, mri_mask=body, progress=scaled(report, 0.1, 0.9)
@@ -367,7 +388,7 @@ def resample_case(
         )
     ct = resample_like(ct_native, mri[0], transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
     report(1.0, "prepare", case.name)
-    return mri, ct, info
+    return mri, ct, body, info
 
 
 def prepare_cases(
@@ -385,10 +406,10 @@ def prepare_cases(
         for i, (case, key) in enumerate(zip(cases, keys)):
             folder = _cache_folder(config, case)
             if _load_cached(folder, key, len(case.mri)) is None:
-                mri, ct, info = resample_case(
+                mri, ct, body, info = resample_case(
                     case, config, progress=scaled(report, i / len(cases), (i + 1) / len(cases))
                 )
-                _write_cached(folder, key, mri, ct, info)
+                _write_cached(folder, key, mri, ct, body, info)
     if barrier is not None:
         barrier()
     prepared = []
@@ -399,9 +420,10 @@ def prepare_cases(
             raise SyntheticCTError(
                 f"The prepared data of case '{case.name}' is missing from '{_cache_folder(config, case)}'."
             )
-        mri, ct, info = cached
+        mri, ct, body, info = cached
         specs = specs or normalization_specs(config, len(mri))
-        prepared.append(finish_case(case.name, mri, ct, info, config, specs))
+        body_array = sitk.GetArrayFromImage(body).astype(bool)
+        prepared.append(finish_case(case.name, mri, ct, info, config, specs, body=body_array))
     mark_registration_outliers(prepared, config.data.outlier_z)
     report(1.0, "prepare", "")
     return prepared
@@ -432,9 +454,11 @@ def finish_case(
     info: Dict[str, Any],
     config: TrainingConfig,
     specs: Sequence[Dict[str, Any]],
+    *,
+    body: Optional[np.ndarray] = None,
 ) -> PreparedCase:
     """Body mask, normalised channels, target and bone mask of a resampled case."""
-    body, image = body_mask_and_normalize(mri, specs)
+    body, image = body_mask_and_normalize(mri, specs, body)
     hu = sitk.GetArrayFromImage(ct).astype(np.float32)
     clip = config.model.output_clip
     target = (np.clip(hu, clip[0], clip[1]) - config.model.output_offset) / config.model.output_scale

@@ -98,6 +98,8 @@ def build_card(
         "spacing_mm": _range([c.info["source_spacing_mm"] for c in train_cases]),
         "fov_mm": _range([c.info["source_fov_mm"] for c in train_cases]),
         "working_spacing_mm": spacing_xyz,
+        "training_command": f"syntheticct train --config {config.source.name}",
+        "config_sha256": _file_sha256(config.source),
     }
     if summary:
         training_data.update({k: v for k, v in summary.items() if k != "text"})
@@ -134,6 +136,13 @@ def export_package(out_dir: Path, card: Mapping[str, Any], state_dict: Mapping[s
 
     clean = {_strip(k): v for k, v in state_dict.items()}
     return write_model_package(Path(out_dir), card, clean, overwrite=True)
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _strip(key: str) -> str:

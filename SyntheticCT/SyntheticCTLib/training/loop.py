@@ -315,6 +315,8 @@ def validate(
     :func:`~SyntheticCTLib.inference.synthesize`, and scored by
     :func:`~SyntheticCTRegistrationLib.compare.compare` against each case's CT on the working grid.
     """
+    import SimpleITK as sitk
+
     from SyntheticCTRegistrationLib.compare import compare
 
     from ..inference import synthesize
@@ -329,8 +331,17 @@ def validate(
     per_case = []
     for case in validation_cases:
         sct = synthesize(case.mri, package, device=str(device))
-        result = compare(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
-        metrics = {k: _as_float(result.metrics.get(k)) for k in VALIDATION_KEYS}
+        try:
+            result = compare(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
+            metrics = {k: _as_float(result.metrics.get(k)) for k in VALIDATION_KEYS}
+        except SyntheticCTError as e:  # e.g. no bone at all in an early sCT: image metrics only
+            from SyntheticCTRegistrationLib.metrics import body_mask, image_metrics
+
+            logger.info("  validation %s: no bone comparison (%s)", case.name, e)
+            body = sitk.GetArrayFromImage(body_mask(case.ct)).astype(bool)
+            metrics = {k: math.nan for k in VALIDATION_KEYS}
+            metrics.update(image_metrics(sitk.GetArrayFromImage(case.ct), sitk.GetArrayFromImage(sct), mask=body))
+            metrics["bone_dice"] = 0.0
         metrics["case"] = case.name
         per_case.append(metrics)
         logger.info(
@@ -729,7 +740,11 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
             "text": (
                 f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); "
                 f"{total_steps} steps of {global_batch} patch(es) of {list(tc.patch_size)} voxels; "
-                f"best epoch {best.get('epoch')} by validation bone-surface p95."
+                + (
+                    f"best epoch {best.get('epoch')} by validation bone-surface p95."
+                    if best.get("epoch")
+                    else "no validation: last weights."
+                )
             ),
             "steps": total_steps,
             "epochs": tc.epochs,
