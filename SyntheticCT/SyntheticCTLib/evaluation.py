@@ -170,13 +170,49 @@ def compare_images(
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, float]:
-    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points)."""
+    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points).
+
+    :func:`SyntheticCTRegistrationLib.compare.compare` does the work. When the sCT (or the CT) holds no
+    bone at all, the bone metrics cannot be measured: the image metrics are still returned, with a bone
+    Dice of 0 and NaN surface distances (a model that finds no bone scores as such, and the run goes on).
+    """
     from SyntheticCTRegistrationLib.compare import compare
 
-    result = compare(
-        ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
-    )
+    try:
+        result = compare(
+            ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
+        )
+    except InvalidParameterError:
+        if _has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold):
+            raise
+        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold)
     return _metrics_of(result)
+
+
+def _has_bone(image: sitk.Image, threshold: float) -> bool:
+    return bool((sitk.GetArrayViewFromImage(image) >= threshold).any())
+
+
+def image_metrics_only(
+    ct: sitk.Image, sct: sitk.Image, *, transform: Optional[sitk.Transform] = None, bone_threshold: float = 200.0
+) -> Dict[str, float]:
+    """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
+    from SyntheticCTRegistrationLib.metrics import body_mask, image_metrics
+
+    from .geometry import resample_like
+
+    logger.warning(
+        "No bone at %g HU in the %s: bone Dice 0, no surface distances.",
+        bone_threshold,
+        "CT" if not _has_bone(ct, bone_threshold) else "synthetic CT",
+    )
+    reference = sitk.Cast(ct, sitk.sitkFloat32)
+    moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    body = sitk.GetArrayFromImage(body_mask(reference)).astype(bool)
+    metrics = {k: math.nan for k in METRIC_KEYS}
+    metrics.update(image_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(moved), mask=body))
+    metrics["bone_dice"] = 0.0
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallback) -> Optional[sitk.Transform]:

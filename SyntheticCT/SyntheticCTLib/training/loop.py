@@ -313,12 +313,10 @@ def validate(
     The weights are written as a model package in ``work_dir`` (as :mod:`.export` writes the final one),
     loaded with :func:`~SyntheticCTLib.models.package.load_model_package`, run by
     :func:`~SyntheticCTLib.inference.synthesize`, and scored by
-    :func:`~SyntheticCTRegistrationLib.compare.compare` against each case's CT on the working grid.
+    :func:`~SyntheticCTRegistrationLib.compare.compare` (through :func:`SyntheticCTLib.evaluation.compare_images`)
+    against each case's CT on the working grid.
     """
-    import SimpleITK as sitk
-
-    from SyntheticCTRegistrationLib.compare import compare
-
+    from ..evaluation import compare_images
     from ..inference import synthesize
     from ..models.package import load_model_package
     from .export import build_card, export_package
@@ -331,17 +329,8 @@ def validate(
     per_case = []
     for case in validation_cases:
         sct = synthesize(case.mri, package, device=str(device))
-        try:
-            result = compare(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
-            metrics = {k: _as_float(result.metrics.get(k)) for k in VALIDATION_KEYS}
-        except SyntheticCTError as e:  # e.g. no bone at all in an early sCT: image metrics only
-            from SyntheticCTRegistrationLib.metrics import body_mask, image_metrics
-
-            logger.info("  validation %s: no bone comparison (%s)", case.name, e)
-            body = sitk.GetArrayFromImage(body_mask(case.ct)).astype(bool)
-            metrics = {k: math.nan for k in VALIDATION_KEYS}
-            metrics.update(image_metrics(sitk.GetArrayFromImage(case.ct), sitk.GetArrayFromImage(sct), mask=body))
-            metrics["bone_dice"] = 0.0
+        result = compare_images(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
+        metrics = {k: _as_float(result.get(k)) for k in VALIDATION_KEYS}
         metrics["case"] = case.name
         per_case.append(metrics)
         logger.info(
@@ -352,8 +341,13 @@ def validate(
             metrics["surface_mean_mm"],
             metrics["surface_p95_mm"],
         )
-    mean = {k: float(np.nanmean([m[k] for m in per_case])) if per_case else math.nan for k in VALIDATION_KEYS}
+    mean = {k: _nanmean([m[k] for m in per_case]) for k in VALIDATION_KEYS}
     return {"mean": mean, "cases": per_case}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _as_float(value: Any) -> float:
