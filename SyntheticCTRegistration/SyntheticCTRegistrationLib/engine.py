@@ -23,6 +23,8 @@ DEFAULT_SEED = 20240531
 """Seed of the random metric samples: the same inputs give the same result."""
 
 MATTES_BINS = 32
+SAMPLING_STRATEGY = "regular"
+"""``regular``: a jittered regular grid of samples (stratified: less noise than ``random`` for as many samples)."""
 
 _OVERLAP_MESSAGES = (
     "All samples map outside moving image buffer",
@@ -89,7 +91,7 @@ def make_method(
     if sampling >= 1.0:
         method.SetMetricSamplingStrategy(method.NONE)
     else:
-        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingStrategy(method.REGULAR if SAMPLING_STRATEGY == "regular" else method.RANDOM)
         method.SetMetricSamplingPercentage(float(max(sampling, 1e-6)), int(seed))
     if fixed_mask is not None:
         method.SetMetricFixedMask(fixed_mask)
@@ -141,6 +143,7 @@ def optimize(
     optimizer: str = "rsgd",
     step: float = 1.0,
     min_step: float = 1e-3,
+    relaxation: float = 0.5,
     moving_initial: Optional[sitk.Transform] = None,
     report: Optional[ProgressCallback] = None,
     stage: str = "registration",
@@ -149,7 +152,8 @@ def optimize(
     """Optimize ``transform`` (a copy is returned) on one level.
 
     ``optimizer`` ``"rsgd"`` is regular-step gradient descent with physical-shift parameter scales,
-    starting at ``step`` and stopping at ``min_step`` (both in mm of voxel motion); ``"lbfgsb"`` is
+    starting at ``step``, multiplied by ``relaxation`` whenever the gradient turns back, and stopping at
+    ``min_step`` (steps in mm of voxel motion); ``"lbfgsb"`` is
     L-BFGS-B (for B-splines). ``moving_initial`` is a fixed transform composed before the optimized
     one (``moving_initial(transform(x))``).
     """
@@ -159,7 +163,7 @@ def optimize(
             learningRate=float(step),
             minStep=float(min_step),
             numberOfIterations=int(max_iterations),
-            relaxationFactor=0.5,
+            relaxationFactor=float(relaxation),
             gradientMagnitudeTolerance=1e-12,
             estimateLearningRate=method.Never,
         )

@@ -175,12 +175,52 @@ def translation_candidates(
     return [(method, named[method])]
 
 
+def search_rotations(
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    centre: np.ndarray,
+    translation: np.ndarray,
+    max_deg: float,
+    step_deg: float,
+) -> List[Tuple[Tuple[float, float, float], float]]:
+    """Metric values of Euler rotations about ``centre`` on the grid of :func:`rotation_grid`, translation fixed.
+
+    All rotations are evaluated in one run of SimpleITK's exhaustive optimizer; if that fails (a rotation
+    without overlap), each rotation is evaluated alone and those without overlap are left out.
+    """
+    n = int(math.floor(max_deg / step_deg + 1e-9)) if max_deg > 0 and step_deg > 0 else 0
+    records: List[Tuple[Tuple[float, float, float], float]] = []
+    if n > 0:
+        method = metric_factory()
+        method.SetOptimizerAsExhaustive([n, n, n, 0, 0, 0], stepLength=math.radians(step_deg))
+        method.SetOptimizerScales([1.0] * 6)
+        method.SetInitialTransform(euler(centre, translation), inPlace=False)
+
+        def record() -> None:
+            angles = tuple(float(np.degrees(a)) for a in method.GetOptimizerPosition()[:3])
+            records.append((angles, float(method.GetMetricValue())))
+
+        method.AddCommand(sitk.sitkIterationEvent, record)
+        try:
+            method.Execute(fixed, moving)
+            return [(a, v) for a, v in records if v == v and abs(v) < 1e30]
+        except RuntimeError:
+            records = []
+    method = metric_factory()
+    for angle_deg in rotation_grid(max_deg, step_deg):
+        value = evaluate_metric(method, fixed, moving, euler(centre, translation, np.radians(angle_deg)))
+        if value is not None:
+            records.append((angle_deg, value))
+    return records
+
+
 def initialize_rigid(
     fixed: sitk.Image,
     moving: sitk.Image,
     *,
     method: str,
-    metric_method: sitk.ImageRegistrationMethod,
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
     fixed_points: np.ndarray,
     moving_points: np.ndarray,
     search_max_deg: float = 30.0,
@@ -197,8 +237,8 @@ def initialize_rigid(
         Coarse level images, already windowed.
     method
         One of :data:`INITIALIZATIONS`.
-    metric_method
-        A configured ``ImageRegistrationMethod`` used to score candidates (lower is better).
+    metric_factory
+        Returns a new configured ``ImageRegistrationMethod`` that scores candidates (lower is better).
     fixed_points, moving_points
         World points of the fixed and moving bodies (or masks), for centroids and overlap.
     refine
@@ -212,22 +252,19 @@ def initialize_rigid(
         overlap = check_overlap(t, fixed_points, moving)
         return Initialization(t, "none", (0.0, 0.0, 0.0), overlap, 1)
 
-    angles = rotation_grid(search_max_deg, search_step_deg)
     translations = translation_candidates(method, fixed, moving, fixed_points, moving_points, centre)
     scored = []
-    total = len(angles) * len(translations)
-    done = 0
-    for name, translation in translations:
-        for angle_deg in angles:
-            done += 1
-            if progress is not None and done % 16 == 0:
-                progress(0.7 * done / total, f"searching rotations ({done}/{total})")
+    total = 0
+    for k, (name, translation) in enumerate(translations):
+        if progress is not None:
+            progress(0.6 * k / len(translations), f"searching rotations about the {name} alignment")
+        for angle_deg, value in search_rotations(
+            metric_factory, fixed, moving, centre, translation, search_max_deg, search_step_deg
+        ):
+            total += 1
             t = euler(centre, translation, np.radians(angle_deg))
             overlap = overlap_fraction(t, fixed_points, moving)
             if overlap < CANDIDATE_MIN_OVERLAP:
-                continue
-            value = evaluate_metric(metric_method, fixed, moving, t)
-            if value is None:
                 continue
             scored.append((_score(value, overlap), name, angle_deg, t, overlap))
     if not scored:

@@ -9,7 +9,7 @@ edges do not dominate; any other pair uses Mattes mutual information.
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -86,9 +86,20 @@ def foreground_threshold(image: sitk.Image, modality: str) -> float:
     return float(p1 + 0.1 * (p99 - p1))
 
 
-def foreground_mask(image: sitk.Image, modality: str) -> sitk.Image:
-    """Binary (uint8) body mask by intensity threshold, see :func:`foreground_threshold`."""
-    return sitk.Cast(image > foreground_threshold(image, modality), sitk.sitkUInt8)
+def foreground_mask(image: sitk.Image, modality: str, *, max_voxels: Optional[int] = None) -> sitk.Image:
+    """Binary (uint8) body mask by intensity threshold, see :func:`foreground_threshold`.
+
+    With ``max_voxels``, a larger image is first shrunk (bins averaged) so that the mask, on a coarser
+    grid over the same field of view, has at most about that many voxels: enough for centroids,
+    overlap and cropping, at a fraction of the cost.
+    """
+    threshold = foreground_threshold(image, modality)
+    if max_voxels is not None:
+        voxels = int(np.prod(image.GetSize()))
+        factor = int(np.ceil((voxels / float(max_voxels)) ** (1.0 / 3.0))) if voxels > max_voxels else 1
+        if factor > 1:
+            image = sitk.BinShrink(image, [max(1, min(factor, n // 4)) for n in image.GetSize()])
+    return sitk.Cast(image > threshold, sitk.sitkUInt8)
 
 
 def check_not_constant(image: sitk.Image, name: str) -> None:

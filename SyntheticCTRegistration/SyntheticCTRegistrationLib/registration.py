@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,7 +50,7 @@ from .initialization import (
     transform_points,
 )
 from .modality import check_not_constant, choose_metric, detect_modality, foreground_mask, intensity_window, windowed
-from .pyramid import crop_to_mask, level_spacing, mask_on_grid, plan_levels, shrink
+from .pyramid import crop_to_mask, informative_mask, level_spacing, mask_on_grid, plan_levels, shrink
 from .transforms_io import (
     TRANSFORM_DIRECTION,
     TransformIOError,
@@ -88,8 +88,18 @@ AFFINE_COARSEST_MM = 4.0
 DEFORMABLE_LEVELS_MM = (4.0, 2.0)
 BONE_LOCAL_LEVELS_MM = (2.0, 1.0)
 DEFAULT_BSPLINE_SPACING_MM = 50.0
+BSPLINE_ITERATIONS = 30  # per level: bounded, part of the regularization
+BSPLINE_SAMPLES = 10_000  # a B-spline sample costs ~5x a rigid one
 CROP_MARGIN_MM = 10.0
-SEARCH_MAX_SAMPLES = 20_000
+SEARCH_MAX_SAMPLES = 3_000
+BODY_VOXELS = 500_000  # body masks (centroids, overlap, crop) on a grid of at most about this many voxels
+COARSE_MAX_SAMPLES = 25_000
+EDGE_SAMPLING_LEVELS = 2
+EDGE_FRACTION = 0.3
+EDGE_MASK_MAX_VOXELS = 2_000_000
+FINAL_STEP = 0.25  # first step of the finest level, in voxels
+FINAL_MIN_STEP = 0.0005  # last step of the finest level, in voxels
+FINAL_RELAXATION = 0.85  # slow step decrease: converges along the narrow rotation/translation valley
 POOR_CORRELATION = -0.25  # correlation metric = -NCC^2: above this, the images hardly agree
 
 
@@ -184,6 +194,13 @@ def _checked_mask(mask: Optional[sitk.Image], reference: sitk.Image, name: str) 
     return binary
 
 
+def _field_of_view(image: sitk.Image) -> sitk.Image:
+    """A mask of ones over ``image``'s whole field of view, on a grid of at most about 64**3 voxels."""
+    factors = [max(1, n // 64) for n in image.GetSize()]
+    small = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    return sitk.Cast(small * 0 + 1, sitk.sitkUInt8)
+
+
 def _moving_factors(fixed_factors: Sequence[int], fixed: sitk.Image, moving: sitk.Image) -> List[int]:
     target = max(s * f for s, f in zip(fixed.GetSpacing(), fixed_factors))
     return [max(1, min(int(round(target / s)), max(1, n // 8))) for s, n in zip(moving.GetSpacing(), moving.GetSize())]
@@ -212,6 +229,14 @@ class _Pyramid:
     def voxels(self, i: int) -> int:
         return int(np.prod(self.level(i)[0].GetSize()))
 
+    def edge_mask(self, i: int, mask: Optional[sitk.Image]) -> Tuple[sitk.Image, int]:
+        """(mask of the informative voxels of level ``i``, within ``mask``; its number of level voxels)."""
+        edges = informative_mask(self.level(i)[0], EDGE_FRACTION, max_voxels=EDGE_MASK_MAX_VOXELS)
+        if mask is not None:
+            edges = sitk.Cast(edges & mask_on_grid(mask, edges), sitk.sitkUInt8)
+        fraction = float(np.mean(sitk.GetArrayViewFromImage(edges) > 0))
+        return edges, max(1, int(self.voxels(i) * fraction))
+
 
 def register(
     fixed: sitk.Image,
@@ -228,7 +253,7 @@ def register(
     search_max_deg: float = 30.0,
     search_step_deg: float = 15.0,
     max_iterations: int = 200,
-    max_samples: int = 100_000,
+    max_samples: int = 20_000,
     seed: int = DEFAULT_SEED,
     bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM,
     bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU,
@@ -303,18 +328,24 @@ def register(
 
     fixed_mask = _checked_mask(fixed_mask, fixed, "fixed mask")
     moving_mask = _checked_mask(moving_mask, moving, "moving mask")
-    fixed_body = fixed_mask if fixed_mask is not None else foreground_mask(fixed, fixed_modality)
-    moving_body = moving_mask if moving_mask is not None else foreground_mask(moving, moving_modality)
-    fixed_w = windowed(fixed, intensity_window(fixed, fixed_modality))
-    moving_w = windowed(moving, intensity_window(moving, moving_modality))
-    fixed_crop = crop_to_mask(fixed_w, fixed_body, CROP_MARGIN_MM)
-    moving_crop = crop_to_mask(moving_w, moving_body, CROP_MARGIN_MM) if moving_mask is None else moving_w
+    fixed_body = (
+        fixed_mask if fixed_mask is not None else foreground_mask(fixed, fixed_modality, max_voxels=BODY_VOXELS)
+    )
+    moving_body = (
+        moving_mask if moving_mask is not None else foreground_mask(moving, moving_modality, max_voxels=BODY_VOXELS)
+    )
+    fixed_window = intensity_window(fixed, fixed_modality)
+    moving_window = intensity_window(moving, moving_modality)
+    fixed_crop = windowed(crop_to_mask(fixed, fixed_body, CROP_MARGIN_MM), fixed_window)
+    moving_crop = windowed(
+        crop_to_mask(moving, moving_body, CROP_MARGIN_MM) if moving_mask is None else moving, moving_window
+    )
     fixed_points = mask_points(fixed_body, max_points=5000, seed=seed)
     moving_points = mask_points(moving_body, max_points=5000, seed=seed + 1)
     if len(fixed_points) == 0:
-        fixed_points = mask_points(sitk.Cast(fixed_w == fixed_w, sitk.sitkUInt8), max_points=5000, seed=seed)
+        fixed_points = mask_points(_field_of_view(fixed), max_points=5000, seed=seed)
     if len(moving_points) == 0:
-        moving_points = mask_points(sitk.Cast(moving_w == moving_w, sitk.sitkUInt8), max_points=5000, seed=seed)
+        moving_points = mask_points(_field_of_view(moving), max_points=5000, seed=seed)
     mask_f = mask_on_grid(fixed_mask, fixed_crop) if fixed_mask is not None else None
 
     pyramid = _Pyramid(fixed_crop, moving_crop, level_spacings_mm)
@@ -347,18 +378,23 @@ def register(
         optimizer: str = "rsgd",
         moving_initial: Optional[sitk.Transform] = None,
         iteration_cap: Optional[int] = None,
+        samples: Optional[int] = None,
         final: bool = False,
         log: bool = True,
     ) -> LevelResult:
         nonlocal iterations
         fixed_level, moving_level = pyramid.level(i)
         spacing = pyramid.spacing(i)
-        eligible = int(pyramid.voxels(i) * mask_fraction)
+        level_mask, eligible = mask_f, int(pyramid.voxels(i) * mask_fraction)
+        if EDGE_SAMPLING_LEVELS and i >= n_levels - EDGE_SAMPLING_LEVELS and i > 0:
+            level_mask, eligible = pyramid.edge_mask(i, mask_f)
         method = make_method(
             metric_name,
-            sampling=sampling_fraction(eligible, max_samples),
+            sampling=sampling_fraction(
+                eligible, samples or (max_samples if final else min(max_samples, COARSE_MAX_SAMPLES))
+            ),
             seed=seed + i,
-            fixed_mask=mask_f,
+            fixed_mask=level_mask,
             moving_mask=moving_mask,
         )
         result = optimize(
@@ -368,8 +404,9 @@ def register(
             transform,
             optimizer=optimizer,
             max_iterations=iteration_cap or max_iterations,
-            step=spacing,
-            min_step=spacing * (0.002 if final else 0.02),
+            step=spacing * (FINAL_STEP if final else 1.0),
+            min_step=spacing * (FINAL_MIN_STEP if final else 0.02),
+            relaxation=FINAL_RELAXATION if final else 0.5,
             moving_initial=moving_initial,
             report=stage_report,
             stage=f"{stage} registration",
@@ -402,20 +439,23 @@ def register(
     init_report = scaled(report, *bounds["initialization"])
     rigid_report = scaled(report, *bounds["rigid"])
     fixed_coarse, moving_coarse = pyramid.level(0)
-    search_method = make_method(
-        metric_name,
-        sampling=sampling_fraction(int(pyramid.voxels(0) * mask_fraction), SEARCH_MAX_SAMPLES),
-        seed=seed,
-        fixed_mask=mask_f,
-        moving_mask=moving_mask,
-    )
+
+    def search_method() -> sitk.ImageRegistrationMethod:
+        return make_method(
+            metric_name,
+            sampling=sampling_fraction(int(pyramid.voxels(0) * mask_fraction), SEARCH_MAX_SAMPLES),
+            seed=seed,
+            fixed_mask=mask_f,
+            moving_mask=moving_mask,
+        )
+
     first_level_done = False
     if initialize == "none":
         init = initialize_rigid(
             fixed_coarse,
             moving_coarse,
             method="none",
-            metric_method=search_method,
+            metric_factory=search_method,
             fixed_points=fixed_points,
             moving_points=moving_points,
         )
@@ -430,7 +470,7 @@ def register(
             fixed_coarse,
             moving_coarse,
             method=initialize,
-            metric_method=search_method,
+            metric_factory=search_method,
             fixed_points=fixed_points,
             moving_points=moving_points,
             search_max_deg=search_max_deg,
@@ -492,8 +532,8 @@ def register(
             else bone_components(fixed, threshold_hu=bone_threshold_hu)
         )
         per_bone = refine_bones(
-            fixed_w,
-            moving_w,
+            windowed(fixed, fixed_window),
+            windowed(moving, moving_window),
             labels,
             transform,
             metric=metric_name,
@@ -507,7 +547,7 @@ def register(
         )
         iterations += sum(b["iterations"] for b in per_bone)
 
-    converged = _check_convergence(result, metric_name)
+    converged = _check_convergence(result, metric_name, bounded=mode == "deformable")
     elapsed = time.perf_counter() - started
     report(1.0, "done", f"metric {result.metric_value:.5g}, {iterations} iterations, {elapsed:.1f} s")
     logger.info(
@@ -557,7 +597,8 @@ def _deformable(pyramid: _Pyramid, affine: sitk.Transform, control_spacing_mm: f
             scaled(report, k / len(candidates), (k + 1) / len(candidates)),
             optimizer="lbfgsb",
             moving_initial=affine,
-            iteration_cap=50,
+            iteration_cap=BSPLINE_ITERATIONS,
+            samples=BSPLINE_SAMPLES,
         )
         bspline = result.transform
     composite = sitk.CompositeTransform([affine, bspline])
@@ -574,9 +615,17 @@ def _log_initialization(init: Initialization) -> None:
     )
 
 
-def _check_convergence(result: LevelResult, metric: str) -> bool:
+def _check_convergence(result: LevelResult, metric: str, *, bounded: bool = False) -> bool:
+    """Warn (and return False) when the finest level ran out of iterations or the similarity is poor.
+
+    ``bounded``: the iteration limit is part of the method (the B-spline stage), not a failure to converge.
+    """
     converged = True
-    if result.hit_iteration_limit:
+    if result.hit_iteration_limit and bounded:
+        logger.info(
+            "The B-spline stage used its %d iterations (metric %.6g).", result.max_iterations, result.metric_value
+        )
+    elif result.hit_iteration_limit:
         logger.warning(
             "The registration did not converge within %d iterations at the finest level "
             "(final metric value %.6g); the result may be imprecise.",
