@@ -236,7 +236,9 @@ def _run_worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_benchmark(size=DEFAULT_SIZE, device: str = "cpu", batch: int = 2, with_monai: bool = True) -> dict:
+def run_benchmark(
+    size=DEFAULT_SIZE, device: str = "cpu", batch: int = 2, with_monai: bool = True, monai_default_batch: bool = False
+) -> dict:
     cfg = network_config()
     results = {"size": list(size), "device": device, "batch": batch, "network": cfg}
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,6 +258,8 @@ def run_benchmark(size=DEFAULT_SIZE, device: str = "cpu", batch: int = 2, with_m
                     "max": float(np.abs(a - b).max()),
                     "output_std": float(b.std()),
                 }
+                if monai_default_batch and batch != 1:  # MONAI out of the box: sw_batch_size=1
+                    results["monai-batch1"] = _run_worker("monai", size, device, 1, str(Path(tmp) / "monai1.npy"))
         results["ours-synthesize"] = _run_worker("ours-synthesize", size, device, batch, "")
     return results
 
@@ -268,8 +272,10 @@ def report(results: dict) -> str:
         f"UNet3D {cfg['kwargs']} ({cfg['source']}), patch {cfg['patch']}, overlap {cfg['overlap']}, "
         f"batch {results['batch']}"
     ]
-    for key in ("ours-window", "monai", "ours-synthesize"):
-        r = results.get(key)
+    for key in ("ours-window", "monai", "monai-batch1", "ours-synthesize"):
+        if key not in results:
+            continue
+        r = results[key]
         if r is None:
             lines.append(f"  {key:16s} not run (monai not installed)")
             continue
@@ -291,6 +297,12 @@ def report(results: dict) -> str:
             f"CPU time: window {ours['cpu_seconds'] / mc:.3f}, full synthesis {full['cpu_seconds'] / mc:.3f} "
             "(below 1: ours faster)"
         )
+        if results.get("monai-batch1"):
+            m1 = results["monai-batch1"]
+            lines.append(
+                f"  ratio ours (batch {results['batch']}, our CPU default) / MONAI (its default sw_batch_size=1): "
+                f"wall {ours['seconds'] / m1['seconds']:.3f}, CPU {ours['cpu_seconds'] / m1['cpu_seconds']:.3f}"
+            )
         d = results["ours_vs_monai_abs_diff"]
         lines.append(
             f"  |ours - MONAI| on the network output: mean {d['mean']:.2e}, max {d['max']:.2e} "
@@ -337,6 +349,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2, help="patches per batch, for both (default 2)")
     parser.add_argument("--no-monai", action="store_true")
+    parser.add_argument(
+        "--monai-default-batch", action="store_true", help="also time MONAI with its default sw_batch_size=1"
+    )
     parser.add_argument("--large", action="store_true", help="only the 512x512x300 peak-memory run (slow)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out-npy", default="", help=argparse.SUPPRESS)
@@ -347,7 +362,8 @@ def main(argv=None) -> int:
     if args.large:
         print(report_large(run_large(args.device, args.batch)))
         return 0
-    print(report(run_benchmark(tuple(args.size), args.device, args.batch, not args.no_monai)))
+    results = run_benchmark(tuple(args.size), args.device, args.batch, not args.no_monai, args.monai_default_batch)
+    print(report(results))
     return 0
 
 
