@@ -247,6 +247,16 @@ def check_inputs(mri_images: Sequence[sitk.Image], model: Any) -> list:
     return images
 
 
+def _to_int16(array: np.ndarray, lo: float, hi: float, slab: int = 16) -> np.ndarray:
+    """Round, clip and cast to int16, slab by slab (no full-size float temporary)."""
+    out = np.empty(array.shape, dtype=np.int16)
+    for z in range(0, array.shape[0], slab):
+        part = np.rint(array[z : z + slab])
+        np.clip(part, lo, hi, out=part)
+        out[z : z + slab] = part
+    return out
+
+
 # -- the synthesizer --------------------------------------------------------------------------------------
 
 
@@ -394,17 +404,19 @@ class Synthesizer:
                 spread[~model_mask] = 0.0
         stats = (prediction.batch_size, prediction.n_patches, prediction.n_run)
         del prediction, model_images, model_mask
-        image = self._to_input_grid(hu, model_grid, reference, air)
-        del hu
-        arr = sitk.GetArrayViewFromImage(image)
-        hu16 = np.empty(arr.shape, dtype=np.int16)
-        np.clip(np.rint(arr), lo, hi, out=hu16, casting="unsafe")
-        del arr
+        if not resample and not self.orientation:  # the model grid is the input grid: no float image needed
+            hu16 = _to_int16(hu, lo, hi)
+            del hu
+        else:
+            image = self._to_input_grid(hu, model_grid, reference, air)
+            del hu
+            hu16 = _to_int16(sitk.GetArrayViewFromImage(image), lo, hi)
+            del image
         if window.body_mask:
             hu16[~body] = int(round(air))
         result_image = sitk.GetImageFromArray(hu16)
         result_image.CopyInformation(reference)
-        del hu16, image
+        del hu16
         uncertainty = None
         if spread is not None:
             unc = self._to_input_grid(spread, model_grid, reference, 0.0)

@@ -174,14 +174,18 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:][int(np.argmax(between[:-1]))])
 
 
-def _channel_rms(images: Sequence[np.ndarray]) -> np.ndarray:
-    rms = np.zeros(np.shape(images[0]), dtype=np.float32)
-    tmp = np.empty_like(rms)
-    for image in images:
-        np.copyto(tmp, image, casting="unsafe")
-        np.abs(tmp, out=tmp)
-        tmp *= tmp
-        rms += tmp
+def _channel_rms(images: Sequence[np.ndarray], slab: int = 8) -> np.ndarray:
+    """Root mean square over channels, float32; computed slab by slab so that only a slab-sized temporary is made."""
+    shape = np.shape(images[0])
+    rms = np.zeros(shape, dtype=np.float32)
+    tmp = np.empty((min(slab, shape[0]),) + tuple(shape[1:]), dtype=np.float32)
+    for z in range(0, shape[0], slab):
+        part = rms[z : z + slab]
+        t = tmp[: part.shape[0]]
+        for image in images:
+            np.copyto(t, image[z : z + slab], casting="unsafe")
+            t *= t
+            part += t
     rms /= np.float32(len(images))
     np.sqrt(rms, out=rms)
     return rms
@@ -193,26 +197,38 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     counts = np.bincount(labels.ravel())
     counts[0] = 0
-    return labels == int(np.argmax(counts))
+    largest = labels == int(np.argmax(counts))
+    del labels
+    return largest
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill background regions not connected to the volume border, in 3D, then slice by slice along axis 0."""
     # Label the background once; components touching the border are outside. Faster than
     # ndimage.binary_fill_holes (an iterated dilation) on large volumes.
+    # One int32 label volume alive at a time (memory: about 1.5 times a float32 volume at the peak).
     for structure in (None, np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))])):
-        labels, n = ndimage.label(~mask, structure=structure)
+        labels, n = ndimage.label(np.logical_not(mask), structure=structure)
         if n == 0:
+            del labels
             continue
-        border = np.zeros(n + 1, dtype=bool)
-        faces = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
-        if structure is None:
-            faces += [labels[0], labels[-1]]
-        for face in faces:
-            border[np.unique(face)] = True
-        border[0] = False  # label 0 is the mask itself
-        mask = ~border[labels]
+        keep = np.logical_not(_border_labels(labels, n, in_plane_only=structure is not None))
+        del mask
+        mask = keep[labels]
+        del labels
     return mask
+
+
+def _border_labels(labels: np.ndarray, n: int, *, in_plane_only: bool) -> np.ndarray:
+    """Boolean per label: does it touch the volume's border (only the in-plane edges with ``in_plane_only``)?"""
+    outside = np.zeros(n + 1, dtype=bool)
+    faces = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+    if not in_plane_only:
+        faces += [labels[0], labels[-1]]
+    for face in faces:
+        outside[np.unique(face)] = True
+    outside[0] = False  # label 0 is the mask itself
+    return outside
 
 
 def mri_body_mask(
@@ -245,9 +261,9 @@ def mri_body_mask(
         raise InvalidParameterError(f"mri_body_mask needs 3D arrays of one shape; got {sorted(shapes)}.")
     rms = _channel_rms(images)
     if smoothing_voxels > 0:
-        rms = ndimage.gaussian_filter(rms, smoothing_voxels, output=np.float32, truncate=3.0)
+        ndimage.gaussian_filter(rms, smoothing_voxels, output=rms, truncate=3.0)  # in place
     step = max(1, rms.size // 2_000_000)
-    sample = rms.ravel()[::step]
+    sample = np.array(rms.ravel()[::step])  # a copy: no view may keep ``rms`` alive below
     top = float(np.percentile(sample, 99.5))
     if top <= 0:
         return np.zeros(rms.shape, dtype=bool)
