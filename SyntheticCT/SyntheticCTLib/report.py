@@ -220,8 +220,8 @@ def slices_png(
 ) -> bytes:
     """One figure: three orthogonal slices each of the MRI, sCT, CT and sCT - CT, all on the CT's grid.
 
-    The sCT and CT share the fixed ``hu_window``; the difference is on ±``difference_window`` HU; the
-    MRI is windowed on its 1st-99.5th percentile inside the CT's body. ``point`` is the voxel index
+    The sCT and CT share the fixed ``hu_window``; the difference is on ±``difference_window`` HU (blank
+    where both are air); the MRI is windowed on its 1st-99.5th percentile inside the CT's body. ``point`` is the voxel index
     (x, y, z) the planes cross (default: the centroid of the CT's bone).
     """
     spacing = ct.GetSpacing()
@@ -230,12 +230,13 @@ def slices_png(
     sct_a = sitk.GetArrayFromImage(sct).astype(np.float32)
     ct_a = sitk.GetArrayFromImage(ct).astype(np.float32)
     body = ct_a > -400
+    difference = np.where(body | (sct_a > -400), sct_a - ct_a, np.nan)  # air outside both: blank (grey)
     lo, hi = (float(v) for v in np.percentile(mri_a[body] if body.any() else mri_a, [1.0, 99.5]))
     rows = (
         ("MRI (echo 1)", mri_a, "gray", (lo, max(hi, lo + 1e-6)), "signal (a.u.)"),
         ("Synthetic CT", sct_a, "gray", hu_window, "HU"),
         ("CT", ct_a, "gray", hu_window, "HU"),
-        ("sCT \u2212 CT", sct_a - ct_a, "RdBu_r", (-difference_window, difference_window), "HU"),
+        ("sCT \u2212 CT", difference, "RdBu_r", (-difference_window, difference_window), "HU"),
     )
     figure = _figure(10.5, 12.0, dpi)
     axes = figure.subplots(4, 3)
@@ -243,6 +244,7 @@ def slices_png(
         image = None
         for c, (name, plane, extent, origin) in enumerate(_planes(array, spacing, point)):
             ax = axes[r, c]
+            ax.set_facecolor("#d0d4d9")
             image = ax.imshow(plane, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, origin=origin)
             ax.set_xticks([])
             ax.set_yticks([])
