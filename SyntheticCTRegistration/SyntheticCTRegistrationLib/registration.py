@@ -89,7 +89,7 @@ DEFORMABLE_LEVELS_MM = (4.0, 2.0)
 BONE_LOCAL_LEVELS_MM = (2.0, 1.0)
 DEFAULT_BSPLINE_SPACING_MM = 50.0
 BSPLINE_ITERATIONS = 30  # per level: bounded, part of the regularization
-BSPLINE_SAMPLES = 10_000  # a B-spline sample costs ~5x a rigid one
+BSPLINE_SAMPLES = 5_000  # a B-spline sample costs ~5x a rigid one
 CROP_MARGIN_MM = 10.0
 SEARCH_MAX_SAMPLES = 3_000
 BODY_VOXELS = 500_000  # body masks (centroids, overlap, crop) on a grid of at most about this many voxels
@@ -97,9 +97,16 @@ COARSE_MAX_SAMPLES = 25_000
 EDGE_SAMPLING_LEVELS = 2
 EDGE_FRACTION = 0.3
 EDGE_MASK_MAX_VOXELS = 2_000_000
-FINAL_STEP = 0.25  # first step of the finest level, in voxels
-FINAL_MIN_STEP = 0.0005  # last step of the finest level, in voxels
-FINAL_RELAXATION = 0.85  # slow step decrease: converges along the narrow rotation/translation valley
+# Gaussian sigma of the finest level, in voxels, per metric: less noise and interpolation bias for mono-modal
+# metrics; mutual information between modalities whose edges differ is biased by smoothing, so it gets none.
+FINEST_SMOOTHING = {"correlation": 1.0, "meansquares": 1.0, "mattes": 0.0}
+FINAL_SAMPLES = {"correlation": 10_000, "meansquares": 10_000, "mattes": 30_000}
+"""Metric samples of the finest level (smoothed mono-modal metrics need few; a joint histogram needs more)."""
+LEVEL_MIN_STEP = 0.005  # last step of the coarser levels, in voxels
+LEVEL_RELAXATION = 0.6
+FINAL_STEP = 0.5  # first step of the finest level, in voxels
+FINAL_MIN_STEP = 0.0003  # last step of the finest level, in voxels
+FINAL_RELAXATION = 0.7  # slower step decrease than the coarse levels: converges along the rotation/translation valley
 POOR_CORRELATION = -0.25  # correlation metric = -NCC^2: above this, the images hardly agree
 
 
@@ -209,19 +216,29 @@ def _moving_factors(fixed_factors: Sequence[int], fixed: sitk.Image, moving: sit
 class _Pyramid:
     """Level images of the (windowed, cropped) fixed and moving images, built on demand."""
 
-    def __init__(self, fixed: sitk.Image, moving: sitk.Image, spacings_mm: Sequence[float]) -> None:
-        self.fixed, self.moving = fixed, moving
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, spacings_mm: Sequence[float], smoothing: float) -> None:
+        self.fixed, self.moving, self.smoothing = fixed, moving, smoothing
         self.factors = plan_levels(fixed, spacings_mm)
         self._cache: dict = {}
 
     def __len__(self) -> int:
         return len(self.factors)
 
-    def level(self, i: int):
+    def level(self, i: int, *, smoothed: bool = True):
+        """(fixed, moving) images of level ``i``; the finest level is smoothed (see :data:`FINEST_SMOOTHING`)."""
         if i not in self._cache:
             f = self.factors[i]
             self._cache[i] = (shrink(self.fixed, f), shrink(self.moving, _moving_factors(f, self.fixed, self.moving)))
-        return self._cache[i]
+        if not smoothed or i != len(self.factors) - 1 or self.smoothing <= 0:
+            return self._cache[i]
+        if "smoothed" not in self._cache:
+            fixed, moving = self._cache[i]
+            sigma = self.smoothing * float(np.mean(fixed.GetSpacing()))
+            self._cache["smoothed"] = (
+                sitk.SmoothingRecursiveGaussian(fixed, sigma),
+                sitk.SmoothingRecursiveGaussian(moving, sigma),
+            )
+        return self._cache["smoothed"]
 
     def spacing(self, i: int) -> float:
         return level_spacing(self.fixed, self.factors[i])
@@ -231,7 +248,7 @@ class _Pyramid:
 
     def edge_mask(self, i: int, mask: Optional[sitk.Image]) -> Tuple[sitk.Image, int]:
         """(mask of the informative voxels of level ``i``, within ``mask``; its number of level voxels)."""
-        edges = informative_mask(self.level(i)[0], EDGE_FRACTION, max_voxels=EDGE_MASK_MAX_VOXELS)
+        edges = informative_mask(self.level(i, smoothed=False)[0], EDGE_FRACTION, max_voxels=EDGE_MASK_MAX_VOXELS)
         if mask is not None:
             edges = sitk.Cast(edges & mask_on_grid(mask, edges), sitk.sitkUInt8)
         fraction = float(np.mean(sitk.GetArrayViewFromImage(edges) > 0))
@@ -253,7 +270,7 @@ def register(
     search_max_deg: float = 30.0,
     search_step_deg: float = 15.0,
     max_iterations: int = 200,
-    max_samples: int = 20_000,
+    max_samples: Optional[int] = None,
     seed: int = DEFAULT_SEED,
     bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM,
     bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU,
@@ -304,7 +321,7 @@ def register(
         raise InvalidParameterError(
             f"Unknown initialization '{initialize}'; choose one of {', '.join(INITIALIZATIONS)}."
         )
-    if max_iterations < 1 or max_samples < 100:
+    if max_iterations < 1 or (max_samples is not None and max_samples < 100):
         raise InvalidParameterError("max_iterations must be >= 1 and max_samples >= 100.")
     validate_volume(fixed, "fixed image")
     validate_volume(moving, "moving image")
@@ -314,6 +331,8 @@ def register(
     report(0.0, "preparing", "detecting modalities")
     fixed_modality, moving_modality = detect_modality(fixed), detect_modality(moving)
     metric_name = choose_metric(fixed_modality, moving_modality, metric)
+    if max_samples is None:
+        max_samples = FINAL_SAMPLES[metric_name]
     logger.info(
         "Fixed image: %s-like, moving image: %s-like; metric: %s.",
         fixed_modality.upper(),
@@ -348,7 +367,7 @@ def register(
         moving_points = mask_points(_field_of_view(moving), max_points=5000, seed=seed)
     mask_f = mask_on_grid(fixed_mask, fixed_crop) if fixed_mask is not None else None
 
-    pyramid = _Pyramid(fixed_crop, moving_crop, level_spacings_mm)
+    pyramid = _Pyramid(fixed_crop, moving_crop, level_spacings_mm, FINEST_SMOOTHING.get(metric_name, 0.0))
     n_levels = len(pyramid)
     mask_fraction = 1.0 if mask_f is None else float(np.mean(sitk.GetArrayViewFromImage(mask_f) > 0))
 
@@ -405,8 +424,8 @@ def register(
             optimizer=optimizer,
             max_iterations=iteration_cap or max_iterations,
             step=spacing * (FINAL_STEP if final else 1.0),
-            min_step=spacing * (FINAL_MIN_STEP if final else 0.02),
-            relaxation=FINAL_RELAXATION if final else 0.5,
+            min_step=spacing * (FINAL_MIN_STEP if final else LEVEL_MIN_STEP),
+            relaxation=FINAL_RELAXATION if final else LEVEL_RELAXATION,
             moving_initial=moving_initial,
             report=stage_report,
             stage=f"{stage} registration",
