@@ -85,6 +85,16 @@ def test_rigid_ct_to_moved_ct_recovers_the_transform(phantom, bone_points, angle
     assert result.metric_value < -0.9  # correlation metric: -1 is a perfect match
 
 
+def test_far_apart_scans_with_another_field_of_view_converge(phantom, bone_points):
+    """Another position (150 mm away, rotated beyond 15 degrees) and a field of view 40 % shorter."""
+    truth = euler(physical_centre(phantom.ct), (25.0, -20.0, 28.0), (150.0, -90.0, 60.0))
+    moving = rescanned(phantom.ct, truth, crop_voxels=(6, 6, 10))
+    result = register(phantom.ct, moving)
+    errors = tre(result.transform, truth, bone_points)
+    assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert result.initialization["method"] in ("geometry", "moments")
+
+
 def test_rigid_recovers_a_move_resampled_on_the_same_grid(phantom, bone_points):
     """The way a demo moves a CT: resampled on its own grid, air filling what left the field of view."""
     truth_inverse = euler(physical_centre(phantom.ct), (8.0, -12.0, 5.0), (10.0, 15.0, -12.0))

@@ -100,6 +100,20 @@ def make_method(
     return method
 
 
+class quiet_itk:
+    """Context manager: no ITK warnings on stderr inside (e.g. "no valid points" for a search candidate
+    without overlap, which the caller handles), the previous setting restored after."""
+
+    def __enter__(self) -> quiet_itk:
+        self.previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        sitk.ProcessObject.SetGlobalWarningDisplay(self.previous)
+        return False
+
+
 def copy_transform(transform: sitk.Transform) -> sitk.Transform:
     """An independent copy of ``transform`` with its concrete type (Euler3DTransform, AffineTransform...)."""
     concrete = transform.Downcast()

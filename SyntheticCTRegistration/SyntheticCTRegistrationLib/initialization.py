@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from SyntheticCTLib.errors import InvalidParameterError
 
-from .engine import NonOverlapError, evaluate_metric
+from .engine import NonOverlapError, RegistrationError, evaluate_metric, quiet_itk
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +203,17 @@ def search_rotations(
 
         method.AddCommand(sitk.sitkIterationEvent, record)
         try:
-            method.Execute(fixed, moving)
+            with quiet_itk():
+                method.Execute(fixed, moving)
             return [(a, v) for a, v in records if v == v and abs(v) < 1e30]
         except RuntimeError:
             records = []
     method = metric_factory()
-    for angle_deg in rotation_grid(max_deg, step_deg):
-        value = evaluate_metric(method, fixed, moving, euler(centre, translation, np.radians(angle_deg)))
-        if value is not None:
-            records.append((angle_deg, value))
+    with quiet_itk():
+        for angle_deg in rotation_grid(max_deg, step_deg):
+            value = evaluate_metric(method, fixed, moving, euler(centre, translation, np.radians(angle_deg)))
+            if value is not None:
+                records.append((angle_deg, value))
     return records
 
 
@@ -258,6 +260,11 @@ def initialize_rigid(
     for k, (name, translation) in enumerate(translations):
         if progress is not None:
             progress(0.6 * k / len(translations), f"searching rotations about the {name} alignment")
+        if (
+            name == "none"
+            and overlap_fraction(euler(centre, translation), fixed_points, moving) < CANDIDATE_MIN_OVERLAP
+        ):
+            continue  # the images as they are hardly overlap: not worth a search
         for angle_deg, value in search_rotations(
             metric_factory, fixed, moving, centre, translation, search_max_deg, search_step_deg
         ):
@@ -283,7 +290,12 @@ def initialize_rigid(
     for i, (_, name, angle_deg, t, _overlap) in enumerate(scored[:top_k]):
         if progress is not None:
             progress(0.7 + 0.3 * i / top_k, f"refining candidate {i + 1}/{min(top_k, len(scored))}")
-        result, value = refine(t)
+        try:
+            with quiet_itk():
+                result, value = refine(t)
+        except RegistrationError as e:  # this candidate drifted out of the overlap: drop it
+            logger.debug("Initialization candidate %s %s dropped: %s", name, angle_deg, e)
+            continue
         overlap = overlap_fraction(result, fixed_points, moving)
         score = _score(value, overlap)
         refined.append(

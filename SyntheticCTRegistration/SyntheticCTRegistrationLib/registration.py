@@ -4,17 +4,24 @@
 
 1. **Preparation.** The modality of each image is detected (:func:`.modality.detect_modality`) and
    the metric chosen: correlation on the HU window [-200, 1500] for two CT-like images, Mattes mutual
-   information otherwise (override with ``metric``). The fixed image is cropped to its body (or mask).
+   information otherwise (override with ``metric``). Both images are cropped to their body (or mask)
+   plus a margin. Levels (default 8, 4, 2, 1 mm) average bins of voxels (:mod:`.pyramid`).
 2. **Initialization** (:mod:`.initialization`): as-is, geometry centres and body centroids, each with a
    coarse grid of rotations, scored on the coarsest level; the best few are refined and the best kept.
-3. **Rigid** (Euler 3D) on every level, coarse to fine (regular-step gradient descent).
+3. **Rigid** (Euler 3D) on every level, coarse to fine (regular-step gradient descent, physical-shift
+   parameter scales).
 4. ``affine``: an affine transform on the finer levels, from the rigid result.
    ``deformable``: a B-spline (coarse control grid, bounded iterations, L-BFGS-B) on top of the affine.
    ``bone-local``: the global rigid result is refined per bone (:mod:`.bone_local`).
 
+Accuracy for little time: the metric is sampled on a jittered regular grid (stratified, less noise
+than random points), on the two finest levels only where the fixed image has edges (flat regions tell
+nothing about the alignment), and for mono-modal metrics the finest level is smoothed by one voxel
+(less noise and interpolation bias). Samples are drawn with a fixed seed: the same inputs give the
+same transform.
+
 The transform maps points of the **fixed** space to the **moving** space (ITK resampling convention);
-see :mod:`.transforms_io` for the files and how 3D Slicer loads them. Metric samples are drawn with a
-fixed seed: the same inputs give the same transform.
+see :mod:`.transforms_io` for the files and how 3D Slicer loads them.
 """
 
 from __future__ import annotations
