@@ -243,6 +243,23 @@ def test_progress_reaches_one_and_cancel_stops(phantom):
     assert calls[-1] == "rigid registration"
 
 
+def test_non_convergence_is_a_warning_with_the_metric_value(phantom, caplog):
+    moving = rescanned(phantom.ct, euler(physical_centre(phantom.ct), (4.0, -3.0, 6.0), (5.0, 3.0, -4.0)))
+    with caplog.at_level("WARNING", logger="SyntheticCTRegistrationLib"):
+        result = register(phantom.ct, moving, max_iterations=2)
+    assert not result.converged and result.to_dict()["converged"] is False
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("did not converge" in w and f"{result.metric_value:.6g}" in w for w in warnings), warnings
+
+
+def test_mri_as_the_fixed_image_with_a_mask(phantom, bone_points):
+    """The training pipeline's direction: CT (moving) onto the MRI (fixed), inside the MRI's body mask."""
+    truth = euler(physical_centre(phantom.ct), (8.0, -10.0, 12.0), (10.0, -15.0, 12.0))
+    result = register(phantom.mri[0], rescanned(phantom.ct, truth), fixed_mask=phantom.labels > 0)
+    assert result.metric == "mattes" and result.fixed_modality == "mr" and result.moving_modality == "ct"
+    assert tre(result.transform, truth, bone_points).max() < 1.0
+
+
 def test_modality_detection_and_metric_choice(phantom):
     assert detect_modality(phantom.ct) == "ct"
     assert all(detect_modality(echo) == "mr" for echo in phantom.mri)
