@@ -174,6 +174,7 @@ def benchmark(size=SIZE, repeat: int = 1, with_elastix: bool = True, out=sys.std
 
 
 @pytest.mark.benchmark
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # itk's SWIG types, once per wrapped class
 def test_bench_registration(capsys):
     with capsys.disabled():
         figures = benchmark()
