@@ -91,7 +91,7 @@ def test_far_apart_scans_with_another_field_of_view_converge(phantom, bone_point
     moving = rescanned(phantom.ct, truth, crop_voxels=(6, 6, 10))
     result = register(phantom.ct, moving)
     errors = tre(result.transform, truth, bone_points)
-    assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert errors.mean() < 0.2 and errors.max() < 0.5, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
     assert result.initialization["method"] in ("geometry", "moments")
 
 
