@@ -187,6 +187,8 @@ def test_evaluate_cli_writes_json_csv_and_pngs(tiny_setup, capsys):
             "none",
             "--device",
             "cpu",
+            "--record-in-card",
+            "tiny-cohort",
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -218,6 +220,15 @@ def test_evaluate_cli_writes_json_csv_and_pngs(tiny_setup, capsys):
     for name in ("case21", "case22"):
         assert (out / "images" / f"{name}.png").read_bytes()[:8] == PNG
     assert "tiny-eval" in (out / "index.html").read_text()
+    # --record-in-card: the summary means go into model.json; the package still loads (weights untouched).
+    from SyntheticCTLib.models.package import load_model_package
+
+    card = load_model_package(package).card
+    block = card["held_out_evaluation"]["tiny-cohort"]
+    assert block["cases"] == ["case21", "case22"]
+    assert block["methods"]["bulk density"]["mae_hu"] == pytest.approx(
+        document["summary"]["bulk density"]["mae_hu"]["mean"], abs=1e-3
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["summary"]) == {"model", "inversion", "bulk density"}
 

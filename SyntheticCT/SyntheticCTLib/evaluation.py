@@ -182,10 +182,12 @@ def compare_images(
         result = compare(
             ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
         )
-    except InvalidParameterError:
-        if _has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold):
+    except InvalidParameterError as e:
+        # compare() has no dedicated error type for "no bone": recognise it by its message, or by the images.
+        no_bone = "no bone" in str(e).lower() or not (_has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold))
+        if not no_bone:
             raise
-        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold)
+        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold, reason=str(e))
     return _metrics_of(result)
 
 
@@ -194,7 +196,12 @@ def _has_bone(image: sitk.Image, threshold: float) -> bool:
 
 
 def image_metrics_only(
-    ct: sitk.Image, sct: sitk.Image, *, transform: Optional[sitk.Transform] = None, bone_threshold: float = 200.0
+    ct: sitk.Image,
+    sct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    bone_threshold: float = 200.0,
+    reason: str = "",
 ) -> Dict[str, float]:
     """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
     from SyntheticCTRegistrationLib.metrics import body_mask, image_metrics
@@ -202,9 +209,8 @@ def image_metrics_only(
     from .geometry import resample_like
 
     logger.warning(
-        "No bone at %g HU in the %s: bone Dice 0, no surface distances.",
-        bone_threshold,
-        "CT" if not _has_bone(ct, bone_threshold) else "synthetic CT",
+        "Bone metrics not measurable (%s): bone Dice 0, no surface distances.",
+        reason or f"no bone at {bone_threshold:g} HU",
     )
     reference = sitk.Cast(ct, sitk.sitkFloat32)
     moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
@@ -471,27 +477,32 @@ def held_out_block(result: EvaluationResult, *, note: str = "") -> Dict[str, Any
     return block
 
 
-def record_in_card(model: Union[str, Path], result: EvaluationResult, *, note: str = "") -> Path:
+def record_in_card(
+    model: Union[str, Path], result: EvaluationResult, *, label: str = "held-out", note: str = ""
+) -> Path:
     """Write :func:`held_out_block` of ``result`` into ``model.json`` of the package folder ``model``.
 
-    Only ``model.json`` changes (the weights and their hashes do not). Raises
-    :class:`InvalidParameterError` unless ``model`` is a package folder.
+    The block goes under ``held_out_evaluation[label]`` (other labels are kept). Only ``model.json``
+    changes; the weights and their hashes do not. Raises :class:`InvalidParameterError` unless ``model``
+    is a package folder.
     """
     from .models.package import MODEL_CARD, read_card
 
     folder = Path(str(model))
     if not (folder.is_dir() and (folder / MODEL_CARD).is_file()):
         raise InvalidParameterError(f"--record-in-card needs a model package folder with {MODEL_CARD}; got '{model}'.")
+    if not label or not str(label).strip():
+        raise InvalidParameterError("--record-in-card needs a non-empty LABEL for the evaluated cohort.")
     card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
-    card["held_out_evaluation"] = _json_safe(
-        held_out_block(
-            result,
-            note=note
-            or (
-                "Mean over the evaluated cases (`syntheticct evaluate`); each method's sCT compared with the case's CT."
-            ),
-        )
+    block = held_out_block(
+        result,
+        note=note or "Mean over the cases (`syntheticct evaluate`); each method's sCT compared with the case's CT.",
     )
+    evaluations = card.get("held_out_evaluation")
+    if not isinstance(evaluations, dict):
+        evaluations = {}
+    evaluations[str(label)] = _json_safe(block)
+    card["held_out_evaluation"] = evaluations
     with atomic_output(folder / MODEL_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     read_card(folder)

@@ -52,9 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--save-sct", action="store_true", help="also write every sCT under OUT_DIR/sct/")
     p.add_argument(
         "--record-in-card",
-        action="store_true",
-        help="write the summary into the evaluated package's model.json as 'held_out_evaluation' "
-        "(a package folder only; the weights are not touched)",
+        metavar="LABEL",
+        default=None,
+        help="write the summary means into the evaluated package's model.json, under "
+        "held_out_evaluation.LABEL (a package folder only; the weights and their hashes are not touched)",
     )
     p.set_defaults(run=run)
     return p
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, report) -> int:
     if args.record_in_card:
         from ..evaluation import record_in_card
 
-        record_in_card(args.model, result)
+        record_in_card(args.model, result, label=args.record_in_card)
     close = getattr(report, "close", None)
     if close:
         close()

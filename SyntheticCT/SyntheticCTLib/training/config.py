@@ -111,6 +111,7 @@ class TrainingSection:
     bone_fraction: float = 0.5
     amp: bool = True
     checkpoint_every: int = 100
+    bn_recalibration_batches: int = 40
     device: str = "auto"
     num_threads: Optional[int] = None
 
@@ -503,6 +504,7 @@ def _parse_training(reader: _Reader) -> TrainingSection:
     t.bone_fraction = reader.probability("bone_fraction", t.bone_fraction)
     t.amp = reader.boolean("amp", t.amp)
     t.checkpoint_every = reader.integer("checkpoint_every", t.checkpoint_every, minimum=1)
+    t.bn_recalibration_batches = reader.integer("bn_recalibration_batches", t.bn_recalibration_batches, minimum=0)
     t.device = reader.string("device", t.device, choices=DEVICES)
     t.num_threads = reader.optional_integer("num_threads", minimum=1)
     reader.finish()

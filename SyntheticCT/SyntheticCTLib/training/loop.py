@@ -345,6 +345,43 @@ def validate(
     return {"mean": mean, "cases": per_case}
 
 
+RECALIBRATION_EPOCH = 2**31 - 2
+"""The sampler's epoch key of the batches that recalibrate batch-norm statistics (the same batches every time)."""
+
+
+def recalibrated_copy(network, sampler: PatchSampler, config: TrainingConfig, device):
+    """A copy of ``network`` whose batch-norm statistics are recomputed on training batches ("precise BN").
+
+    The running statistics that batch norm keeps during training are an exponential average over the last
+    few small batches, noisy enough to shift the network's decisions at inference. The copy's statistics
+    are the plain average over ``training.bn_recalibration_batches`` fixed training batches (augmented,
+    bone-oversampled: the distribution the network was trained on). The training network is not touched,
+    so the training run itself does not depend on this. Networks without batch norm are returned as they are.
+    """
+    import copy
+
+    import torch
+
+    batches = int(config.training.bn_recalibration_batches)
+    if batches <= 0 or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.modules()):
+        return network
+    copied = copy.deepcopy(network)
+    norms = [m for m in copied.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    copied.train()
+    size = config.training.batch_size
+    with torch.no_grad():
+        for b in range(batches):
+            image, _, _, _ = make_batch(sampler, config, RECALIBRATION_EPOCH, range(b * size, (b + 1) * size), device)
+            copied(image)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return copied.eval()
+
+
 def _nanmean(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -375,7 +412,7 @@ def config_fingerprint(config: TrainingConfig) -> str:
     """A hash of what must not change on ``--resume`` (model, data, schedule, loss, augmentation, seed)."""
     d = config.to_dict()
     keep = {k: d[k] for k in ("seed", "data", "model", "training", "loss", "augmentation")}
-    for key in ("num_threads", "checkpoint_every", "device", "amp"):
+    for key in ("num_threads", "checkpoint_every", "device", "amp", "bn_recalibration_batches"):
         keep["training"].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -440,6 +477,9 @@ def train(
         config = load_config(config)
     report = with_cancel(progress or no_progress, cancel)
     tc = config.training
+    import torch
+
+    threads = torch.get_num_threads()
     dist = _Dist(tc.device)
     log_handler = None
     rank_filter = None
@@ -451,8 +491,6 @@ def train(
             log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger("SyntheticCTLib").addHandler(log_handler)
             logging.getLogger("SyntheticCTRegistrationLib").addHandler(log_handler)
-            if logging.getLogger().level > logging.INFO or logging.getLogger().level == logging.NOTSET:
-                logging.getLogger("SyntheticCTLib").setLevel(logging.INFO)
         else:
             rank_filter = _RankFilter()
             for handler in logging.getLogger().handlers:
@@ -467,6 +505,7 @@ def train(
             for handler in logging.getLogger().handlers:
                 handler.removeFilter(rank_filter)
         dist.close()
+        torch.set_num_threads(threads)
 
 
 def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist: _Dist) -> TrainResult:
@@ -665,8 +704,9 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
                     t0 = time.time()
                     report(step / total_steps, "train", f"epoch {epoch + 1}/{tc.epochs}: validating on {n_val} case(s)")
                     if dist.is_main:
+                        evaluated = recalibrated_copy(network, sampler, config, device)
                         result = validate(
-                            network, config, train_cases, val_cases, out / "validation_package", manifests, device
+                            evaluated, config, train_cases, val_cases, out / "validation_package", manifests, device
                         )
                         mean = result["mean"]
                         row.update({f"val_{k}": mean[k] for k in VALIDATION_KEYS})
@@ -678,7 +718,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
                             _save_checkpoint(
                                 out / "checkpoints" / "best.pt",
                                 {
-                                    "model": network.state_dict(),
+                                    "model": evaluated.state_dict(),
                                     "epoch": epoch + 1,
                                     "step": step,
                                     "metrics": mean,
@@ -727,7 +767,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
     package_dir = None
     summary: Dict[str, Any] = {}
     if dist.is_main:
-        final_state = network.state_dict()
+        final_state = recalibrated_copy(network, sampler, config, device).state_dict()
         if best.get("epoch") is not None and (out / "checkpoints" / "best.pt").is_file():
             final_state = _load_checkpoint(out / "checkpoints" / "best.pt")["model"]
         summary = {
