@@ -264,6 +264,28 @@ def run_benchmark(
     return results
 
 
+def run_alternating(size, device: str = "cpu", batch: int = 2, repeats: int = 3) -> dict:
+    """Ours and MONAI's sliding window in alternation, ``repeats`` times each: medians resist a busy machine."""
+    runs = {"ours-window": [], "monai": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for name in runs:
+                runs[name].append(_run_worker(name, size, device, batch, str(Path(tmp) / f"{name}.npy")))
+    return {
+        name: {key: float(np.median([r[key] for r in rs])) for key in ("seconds", "cpu_seconds", "peak_rss_mib")}
+        for name, rs in runs.items()
+    }
+
+
+def report_alternating(size, result: dict, repeats: int) -> str:
+    o, m = result["ours-window"], result["monai"]
+    return (
+        f"alternating runs, {size[0]}x{size[1]}x{size[2]}, median of {repeats}: ours {o['seconds']:.1f} s "
+        f"(CPU {o['cpu_seconds']:.1f} s), MONAI {m['seconds']:.1f} s (CPU {m['cpu_seconds']:.1f} s); ratio ours/MONAI "
+        f"wall {o['seconds'] / m['seconds']:.3f}, CPU {o['cpu_seconds'] / m['cpu_seconds']:.3f}"
+    )
+
+
 def report(results: dict) -> str:
     size = results["size"]
     cfg = results["network"]
@@ -353,11 +375,21 @@ def main(argv=None) -> int:
         "--monai-default-batch", action="store_true", help="also time MONAI with its default sw_batch_size=1"
     )
     parser.add_argument("--large", action="store_true", help="only the 512x512x300 peak-memory run (slow)")
+    parser.add_argument(
+        "--alternate", type=int, default=0, metavar="N", help="only ours vs MONAI, alternating N times (medians)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out-npy", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, tuple(args.size), args.device, args.batch, args.out_npy)))
+        return 0
+    if args.alternate:
+        print(
+            report_alternating(
+                args.size, run_alternating(tuple(args.size), args.device, args.batch, args.alternate), args.alternate
+            )
+        )
         return 0
     if args.large:
         print(report_large(run_large(args.device, args.batch)))
