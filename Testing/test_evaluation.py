@@ -254,3 +254,23 @@ def test_evaluate_cli_errors_are_clear(tiny_setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("syntheticct evaluate: error:") and "nowhere" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_minimal_case_manifest_of_ones_own_data(tiny_setup, tmp_path):
+    from SyntheticCTLib.errors import InvalidParameterError
+    from SyntheticCTLib.evaluation import find_evaluation_cases
+
+    _, cases, _ = tiny_setup
+    own = tmp_path / "patient7"
+    own.mkdir()
+    for name in ("mri_echo1.nii.gz", "mri_echo2.nii.gz", "mri_echo3.nii.gz", "ct.nii.gz"):
+        (own / name).write_bytes((cases[0] / name).read_bytes())
+    (own / "case.json").write_text(
+        json.dumps({"mri": ["mri_echo1.nii.gz", "mri_echo2.nii.gz", "mri_echo3.nii.gz"], "ct": "ct.nii.gz"})
+    )
+    (found,) = find_evaluation_cases([own])
+    assert found.name == "patient7" and found.ct == own / "ct.nii.gz" and len(found.mri) == 3
+    assert found.bone_labels is None
+    (own / "case.json").write_text(json.dumps({"mri": ["mri_echo1.nii.gz"], "ct": "missing_ct.nii.gz"}))
+    with pytest.raises(InvalidParameterError, match="missing_ct.nii.gz"):
+        find_evaluation_cases([own])

@@ -78,12 +78,16 @@ class EvaluationResult:
 def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
     """Cases from ``case.json`` files, folders holding one, or folders of such folders.
 
+    A phantom's ``case.json`` works as it is; for one's own data, ``{"mri": ["echo1.nii.gz", ...], "ct":
+    "ct.nii.gz"}`` beside the files is enough (see :func:`SyntheticCTLib.training.data.read_case_manifest`).
+
     Raises
     ------
     InvalidParameterError
         A path is missing or holds no case; two cases share a name.
     """
-    from .phantom import load_case
+    from .training.config import ConfigError
+    from .training.data import read_case_manifest
 
     cases: List[EvaluationCase] = []
     for raw in paths:
@@ -97,17 +101,11 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
             if not targets:
                 raise InvalidParameterError(f"'{path}' holds no case: no case.json in it or in its sub-folders.")
         for target in targets:
-            case = load_case(target)
-            folder = target if target.is_dir() else target.parent
-            bone = getattr(case, "bone_labels_path", None)
-            cases.append(
-                EvaluationCase(
-                    name=folder.name,
-                    mri=[Path(p) for p in case.mri_paths],
-                    ct=Path(case.ct_path),
-                    bone_labels=Path(bone) if bone else None,
-                )
-            )
+            try:
+                spec = read_case_manifest(target)
+            except ConfigError as e:
+                raise InvalidParameterError(str(e)) from e
+            cases.append(EvaluationCase(name=spec.name, mri=spec.mri, ct=spec.ct, bone_labels=spec.bone_labels))
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -64,19 +64,70 @@ class PreparedCase:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _case_from_manifest(path: Path) -> CaseSpec:
-    from ..phantom import load_case
+def read_case_manifest(path: Path) -> CaseSpec:
+    """A case from a ``case.json`` (or its folder), named after the folder.
 
-    case = load_case(path)
-    folder = Path(case.ct_path).parent
-    bone = getattr(case, "bone_labels_path", None)
+    Phantom manifests (with ``labels``) are read by :func:`SyntheticCTLib.phantom.load_case`; a minimal
+    manifest of one's own data needs only ``{"mri": ["echo1.nii.gz", ...], "ct": "ct.nii.gz"}`` (optionally
+    ``"bone_labels"``), file names relative to the manifest's folder.
+
+    Raises
+    ------
+    ConfigError
+        No manifest, invalid JSON, a missing key or a missing file; the message names it.
+    """
+    path = Path(path)
+    manifest_path = path / "case.json" if path.is_dir() else path
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"No case manifest at '{manifest_path}'.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"Could not read the case manifest '{manifest_path}': {e}") from e
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"The case manifest '{manifest_path}' is not a JSON object.")
+    name = manifest_path.parent.name
+    if "labels" in manifest:
+        from ..errors import VolumeReadError
+        from ..phantom import load_case
+
+        try:
+            case = load_case(manifest_path)
+        except VolumeReadError as e:
+            raise ConfigError(str(e)) from e
+        bone = case.bone_labels_path
+        return CaseSpec(
+            name=name,
+            mri=[Path(p) for p in case.mri_paths],
+            ct=Path(case.ct_path),
+            bone_labels=Path(bone) if bone else None,
+            manifest=dict(case.manifest),
+        )
+    mri = manifest.get("mri")
+    if isinstance(mri, str):
+        mri = [mri]
+    if not isinstance(mri, list) or not mri or not all(isinstance(m, str) and m for m in mri):
+        raise ConfigError(f"'mri' in '{manifest_path}' must be a non-empty list of file names.")
+
+    def resolve(value: Any, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"'{key}' in '{manifest_path}' must be a file name.")
+        file = manifest_path.parent / value
+        if not file.exists():
+            raise ConfigError(f"The case manifest '{manifest_path}' names '{value}' ({key}), which does not exist.")
+        return file
+
+    bone = manifest.get("bone_labels")
     return CaseSpec(
-        name=folder.name,
-        mri=[Path(p) for p in case.mri_paths],
-        ct=Path(case.ct_path),
-        bone_labels=Path(bone) if bone else None,
-        manifest=dict(getattr(case, "manifest", {}) or {}),
+        name=name,
+        mri=[resolve(m, "mri") for m in mri],
+        ct=resolve(manifest.get("ct"), "ct"),
+        bone_labels=resolve(bone, "bone_labels") if bone else None,
+        manifest=manifest,
     )
+
+
+_case_from_manifest = read_case_manifest
 
 
 def find_cases(folder: Path) -> List[CaseSpec]:
