@@ -199,6 +199,24 @@ def check_not_input(output: PathLike, inputs: Iterable[PathLike]) -> None:
             raise VolumeWriteError(f"Refusing to write '{out}': it is an input file, and inputs are never overwritten.")
 
 
+def ensure_output_dir(path: PathLike, *, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (with its parents) for outputs and return it.
+
+    Raises :class:`VolumeWriteError`, naming ``what`` and the path, when ``path`` is a file, cannot be
+    created, or is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise VolumeWriteError(f"Cannot write the {what} '{out}': it is a file, not a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VolumeWriteError(f"Cannot create the {what} '{out}': {e.strerror or e}.") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise VolumeWriteError(f"The {what} '{out}' is not writable.")
+    return out
+
+
 def atomic_output(path: PathLike):
     """Context manager giving a temporary path beside ``path``; on success it is renamed onto ``path``.
 

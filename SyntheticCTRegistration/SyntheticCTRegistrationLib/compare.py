@@ -25,7 +25,7 @@ import vtk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.errors import GeometryMismatchError, InvalidParameterError, VolumeWriteError
 from SyntheticCTLib.geometry import resample_like, same_grid
-from SyntheticCTLib.io import atomic_output, validate_volume
+from SyntheticCTLib.io import atomic_output, ensure_output_dir, validate_volume
 from SyntheticCTLib.progress import ProgressCallback, no_progress, scaled
 
 from . import __version__
@@ -497,13 +497,7 @@ def write_comparison(
     from .report_html import comparison_report
 
     report = progress or no_progress
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise VolumeWriteError(f"The output folder '{out}' is a file.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VolumeWriteError(f"Cannot create the output folder '{out}': {e.strerror or e}.") from e
+    out = ensure_output_dir(out_dir, what="comparison folder")
     written: Dict[str, Path] = {}
 
     def target(name: str) -> Path:

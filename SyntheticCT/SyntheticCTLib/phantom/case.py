@@ -10,7 +10,7 @@ from typing import List, Optional, Union
 
 from .. import NOT_FOR_DIAGNOSTIC_USE
 from ..errors import VolumeReadError, VolumeWriteError
-from ..io import atomic_output, write_volume
+from ..io import atomic_output, ensure_output_dir, write_volume
 from ..progress import ProgressCallback, no_progress
 from . import tissues as T
 
@@ -54,13 +54,7 @@ def write_phantom(phantom, out_dir: Union[str, Path], *, progress: Optional[Prog
         The folder cannot be created or written.
     """
     report = progress or no_progress
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise VolumeWriteError(f"Cannot write the phantom into '{out}': it is a file, not a folder.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VolumeWriteError(f"Cannot create the output folder '{out}': {e.strerror or e}.") from e
+    out = ensure_output_dir(out_dir, what="phantom folder")
     volumes = [(f"mri_echo{i + 1}.nii.gz", image) for i, image in enumerate(phantom.mri)]
     volumes += [
         ("ct.nii.gz", phantom.ct),
