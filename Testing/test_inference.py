@@ -29,7 +29,7 @@ from SyntheticCTLib.models.architectures import build_network
 from SyntheticCTLib.models.package import load_model_package, write_model_package
 from SyntheticCTLib.normalization import channel_normalization, mri_body_mask, normalize_channels
 from SyntheticCTLib.progress import CancelToken
-from SyntheticCTLib.sliding_window import OutOfMemory, SlidingWindow, sliding_window_predict
+from SyntheticCTLib.sliding_window import OutOfMemory, SlidingWindow, estimate_patch_bytes, sliding_window_predict
 
 torch.set_num_threads(1)
 
@@ -248,6 +248,17 @@ def test_tiled_equals_whole_volume_for_unet():
     diff = np.abs(tiled - whole)
     assert diff.max() < 0.01 * whole.std()
     assert diff.mean() < 0.001 * whole.std()
+
+
+def test_batch_size_follows_the_memory_budget():
+    torch.manual_seed(3)
+    net = build_network("unet3d", in_channels=1, **KWARGS).eval()
+    volume = np.random.default_rng(2).normal(size=(1, 32, 40, 40)).astype(np.float32)
+    per_patch = estimate_patch_bytes(net, (16, 16, 16), 1)
+    tight = SlidingWindow(net, "cpu", memory_budget=per_patch).predict(volume, (16, 16, 16), 0.5)
+    roomy = SlidingWindow(net, "cpu", memory_budget=8 * per_patch, max_batch_size=4).predict(volume, (16, 16, 16), 0.5)
+    assert (tight.batch_size, roomy.batch_size) == (1, 4)
+    np.testing.assert_allclose(tight.output, roomy.output, atol=1e-5)
 
 
 def test_out_of_memory_halves_the_batch_then_fails_clearly_on_cpu(caplog):
