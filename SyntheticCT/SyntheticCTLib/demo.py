@@ -41,9 +41,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import NOT_FOR_DIAGNOSTIC_USE, __version__
-from .errors import InvalidParameterError, VolumeWriteError
+from .errors import InvalidParameterError
 from .geometry import resample_like
-from .io import atomic_output, write_volume
+from .io import atomic_output, ensure_output_dir, write_volume
 from .progress import CancelToken, ProgressCallback, no_progress, with_cancel
 from .report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 
@@ -242,20 +242,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def check_out_dir(out_dir: PathLike) -> Path:
-    """Check that ``out_dir`` is (or can become) a writable folder; create it. Raise a clear error if not."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InvalidParameterError(f"The demo's output '{out}' is a file, not a folder; give a folder path (OUT_DIR).")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VolumeWriteError(f"Cannot create the demo's output folder '{out}': {e.strerror or e}.") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise VolumeWriteError(f"The demo's output folder '{out}' is not writable.")
-    return out
-
-
 def _publish(work: Path, out_dir: Path) -> None:
     """Move everything from ``work`` into ``out_dir``, replacing files and folders of the same name."""
     for item in sorted(work.iterdir(), key=lambda p: (p.name in (REPORT_FILE, METRICS_FILE), p.name)):
@@ -383,7 +369,7 @@ def run_demo(
         raise InvalidParameterError(f"The phantom size must be 3 integers, each at least 16 (got {size}).")
     if not (spacing > 0):
         raise InvalidParameterError(f"The phantom spacing must be positive (got {spacing}).")
-    out = check_out_dir(out_dir)
+    out = ensure_output_dir(out_dir, what="demo's output folder (OUT_DIR)")
     report = with_cancel(progress or no_progress, cancel)
     work = Path(tempfile.mkdtemp(prefix=".demo-", suffix=".partial", dir=out))
     try:
@@ -639,7 +625,6 @@ __all__ = [
     "STEPS",
     "DemoResult",
     "StepRecord",
-    "check_out_dir",
     "grid_centre",
     "moved_ct_grid",
     "random_rigid_transform",
