@@ -123,6 +123,27 @@ def _normalised(channels):
     return normalize_channels(channels, body, [spec] * len(channels))
 
 
+def _timed(network, device: str):
+    """The network in a wrapper that sums the wall time of its forward passes (synchronised on a GPU)."""
+    import torch
+
+    class Timed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seconds = inner, 0.0
+            self.size_multiple = getattr(inner, "size_multiple", 1)
+
+        def forward(self, x):
+            t = time.perf_counter()
+            y = self.inner(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t
+            return y
+
+    return Timed(network)
+
+
 def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
     import torch
 
@@ -136,6 +157,7 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
         with torch.inference_mode():  # warm-up (oneDNN / cuDNN kernel selection), untimed, for both methods
             net(torch.zeros((batch, volume.shape[0]) + tuple(cfg["patch"]), device=device))
         baseline = _current_rss_mib()
+        net = _timed(net, device)
         if name == "ours-window":
             from SyntheticCTLib.sliding_window import SlidingWindow
 
@@ -170,6 +192,8 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
             "voxels_per_s": voxels / seconds,
             "peak_rss_mib": _peak_rss_mib(),
             "rss_before_mib": baseline,
+            "network_seconds": net.seconds,
+            "overhead_seconds": seconds - net.seconds,
             **extra,
         }
     # ours-synthesize / large: the full pipeline from sitk images through a real model package.
@@ -272,7 +296,10 @@ def run_alternating(size, device: str = "cpu", batch: int = 2, repeats: int = 3)
             for name in runs:
                 runs[name].append(_run_worker(name, size, device, batch, str(Path(tmp) / f"{name}.npy")))
     return {
-        name: {key: float(np.median([r[key] for r in rs])) for key in ("seconds", "cpu_seconds", "peak_rss_mib")}
+        name: {
+            key: float(np.median([r[key] for r in rs]))
+            for key in ("seconds", "cpu_seconds", "peak_rss_mib", "overhead_seconds")
+        }
         for name, rs in runs.items()
     }
 
@@ -282,7 +309,9 @@ def report_alternating(size, result: dict, repeats: int) -> str:
     return (
         f"alternating runs, {size[0]}x{size[1]}x{size[2]}, median of {repeats}: ours {o['seconds']:.1f} s "
         f"(CPU {o['cpu_seconds']:.1f} s), MONAI {m['seconds']:.1f} s (CPU {m['cpu_seconds']:.1f} s); ratio ours/MONAI "
-        f"wall {o['seconds'] / m['seconds']:.3f}, CPU {o['cpu_seconds'] / m['cpu_seconds']:.3f}"
+        f"wall {o['seconds'] / m['seconds']:.3f}, CPU {o['cpu_seconds'] / m['cpu_seconds']:.3f}; time outside the "
+        f"network (the sliding-window machinery itself): ours {o['overhead_seconds']:.2f} s, MONAI "
+        f"{m['overhead_seconds']:.2f} s"
     )
 
 
@@ -302,6 +331,8 @@ def report(results: dict) -> str:
             lines.append(f"  {key:16s} not run (monai not installed)")
             continue
         more = f", {r['patches']} patches" if "patches" in r else ""
+        if "overhead_seconds" in r:
+            more += f"; outside the network {r['overhead_seconds']:.2f} s"
         if "patches_total" in r:
             more += f" of {r['patches_total']}" + (
                 " (the others hold no body voxel)" if r["patches"] < r["patches_total"] else ""
