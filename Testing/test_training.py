@@ -169,6 +169,24 @@ def test_tiny_training_lowers_loss_and_exports_a_package_that_loads_and_synthesi
     untrained_pkg = load_model_package(write_model_package(tmp_path / "untrained", plain, untrained.state_dict()))
     assert body_mae(sct, ct, labels) < 0.8 * body_mae(synthesize(mri, untrained_pkg, device="cpu"), ct, labels)
 
+    # Fine-tuning: model.init_weights loads the package's weights (or refuses another architecture).
+    from SyntheticCTLib.training.loop import load_initial_weights
+
+    tune = load_config(
+        write_config(
+            tmp_path / "tune.yaml",
+            base_config(cases, tmp_path / "tune", **{"model.init_weights": str(result.package_dir)}),
+        )
+    )
+    fresh = build_network("unet3d", **card["architecture"]["kwargs"])
+    info = load_initial_weights(fresh, tune)
+    assert info["package"] == "tiny-test"
+    for key, value in package.load_state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    tune.model.kwargs = {"depth": 2, "width": 6, "norm": "batch"}
+    with pytest.raises(TrainingError, match="not the configured"):
+        load_initial_weights(build_network("unet3d", in_channels=3, **tune.model.kwargs), tune)
+
     # `syntheticct models add` accepts the package as it is.
     monkeypatch.setenv("SYNTHETICCT_HOME", str(tmp_path / "home"))
     assert main(["models", "add", str(result.package_dir), "--progress", "none"]) == 0
@@ -296,3 +314,40 @@ def test_config_errors_are_clear(cases, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "absent.yaml"), "--progress", "none"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("syntheticct train: error:") and "absent.yaml" in err[-1]
+
+
+def test_patch_sampler_confines_centres_to_body_and_oversamples_bone_and_internal_air():
+    from SyntheticCTLib.training.data import PatchSampler, PreparedCase
+
+    shape = (20, 30, 30)
+    body = np.zeros(shape, bool)
+    body[2:18, 3:27, 3:27] = True
+    bone = np.zeros(shape, bool)
+    bone[8:12, 12:16, 12:16] = True
+    air = np.zeros(shape, bool)
+    air[4:6, 5:8, 5:8] = True
+    case = PreparedCase(
+        name="synthetic",
+        mri=[],
+        ct=None,
+        image=np.zeros((2, *shape), np.float32),
+        target=np.zeros(shape, np.float32),
+        body=body,
+        bone=bone,
+        air=air,
+    )
+    counts = {"bone": 0, "air": 0, "other": 0}
+    sampler = PatchSampler([case], bone_fraction=0.3, air_fraction=0.4, seed=1, air_target=-1.0)
+    for i in range(500):
+        patch = sampler.sample(sampler.rng(0, i), (8, 8, 8))
+        centre = patch.centre
+        assert body[centre]
+        counts["bone" if bone[centre] else "air" if air[centre] else "other"] += 1
+        # the patch's body mask is the case's, cropped around the centre
+        assert patch.body[4, 4, 4] == 1.0 and patch.image.shape == (2, 8, 8, 8)
+    assert 0.22 < counts["bone"] / 500 < 0.38 and 0.32 < counts["air"] / 500 < 0.48
+    # The same (seed, epoch, index) gives the same patch, whatever was drawn before.
+    assert sampler.sample(sampler.rng(3, 7), (8, 8, 8)).centre == sampler.sample(sampler.rng(3, 7), (8, 8, 8)).centre
+    plain = PatchSampler([case], bone_fraction=0.0, seed=1, air_target=-1.0)
+    share = np.mean([bone[plain.sample(plain.rng(0, i), (8, 8, 8)).centre] for i in range(300)])
+    assert share < 0.05  # without oversampling, bone centres are as rare as bone (64 of 9216 body voxels)

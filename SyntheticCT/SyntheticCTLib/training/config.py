@@ -95,6 +95,7 @@ class ModelConfig:
     output_clip: Tuple[float, float] = (-1024.0, 3071.0)
     patch_size: Optional[Tuple[int, int, int]] = None
     overlap: float = 0.5
+    init_weights: Optional[Path] = None
 
 
 @dataclass
@@ -109,6 +110,7 @@ class TrainingSection:
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0
     bone_fraction: float = 0.5
+    air_fraction: float = 0.0
     amp: bool = True
     checkpoint_every: int = 100
     bn_recalibration_batches: int = 40
@@ -456,7 +458,7 @@ def _parse_data(reader: _Reader, base: Path) -> DataConfig:
     return data
 
 
-def _parse_model(reader: _Reader) -> ModelConfig:
+def _parse_model(reader: _Reader, base: Path) -> ModelConfig:
     m = ModelConfig()
     m.name = reader.string("name", m.name)
     m.version = reader.string("version", m.version)
@@ -486,6 +488,10 @@ def _parse_model(reader: _Reader) -> ModelConfig:
     else:
         reader.used.add("patch_size")
     m.overlap = reader.number("overlap", 0.5, minimum=0.0, maximum=0.9)
+    if reader.has("init_weights"):
+        m.init_weights = _resolve(base, reader.raw("init_weights"), reader, reader.key("init_weights"))
+    else:
+        reader.used.add("init_weights")
     reader.finish()
     return m
 
@@ -502,6 +508,11 @@ def _parse_training(reader: _Reader) -> TrainingSection:
     t.min_lr_ratio = reader.number("min_lr_ratio", t.min_lr_ratio, minimum=0.0, maximum=1.0)
     t.grad_clip = reader.number("grad_clip", t.grad_clip, minimum=0.0)
     t.bone_fraction = reader.probability("bone_fraction", t.bone_fraction)
+    t.air_fraction = reader.probability("air_fraction", t.air_fraction)
+    if t.bone_fraction + t.air_fraction > 1.0:
+        reader.fail(
+            f"training.bone_fraction + training.air_fraction must be <= 1 (got {t.bone_fraction:g} + {t.air_fraction:g})"
+        )
     t.amp = reader.boolean("amp", t.amp)
     t.checkpoint_every = reader.integer("checkpoint_every", t.checkpoint_every, minimum=1)
     t.bn_recalibration_batches = reader.integer("bn_recalibration_batches", t.bn_recalibration_batches, minimum=0)
@@ -645,7 +656,7 @@ def parse_config(data: Dict[str, Any], source: Path, *, base: Optional[Path] = N
         output_dir=output_dir,
         seed=seed,
         data=data_cfg,
-        model=_parse_model(top.sub("model")),
+        model=_parse_model(top.sub("model"), base),
         training=_parse_training(top.sub("training")),
         loss=_parse_loss(top.sub("loss")),
         augmentation=_parse_augmentation(top.sub("augmentation")),
@@ -677,6 +688,11 @@ def _check_files(config: TrainingConfig) -> None:
         for path in [*case.mri, case.ct] + ([case.bone_labels] if case.bone_labels else []):
             if not path.exists():
                 raise ConfigError(f"{config.source}: case '{case.name}': file not found: '{path}'.")
+    init = config.model.init_weights
+    if init is not None and not init.exists():
+        raise ConfigError(
+            f"{config.source}: model.init_weights: no model package, checkpoint or configuration at '{init}'."
+        )
     for folder in config.data.case_folders:
         if not folder.exists():
             raise ConfigError(f"{config.source}: data.case_folders: no such folder or case.json: '{folder}'.")

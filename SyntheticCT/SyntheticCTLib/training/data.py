@@ -37,6 +37,8 @@ from .config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_ar
 logger = logging.getLogger(__name__)
 
 AIR_HU = -1024.0
+INTERNAL_AIR_HU = -400.0
+"""CT below this inside the body is air (bowel gas, lung): dark in MRI like cortical bone, the classic confusion."""
 PREPARED_VERSION = 2
 DEFAULT_NORMALIZATION = {"method": "percentile", "lower": 0.5, "upper": 99.5, "mask": "body"}
 
@@ -53,6 +55,7 @@ class PreparedCase:
     body: np.ndarray  # (Z, Y, X) bool, the inference's body mask
     bone: np.ndarray  # (Z, Y, X) bool, CT above the bone threshold
     info: Dict[str, Any] = field(default_factory=dict)  # registration, statistics, source geometry
+    air: Optional[np.ndarray] = None  # (Z, Y, X) bool, air inside the body (CT below INTERNAL_AIR_HU)
 
     @property
     def spacing(self) -> Tuple[float, float, float]:
@@ -514,12 +517,22 @@ def finish_case(
     clip = config.model.output_clip
     target = (np.clip(hu, clip[0], clip[1]) - config.model.output_offset) / config.model.output_scale
     bone = (hu > config.loss.bone_threshold_hu) & body
+    air = (hu < INTERNAL_AIR_HU) & body
     info = dict(info)
     info["input_statistics"] = input_statistics(mri, body)
     info["bone_voxels"] = int(bone.sum())
     info["body_voxels"] = int(body.sum())
+    info["internal_air_voxels"] = int(air.sum())
     return PreparedCase(
-        name=name, mri=list(mri), ct=ct, image=image, target=target.astype(np.float32), body=body, bone=bone, info=info
+        name=name,
+        mri=list(mri),
+        ct=ct,
+        image=image,
+        target=target.astype(np.float32),
+        body=body,
+        bone=bone,
+        info=info,
+        air=air,
     )
 
 
@@ -541,10 +554,11 @@ class Patch:
 
 
 class PatchSampler:
-    """Draws patches confined to the body, oversampling bone.
+    """Draws patches confined to the body, oversampling bone (and, optionally, air inside the body).
 
-    A patch centre is a random body voxel, or, with probability ``bone_fraction``, a random bone voxel
-    (when the case has bone). Sample ``index`` of ``epoch`` is drawn from
+    A patch centre is a random body voxel; with probability ``bone_fraction`` a random bone voxel (when the
+    case has bone), and with probability ``air_fraction`` a random voxel of air inside the body (bowel gas,
+    lung: as dark in MRI as cortical bone, so the hardest voxels to tell from bone) when the case has some. Sample ``index`` of ``epoch`` is drawn from
     ``numpy.random.default_rng([seed, epoch, index])``, so that any rank, any world size and any resumed
     run draws the same samples for the same indices. Outside the volume, the image is padded with each
     channel's air value and the target with air.
@@ -552,16 +566,26 @@ class PatchSampler:
 
     MAX_CANDIDATES = 400_000
 
-    def __init__(self, cases: Sequence[PreparedCase], *, bone_fraction: float, seed: int, air_target: float) -> None:
+    def __init__(
+        self,
+        cases: Sequence[PreparedCase],
+        *,
+        bone_fraction: float,
+        seed: int,
+        air_target: float,
+        air_fraction: float = 0.0,
+    ) -> None:
         if not cases:
             raise ConfigError("No training case to sample patches from.")
         self.cases = list(cases)
         self.bone_fraction = float(bone_fraction)
+        self.air_fraction = float(air_fraction)
         self.seed = int(seed)
         self.air_target = float(air_target)
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         self._body_idx = []
         self._bone_idx = []
+        self._air_idx = []
         self._pad = []
         for case in self.cases:
             body = np.flatnonzero(case.body.ravel())
@@ -574,6 +598,10 @@ class PatchSampler:
                 bone = np.sort(rng.choice(bone, self.MAX_CANDIDATES, replace=False))
             self._body_idx.append(body)
             self._bone_idx.append(bone)
+            air = np.flatnonzero(case.air.ravel()) if case.air is not None else np.zeros(0, dtype=np.int64)
+            if air.size > self.MAX_CANDIDATES:
+                air = np.sort(rng.choice(air, self.MAX_CANDIDATES, replace=False))
+            self._air_idx.append(air)
             outside = ~case.body
             pad = [float(np.median(ch[outside])) if outside.any() else float(ch.min()) for ch in case.image]
             self._pad.append(pad)
@@ -585,8 +613,18 @@ class PatchSampler:
         """Draw one patch of ``size`` (z, y, x) with ``rng``."""
         k = int(rng.integers(len(self.cases)))
         case = self.cases[k]
-        use_bone = self._bone_idx[k].size > 0 and rng.random() < self.bone_fraction
-        candidates = self._bone_idx[k] if use_bone else self._body_idx[k]
+        candidates = self._body_idx[k]
+        if (
+            self.air_fraction <= 0
+        ):  # (one draw only when the case has bone: runs without air_fraction stay as they were)
+            if self._bone_idx[k].size > 0 and rng.random() < self.bone_fraction:
+                candidates = self._bone_idx[k]
+        else:
+            draw = rng.random()
+            if draw < self.bone_fraction and self._bone_idx[k].size > 0:
+                candidates = self._bone_idx[k]
+            elif self.bone_fraction <= draw < self.bone_fraction + self.air_fraction and self._air_idx[k].size > 0:
+                candidates = self._air_idx[k]
         flat = int(candidates[int(rng.integers(candidates.size))])
         centre = np.unravel_index(flat, case.body.shape)
         size = [int(s) for s in size]

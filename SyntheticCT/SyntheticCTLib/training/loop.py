@@ -286,7 +286,9 @@ def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Se
                 ax.plot(x, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
+        if series[0][0] == "val_surface_mean_mm" and val:
+            ax.set_yscale("log")  # early epochs can be tens of mm, the goal is below 1 mm
         if val:
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -343,6 +345,52 @@ def validate(
         )
     mean = {k: _nanmean([m[k] for m in per_case]) for k in VALIDATION_KEYS}
     return {"mean": mean, "cases": per_case}
+
+
+def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
+    """Load ``model.init_weights`` into ``network`` (fine-tuning); return where they came from.
+
+    ``init_weights`` is a model package (folder or ``.zip``), a checkpoint (``.pt``: ``last.pt``/``best.pt``
+    or a plain state dict), or a training configuration (YAML/JSON), meaning the package that
+    configuration's training wrote (``output_dir/model``). The architecture must be the same.
+    """
+    from ..models.errors import ModelPackageError
+    from ..models.package import load_model_package, load_weights
+    from .export import state_dict_sha256
+
+    path = Path(config.model.init_weights)
+    info: Dict[str, Any] = {"source": str(path)}
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
+        package_dir = load_config(path).output_dir / "model"
+        if not (package_dir / "model.json").is_file():
+            raise TrainingError(
+                f"model.init_weights names the configuration '{path}', whose model '{package_dir}' does not exist "
+                f"yet; train it first: syntheticct train --config {path}"
+            )
+        info["config"] = path.name
+        path = package_dir
+    try:
+        if path.is_dir() or path.suffix.lower() == ".zip":
+            package = load_model_package(path)
+            name, kwargs = package.architecture
+            wanted = dict(config.model.kwargs)
+            wanted["in_channels"] = kwargs.get("in_channels")
+            if name != config.model.architecture or {k: kwargs.get(k) for k in wanted} != wanted:
+                raise TrainingError(
+                    f"model.init_weights: '{path}' is a {name} {kwargs}, not the configured "
+                    f"{config.model.architecture} {config.model.kwargs}."
+                )
+            state = package.load_state_dict()
+            info.update({"package": package.name, "version": package.version})
+        else:
+            checkpoint = _load_checkpoint(path)
+            state = checkpoint.get("model", checkpoint)
+        load_weights(network, state, str(path))
+    except ModelPackageError as e:
+        raise TrainingError(f"model.init_weights: {e}") from e
+    info["weights_sha256"] = state_dict_sha256(state)
+    logger.info("Initialised the network from '%s'.", path)
+    return info
 
 
 RECALIBRATION_EPOCH = 2**31 - 2
@@ -565,7 +613,11 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
     torch.manual_seed(config.seed)
     kwargs = dict(config.model.kwargs)
     kwargs["in_channels"] = n_channels
-    network = build_network(config.model.architecture, **kwargs).to(device)
+    network = build_network(config.model.architecture, **kwargs)
+    init_info: Optional[Dict[str, Any]] = None
+    if config.model.init_weights is not None and not resume:
+        init_info = load_initial_weights(network, config)
+    network = network.to(device)
     torch.manual_seed(config.seed + 1000 * (dist.rank + 1))
     model = network
     if dist.enabled:
@@ -586,7 +638,13 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
         background_weight=config.loss.background_weight,
     )
     air_target = (max(-1000.0, config.model.output_clip[0]) - config.model.output_offset) / config.model.output_scale
-    sampler = PatchSampler(train_cases, bone_fraction=tc.bone_fraction, seed=config.seed, air_target=air_target)
+    sampler = PatchSampler(
+        train_cases,
+        bone_fraction=tc.bone_fraction,
+        air_fraction=tc.air_fraction,
+        seed=config.seed,
+        air_target=air_target,
+    )
 
     # -- state ------------------------------------------------------------------------------------------
     fingerprint = config_fingerprint(config)
@@ -790,6 +848,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
             "wall_time_s": round(elapsed, 1),
             "best_epoch": best.get("epoch"),
             "validation_cases": [c.name for c in val_cases],
+            "initialized_from": init_info,
             "registration": {
                 c.name: {
                     "metric_value": c.info["registration"]["metric_value"],
