@@ -289,11 +289,11 @@ def run_benchmark(
 
 
 def run_alternating(size, device: str = "cpu", batch: int = 2, repeats: int = 3) -> dict:
-    """Ours and MONAI's sliding window in alternation, ``repeats`` times each: medians resist a busy machine."""
+    """Ours and MONAI's sliding window in turn (order swapped each time), ``repeats`` times each; medians."""
     runs = {"ours-window": [], "monai": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(repeats):
-            for name in runs:
+        for i in range(repeats):
+            for name in list(runs)[:: 1 if i % 2 == 0 else -1]:  # swap the order every repetition
                 runs[name].append(_run_worker(name, size, device, batch, str(Path(tmp) / f"{name}.npy")))
     return {
         name: {
