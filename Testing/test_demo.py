@@ -25,7 +25,8 @@ from SyntheticCTLib.errors import Cancelled, InvalidParameterError
 BUNDLED = Path(demo_lib.__file__).resolve().parent / "Resources" / "models" / "phantom-spine-megre"
 SMALL = (64, 64, 48)
 SMALL_SPACING = 2.0
-# The bundled model's test: a 128 x 128 x 96 mm field of view (one of its training scales) at 1.33 mm.
+# The bundled model's test: a held-out seed (never in its training or validation), on a 128 x 128 x 96 mm
+# field of view (its main training scale) at 1.33 mm (resampled to its 1 mm working grid).
 BUNDLED_SIZE = (96, 96, 72)
 BUNDLED_SPACING = 4.0 / 3.0
 
@@ -338,7 +339,7 @@ def test_demo_with_the_bundled_model(tmp_path, capsys):
             "demo",
             str(out),
             "--seed",
-            "7",
+            "901",
             "--size",
             *map(str, BUNDLED_SIZE),
             "--spacing",

@@ -51,9 +51,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SEED = 900
+"""The demo's default phantom seed: a held-out seed of the bundled model (seeds 0-199 are its training and
+validation range; 900-999 are held out), so the demo shows a case the model has never seen."""
 DEFAULT_SIZE = (128, 128, 96)
 """Phantom size (x, y, z) in voxels for the demo: small enough for 2 CPU cores in well under 2 minutes."""
-DEFAULT_SPACING_MM = 1.5
+DEFAULT_SPACING_MM = 1.0
+"""The phantom's spacing: the bundled model's working spacing (a 128 x 128 x 96 mm field of view)."""
 MAX_ROTATION_DEG = 10.0
 MAX_SHIFT_MM = 15.0
 CT_SPACING_FACTOR = (1.0, 1.0, 1.25)
@@ -327,7 +331,7 @@ def _baselines() -> List[Tuple[str, Callable[..., sitk.Image]]]:
 def run_demo(
     out_dir: PathLike,
     *,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     size: Sequence[int] = DEFAULT_SIZE,
     spacing: float = DEFAULT_SPACING_MM,
     device: str = "auto",
@@ -620,6 +624,7 @@ def _model_summary(package: Any) -> Dict[str, Any]:
 
 
 __all__ = [
+    "DEFAULT_SEED",
     "DEFAULT_SIZE",
     "DEFAULT_SPACING_MM",
     "STEPS",

@@ -29,7 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ),
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; the demo's files in it are replaced)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the phantom and of the CT's move (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the phantom and of the CT's move (default: 900, a seed the bundled model never saw in training)",
+    )
     p.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the model runs (default: auto)"
     )
@@ -42,7 +47,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="phantom size in voxels (default: 128 128 96)",
     )
     p.add_argument(
-        "--spacing", type=float, default=None, metavar="MM", help="phantom voxel spacing in mm (default: 1.5)"
+        "--spacing",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="phantom voxel spacing in mm (default: 1.0, the bundled model's working spacing)",
     )
     p.add_argument(
         "--model",
@@ -54,11 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..demo import DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
+    from ..demo import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
 
     result = run_demo(
         args.out_dir,
-        seed=args.seed,
+        seed=DEFAULT_SEED if args.seed is None else args.seed,
         size=tuple(args.size) if args.size else DEFAULT_SIZE,
         spacing=args.spacing if args.spacing is not None else DEFAULT_SPACING_MM,
         device=args.device,
