@@ -106,10 +106,13 @@ def _best(values: Sequence[Any], better: str) -> Optional[int]:
     return min(finite, key=lambda t: abs(t[1]))[0]
 
 
-def comparison_table(columns: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = tuple(METRICS)) -> str:
+def comparison_table(
+    columns: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = tuple(METRICS), *, data_attributes: bool = True
+) -> str:
     """A metrics table with one column per method (``columns[method][key]``); the best value of each row in bold.
 
-    Each value cell carries ``data-key`` (the metric key) and ``data-method`` for tools and tests.
+    With ``data_attributes`` each value cell carries ``data-key`` (the metric key) and ``data-method``,
+    for tools and tests reading the page's own results.
     """
     h = _html()
     names = list(columns)
@@ -124,8 +127,9 @@ def comparison_table(columns: Mapping[str, Mapping[str, Any]], keys: Sequence[st
         label, unit, _, better = METRICS.get(key, (key, "", 3, "lower"))
         best = _best(values, better)
         cells = "".join(
-            f'<td class="num{" best" if i == best else ""}" data-key="{h.escape(key)}" data-method="{h.escape(n)}">'
-            f"{h.escape(metric_text(key, v))}</td>"
+            f'<td class="num{" best" if i == best else ""}"'
+            + (f' data-key="{h.escape(key)}" data-method="{h.escape(n)}"' if data_attributes else "")
+            + f">{h.escape(metric_text(key, v))}</td>"
             for i, (n, v) in enumerate(zip(names, values))
         )
         parts.append(f"<tr><td>{h.escape(label)}</td><td>{h.escape(unit)}</td>{cells}</tr>")
@@ -531,23 +535,33 @@ def _model_section(card: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         skip = ("case_names", "input_statistics")
         body += "<h3>Training data</h3>" + _kv([(k, _short(v)) for k, v in training.items() if k not in skip])
     validation = card.get("validation_metrics") or {}
-    held_out = (card.get("held_out_evaluation") or {}).get("methods") or {}
-    if held_out:
-        body += "<h3>Validated metrics on held-out cases (model card)</h3>" + comparison_table(
-            held_out, SUMMARY_METRICS + ("surface_within_1mm",)
+    for label, block in _held_out_blocks(card.get("held_out_evaluation")):
+        body += f"<h3>Validated metrics on held-out cases: {h.escape(label)} (model card)</h3>"
+        body += comparison_table(block["methods"], SUMMARY_METRICS + ("surface_within_1mm",), data_attributes=False)
+        cases = block.get("cases") or []
+        note = " ".join(
+            t for t in (f"Cases: {', '.join(map(str, cases))}." if cases else "", str(block.get("note") or "")) if t
         )
-        note = (card.get("held_out_evaluation") or {}).get("note")
         if note:
-            body += h.paragraph(str(note), css_class="note")
+            body += h.paragraph(note, css_class="note")
     if validation:
         numbers = {k: v for k, v in validation.items() if k in METRICS}
         body += "<h3>Validation metrics (model selection, model card)</h3>"
         if numbers:
-            body += comparison_table({"validation": numbers})
+            body += comparison_table({"validation": numbers}, data_attributes=False)
         others = [(k, _short(v)) for k, v in validation.items() if k not in METRICS]
         if others:
             body += _kv(others)
     return h.section("Model", body)
+
+
+def _held_out_blocks(value: Any) -> List[Tuple[str, Mapping[str, Any]]]:
+    """The card's ``held_out_evaluation``: one ``{cases, note, methods}`` block, or several keyed by a label."""
+    if not isinstance(value, Mapping):
+        return []
+    if isinstance(value.get("methods"), Mapping):
+        return [("held-out cases", value)]
+    return [(str(k), v) for k, v in value.items() if isinstance(v, Mapping) and isinstance(v.get("methods"), Mapping)]
 
 
 def _case_section(metrics: Mapping[str, Any]) -> str:
