@@ -328,6 +328,14 @@ def test_cli_bad_out_dir_is_a_clear_error(tmp_path, capsys):
     assert target.read_text() == "not a folder"
 
 
+def test_cli_unknown_model_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(["demo", str(out), "--model", str(tmp_path / "no-such-model"), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no-such-model" in err
+    assert not out.exists()
+
+
 def test_demo_with_the_bundled_model(tmp_path, capsys):
     """The product as a newcomer sees it: the CLI on a small phantom with the bundled default model."""
     if not (BUNDLED / "model.json").is_file():

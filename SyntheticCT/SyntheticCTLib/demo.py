@@ -373,12 +373,31 @@ def run_demo(
         raise InvalidParameterError(f"The phantom size must be 3 integers, each at least 16 (got {size}).")
     if not (spacing > 0):
         raise InvalidParameterError(f"The phantom spacing must be positive (got {spacing}).")
-    out = ensure_output_dir(out_dir, what="demo's output folder (OUT_DIR)")
+    out_path = Path(out_dir)
+    if out_path.exists() and not out_path.is_dir():  # before any work; ensure_output_dir words it
+        ensure_output_dir(out_path, what="demo's output folder (OUT_DIR)")
+    # The model and the device next: a wrong name, a corrupt package or a missing GPU fails before any work.
+    from .inference import select_device
+    from .models import resolve_model
+
+    package = model if hasattr(model, "card") else resolve_model(model)
+    device = select_device(device)
+    out = ensure_output_dir(out_path, what="demo's output folder (OUT_DIR)")
     report = with_cancel(progress or no_progress, cancel)
     work = Path(tempfile.mkdtemp(prefix=".demo-", suffix=".partial", dir=out))
     try:
         result = _run(
-            work, out, seed, size, float(spacing), device, model, max_rotation_deg, max_shift_mm, run_baselines, report
+            work,
+            out,
+            seed,
+            size,
+            float(spacing),
+            device,
+            package,
+            max_rotation_deg,
+            max_shift_mm,
+            run_baselines,
+            report,
         )
         _publish(work, out)
     finally:
@@ -393,7 +412,7 @@ def _run(
     size: Tuple[int, int, int],
     spacing: float,
     device: str,
-    model: Any,
+    package: Any,
     max_rotation_deg: float,
     max_shift_mm: float,
     run_baselines: bool,
@@ -403,10 +422,7 @@ def _run(
     from SyntheticCTRegistrationLib import registration as registration_lib
 
     from . import inference, phantom
-    from .models import resolve_model
 
-    # The model first: a wrong name or a corrupt package fails before any work.
-    package = model if hasattr(model, "card") else resolve_model(model)
     steps = _Steps(report)
     images_dir = work / "images"
     images_dir.mkdir()
@@ -465,7 +481,13 @@ def _run(
         _synthesize,
         component="SyntheticCTLib.inference.synthesize",
         version=__version__,
-        parameters={"model": f"{package.name} {package.version}", "device": device},
+        parameters={
+            "model": f"{package.name} {package.version}",
+            "device": device,
+            "working_spacing_mm": list(package.spacing_mm),
+            "patch_size": list(package.patch_size),
+            "overlap": package.overlap,
+        },
     )
 
     # 4. register -----------------------------------------------------------------------------------
