@@ -21,6 +21,7 @@ from SyntheticCTLib import demo as demo_lib
 from SyntheticCTLib import report as report_lib
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.errors import Cancelled, InvalidParameterError
+from SyntheticCTRegistrationLib.compare import REQUIRED_KEYS
 
 BUNDLED = Path(demo_lib.__file__).resolve().parent / "Resources" / "models" / "phantom-spine-megre"
 SMALL = (64, 64, 48)
@@ -29,21 +30,6 @@ SMALL_SPACING = 2.0
 # field of view (its main training scale) at 1.33 mm (resampled to its 1 mm working grid).
 BUNDLED_SIZE = (96, 96, 72)
 BUNDLED_SPACING = 4.0 / 3.0
-
-REQUIRED_METRICS = (
-    "mae_hu",
-    "me_hu",
-    "psnr_db",
-    "ssim",
-    "bone_dice",
-    "surface_mean_mm",
-    "surface_median_mm",
-    "surface_rms_mm",
-    "surface_p95_mm",
-    "surface_max_mm",
-    "surface_within_1mm",
-    "per_bone",
-)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -103,7 +89,7 @@ def _vtp_arrays(path: Path) -> dict:
 
 def _check_metrics(metrics: dict) -> None:
     m = metrics["metrics"]
-    for key in REQUIRED_METRICS:
+    for key in REQUIRED_KEYS:
         assert key in m, key
     assert 0.0 <= m["bone_dice"] <= 1.0
     assert 0.0 <= m["surface_within_1mm"] <= 1.0

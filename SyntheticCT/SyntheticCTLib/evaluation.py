@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTRegistrationLib.compare import SUMMARY_KEYS
+
 from . import NOT_FOR_DIAGNOSTIC_USE, __version__
 from .errors import InvalidParameterError, SyntheticCTError
 from .io import atomic_output, read_volume
@@ -38,20 +40,7 @@ from .progress import CancelToken, ProgressCallback, no_progress, scaled, with_c
 logger = logging.getLogger(__name__)
 
 MODEL_METHOD = "model"
-METRIC_KEYS = (
-    "mae_hu",
-    "me_hu",
-    "psnr_db",
-    "ssim",
-    "bone_dice",
-    "surface_mean_mm",
-    "surface_median_mm",
-    "surface_rms_mm",
-    "surface_p95_mm",
-    "surface_max_mm",
-    "surface_within_1mm",
-    "surface_within_2mm",
-)
+METRIC_KEYS = SUMMARY_KEYS
 ALIGN_MODES = ("none", "rigid", "affine")
 
 

@@ -64,6 +64,9 @@ REQUIRED_KEYS = (
 )
 """The top-level keys every ``metrics.json`` starts with (more follow)."""
 
+SUMMARY_KEYS = tuple(key for key in REQUIRED_KEYS if key != "per_bone") + ("surface_within_2mm",)
+"""The scalar metrics of a comparison: the columns of evaluation tables and summaries."""
+
 AIR_HU = -1024.0
 MIN_OVERLAP = 0.01
 
