@@ -351,3 +351,53 @@ def test_patch_sampler_confines_centres_to_body_and_oversamples_bone_and_interna
     plain = PatchSampler([case], bone_fraction=0.0, seed=1, air_target=-1.0)
     share = np.mean([bone[plain.sample(plain.rng(0, i), (8, 8, 8)).centre] for i in range(300)])
     assert share < 0.05  # without oversampling, bone centres are as rare as bone (64 of 9216 body voxels)
+
+
+def test_ct_is_registered_to_the_mri_and_registration_outliers_are_flagged(cases, tmp_path):
+    """A CT moved by a known rigid transform is brought back onto the MRI grid by `data.align: rigid`."""
+    from SyntheticCTLib.training.data import flag_registration_outliers, prepare_cases
+
+    source = cases / "seed1"
+    ct = sitk.ReadImage(str(source / "ct.nii.gz"))
+    move = sitk.Euler3DTransform()
+    move.SetCenter(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in ct.GetSize()]))
+    move.SetRotation(0.0, 0.0, np.deg2rad(6.0))
+    move.SetTranslation((5.0, -4.0, 3.0))
+    moved = sitk.Resample(ct, ct, move, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    sitk.WriteImage(moved, str(tmp_path / "ct_moved.nii.gz"))
+    config = base_config(
+        cases,
+        tmp_path / "run",
+        data={
+            "cases": [
+                {
+                    "name": "moved",
+                    "mri": [str(source / f"mri_echo{k}.nii.gz") for k in (1, 2, 3)],
+                    "ct": str(tmp_path / "ct_moved.nii.gz"),
+                }
+            ],
+            "align": "rigid",
+            "spacing_mm": SPACING,
+        },
+    )
+    loaded = load_config(write_config(tmp_path / "align.yaml", config))
+    (case,) = prepare_cases(loaded, loaded.data.cases)
+
+    registration = case.info["registration"]
+    assert math.isfinite(registration["metric_value"]) and registration["rigid"]["mode"] == "rigid"
+    # The best any registration can do: the moved CT resampled back through the exact inverse transform (the same
+    # two linear interpolations). The registered CT must come close to it, far closer than the moved CT was.
+    ideal = sitk.GetArrayFromImage(sitk.Resample(moved, ct, move.GetInverse(), sitk.sitkLinear, -1024.0))
+    body = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labels.nii.gz"))) > 0
+    aligned = sitk.GetArrayFromImage(case.ct)
+    before = np.abs(sitk.GetArrayFromImage(moved) - ideal)[body].mean()
+    after = np.abs(aligned - ideal)[body].mean()
+    assert after < 0.25 * before, (before, after)
+    bone_ideal, bone_aligned = ideal > 200, aligned > 200
+    dice = 2 * (bone_ideal & bone_aligned).sum() / (bone_ideal.sum() + bone_aligned.sum())
+    assert dice > 0.85, dice
+
+    # Outliers: a robust z-score of the (minimised) metric above the limit flags a case; too few cases flag none.
+    metrics = {"a": -0.50, "b": -0.52, "c": -0.49, "d": -0.51, "e": -0.10}
+    assert flag_registration_outliers(metrics, 3.5) == ["e"]
+    assert flag_registration_outliers({"a": -0.5, "e": -0.1}, 3.5) == []
