@@ -253,3 +253,20 @@ def test_resample_to_spacing_keeps_field_of_view_centre():
     assert same_grid(image, image) and not same_grid(image, coarse)
     with pytest.raises(Exception, match="share a voxel grid"):
         check_same_grid(image, coarse, names=("ct", "sct"))
+
+
+def test_replace_folder_swaps_in_the_new_folder_and_keeps_the_old_one_on_failure(tmp_path):
+    target = tmp_path / "series"
+    target.mkdir()
+    (target / "old.dcm").write_text("old")
+    new = tmp_path / ".series.partial"
+    new.mkdir()
+    (new / "new.dcm").write_text("new")
+    io.replace_folder(new, target)
+    assert sorted(p.name for p in target.iterdir()) == ["new.dcm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"]  # nothing aside is left behind
+
+    with pytest.raises(OSError):
+        io.replace_folder(tmp_path / "missing.partial", target)  # the rename fails: the old folder is put back
+    assert (target / "new.dcm").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"]

@@ -40,6 +40,7 @@ import SimpleITK as sitk
 
 from . import NOT_FOR_DIAGNOSTIC_USE, __version__
 from .errors import InvalidParameterError, VolumeReadError, VolumeWriteError
+from .io import replace_folder
 from .progress import CancelToken, ProgressCallback, no_progress, with_cancel
 
 logger = logging.getLogger(__name__)
@@ -368,7 +369,6 @@ def export_dicom_series(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
     except OSError as e:
         raise VolumeWriteError(f"Cannot write into '{parent}': {e.strerror or e}.") from e
-    old: Optional[Path] = None
     try:
         for k in range(size[2]):
             report(k / size[2], "dicom", f"slice {k + 1} of {size[2]}")
@@ -393,21 +393,10 @@ def export_dicom_series(
         report(1.0, "dicom", f"{size[2]} slices")
         if cancel is not None:
             cancel.check()
-        if out_dir.exists():
-            if any(out_dir.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-                os.replace(out_dir, old / "series")
-            else:
-                out_dir.rmdir()
-        os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old / "series", out_dir)
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     logger.info("Wrote the DICOM CT series '%s' (%d slices, SeriesInstanceUID %s).", out_dir, size[2], series_uid)
     return DicomExport(
         folder=out_dir,

@@ -217,6 +217,29 @@ def ensure_output_dir(path: PathLike, *, what: str = "output folder") -> Path:
     return out
 
 
+def replace_folder(new: PathLike, target: PathLike) -> Path:
+    """Move the finished folder ``new`` onto ``target`` (same parent folder) by renames only.
+
+    An existing ``target`` is moved aside first and deleted only once ``new`` is in place; if the
+    move fails, it is put back. Used for outputs that are folders (a DICOM series, a model package).
+    """
+    new, target = Path(new), Path(target)
+    old: Optional[Path] = None
+    try:
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(new, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.replace(old / target.name, target)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def atomic_output(path: PathLike):
     """Context manager giving a temporary path beside ``path``; on success it is renamed onto ``path``.
 

@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .. import NOT_FOR_DIAGNOSTIC_USE
+from ..io import replace_folder
 from .archive import safe_extract_zip
 from .errors import ArchitectureError, ChecksumError, ModelPackageError, SchemaVersionError
 from .hashing import check_sha256, normalize_sha256, sha256_bytes, sha256_file
@@ -562,7 +563,6 @@ def write_model_package(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".writing", dir=out_dir.parent))
-    old: Optional[Path] = None
     try:
         _save_weights(state_dict, tmp / weights_file, weights_format)
         card["weights"][0]["sha256"] = sha256_file(tmp / weights_file)
@@ -570,17 +570,10 @@ def write_model_package(
         if out_dir.exists():
             if not (out_dir / MODEL_CARD).is_file():
                 raise ModelPackageError(f"Refusing to replace '{out_dir}': it is not a model package folder.")
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / "package")
-        os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out_dir.exists():
-            os.replace(old / "package", out_dir)
         raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     logger.info("Wrote model package '%s' (%s %s).", out_dir, card["name"], card["version"])
     return out_dir
 
