@@ -32,12 +32,12 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from . import NOT_FOR_DIAGNOSTIC_USE
 from .errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
 from .io import atomic_output, check_not_input, read_volume, write_volume
+from .phantom.case import MANIFEST, read_manifest
 from .progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-CASE_FILE = "case.json"
 SUMMARY_FILE = "synthesis_summary.json"
 _ID_PATTERN = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -80,17 +80,10 @@ def load_case_file(path: PathLike) -> SynthesisCase:
     The id is the manifest's ``"id"`` (or ``"name"``), else the folder's name for a file named
     ``case.json``, else the file's stem.
     """
-    path = Path(path)
-    file = path / CASE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise VolumeReadError(f"No case file at '{file}'.")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VolumeReadError(f"Cannot read the case file '{file}': {e}") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("mri"), list) or not manifest["mri"]:
+    file, manifest = read_manifest(path)
+    if not isinstance(manifest.get("mri"), list) or not manifest["mri"]:
         raise VolumeReadError(f"The case file '{file}' needs an \"mri\" list of MRI files (one per channel).")
-    default_id = file.parent.name if file.name == CASE_FILE else file.stem.replace(".json", "")
+    default_id = file.parent.name if file.name == MANIFEST else file.stem.replace(".json", "")
     case_id = _safe_id(manifest.get("id") or manifest.get("name") or default_id)
     mri = tuple((file.parent / str(p)) if not Path(str(p)).is_absolute() else Path(str(p)) for p in manifest["mri"])
     return SynthesisCase(case_id, mri, file)

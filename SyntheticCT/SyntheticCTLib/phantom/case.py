@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from .. import NOT_FOR_DIAGNOSTIC_USE
 from ..errors import VolumeReadError, VolumeWriteError
@@ -96,13 +96,10 @@ def write_phantom(phantom, out_dir: Union[str, Path], *, progress: Optional[Prog
     return path
 
 
-def load_case(path: Union[str, Path]) -> Case:
-    """Read a ``case.json`` (or the folder holding one) and check that the files it names exist.
+def read_manifest(path: Union[str, Path]) -> Tuple[Path, dict]:
+    """Find and parse a ``case.json`` (or the one in the folder ``path``); return its path and content.
 
-    Raises
-    ------
-    VolumeReadError
-        No manifest, invalid JSON, a missing key or a missing file; the message names it.
+    Raises :class:`VolumeReadError` naming the file when it is missing, unreadable or not a JSON object.
     """
     path = Path(path)
     manifest_path = path / MANIFEST if path.is_dir() else path
@@ -114,6 +111,18 @@ def load_case(path: Union[str, Path]) -> Case:
         raise VolumeReadError(f"Could not read the case manifest '{manifest_path}': {e}.") from e
     if not isinstance(manifest, dict):
         raise VolumeReadError(f"The case manifest '{manifest_path}' is not a JSON object.")
+    return manifest_path, manifest
+
+
+def load_case(path: Union[str, Path]) -> Case:
+    """Read a ``case.json`` (or the folder holding one) and check that the files it names exist.
+
+    Raises
+    ------
+    VolumeReadError
+        No manifest, invalid JSON, a missing key or a missing file; the message names it.
+    """
+    manifest_path, manifest = read_manifest(path)
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise VolumeReadError(f"The case manifest '{manifest_path}' lacks the key(s) {', '.join(missing)}.")
