@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,19 @@ def real_data_dir() -> Path:
     if not REAL_DATA_DIR.is_dir():
         pytest.skip(f"real data folder {REAL_DATA_DIR} is absent (it lives beside the repository, not in it)")
     return REAL_DATA_DIR
+
+
+def _run_torchrun(args, *, nproc: int = 2, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc_per_node NPROC -m SyntheticCTLib ARGS`` (list args, no shell)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    command += ["-m", "SyntheticCTLib", *[str(a) for a in args]]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture
+def torchrun():
+    """A function running the ``syntheticct`` command line under a real ``torchrun`` (gloo, CPU)."""
+    return _run_torchrun

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,35 +71,13 @@ def cases(tmp_path_factory):
     return root
 
 
-def test_torchrun_two_processes_write_every_case_exactly_once(cases, package_dir, tmp_path):
+def test_torchrun_two_processes_write_every_case_exactly_once(cases, package_dir, tmp_path, torchrun):
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "SyntheticCTLib",
-        "synthesize",
-        "-o",
-        str(out),
-        "--model",
-        str(package_dir),
-        "--device",
-        "cpu",
-        "--progress",
-        "none",
-        "--log-level",
-        "warning",
-    ]
+    args = ["synthesize", "-o", out, "--model", package_dir, "--device", "cpu", "--progress", "none"]
+    args += ["--log-level", "warning"]
     for case_id in CASE_IDS:
-        command += ["--case", str(cases / case_id)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        args += ["--case", cases / case_id]
+    proc = torchrun(args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     expected = {f"{c}.nii.gz" for c in CASE_IDS} | {f"{c}.json" for c in CASE_IDS}

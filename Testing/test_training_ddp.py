@@ -4,9 +4,6 @@ and together they train as one process with the same global batch does."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,30 +44,14 @@ def config(cases: Path, out: Path, batch_size: int) -> dict:
     }
 
 
-def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
+def test_torchrun_two_processes_end_with_identical_weights(tmp_path, torchrun):
     cases = tmp_path / "cases"
     for seed in (1, 2, 3):
         write_phantom(make_phantom(seed, size=(48, 48, 32), spacing=2.0), cases / f"seed{seed}")
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(config(cases, tmp_path / "ddp", batch_size=1)))
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "SyntheticCTLib",
-        "train",
-        "--config",
-        str(config_path),
-        "--progress",
-        "none",
-    ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    proc = torchrun(["train", "--config", config_path, "--progress", "none"], timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     out = tmp_path / "ddp"
