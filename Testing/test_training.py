@@ -353,6 +353,31 @@ def test_patch_sampler_confines_centres_to_body_and_oversamples_bone_and_interna
     assert share < 0.05  # without oversampling, bone centres are as rare as bone (64 of 9216 body voxels)
 
 
+def test_internal_air_is_the_gas_enclosed_by_tissue_not_the_air_around_the_body():
+    """On a phantom with bowel gas, internal air is the gas label; the outside air along the skin is not."""
+    from SyntheticCTLib.phantom import tissues
+    from SyntheticCTLib.training.data import INTERNAL_AIR_HU, internal_air_mask
+
+    phantom = make_phantom(3, size=(64, 64, 48), spacing=2.0, bowel_gas=True)
+    hu = sitk.GetArrayFromImage(phantom.ct)
+    labels = sitk.GetArrayFromImage(phantom.labels)
+    gas = (labels == tissues.BOWEL_GAS) & (hu < INTERNAL_AIR_HU)
+    assert gas.sum() > 20
+    internal = internal_air_mask(hu)
+    # Every gas voxel, and beyond them only partial-volume voxels of the pocket's wall (CT blurred below -400).
+    from scipy import ndimage
+
+    assert internal[gas].all()
+    assert not internal[~ndimage.binary_dilation(labels == tissues.BOWEL_GAS)].any()
+    assert not internal[labels == tissues.AIR].any()
+    # A pocket cut by the top of the field of view is open in 3D but enclosed in its axial slices.
+    cut = hu.copy()
+    cut[:2][gas[:2].any(axis=0)[None].repeat(2, axis=0)] = -1000.0
+    cut[0, 30:34, 30:34] = -1000.0
+    cut_internal = internal_air_mask(cut)
+    assert cut_internal[0, 30:34, 30:34].all() and not cut_internal[labels == tissues.AIR].any()
+
+
 def test_ct_is_registered_to_the_mri_and_registration_outliers_are_flagged(cases, tmp_path):
     """A CT moved by a known rigid transform is brought back onto the MRI grid by `data.align: rigid`."""
     from SyntheticCTLib.training.data import flag_registration_outliers, prepare_cases

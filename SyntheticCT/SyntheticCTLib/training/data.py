@@ -501,6 +501,24 @@ def mark_registration_outliers(cases: Sequence[PreparedCase], z_limit: float) ->
     return outliers
 
 
+def internal_air_mask(hu: np.ndarray, threshold_hu: float = INTERNAL_AIR_HU) -> np.ndarray:
+    """Air enclosed by tissue in a CT ``(z, y, x)``: bowel gas, lung; not the air around the body.
+
+    Air is ``hu < threshold_hu``. It is internal where the tissue mask's holes are, filled in 3D and in each
+    axial slice (a gas pocket cut by the field of view's top or bottom is still a hole in its slices). The
+    MRI body mask is no test of this: it also covers a rim of the outside air along the skin, which
+    outnumbers the gas voxels by tens to one.
+    """
+    from scipy import ndimage
+
+    air = hu < threshold_hu
+    tissue = ~air
+    enclosed = ndimage.binary_fill_holes(tissue)
+    for z in range(tissue.shape[0]):
+        enclosed[z] |= ndimage.binary_fill_holes(tissue[z])
+    return enclosed & air
+
+
 def finish_case(
     name: str,
     mri: List[sitk.Image],
@@ -517,7 +535,7 @@ def finish_case(
     clip = config.model.output_clip
     target = (np.clip(hu, clip[0], clip[1]) - config.model.output_offset) / config.model.output_scale
     bone = (hu > config.loss.bone_threshold_hu) & body
-    air = (hu < INTERNAL_AIR_HU) & body
+    air = internal_air_mask(hu) & body
     info = dict(info)
     info["input_statistics"] = input_statistics(mri, body)
     info["bone_voxels"] = int(bone.sum())
@@ -557,8 +575,9 @@ class PatchSampler:
     """Draws patches confined to the body, oversampling bone (and, optionally, air inside the body).
 
     A patch centre is a random body voxel; with probability ``bone_fraction`` a random bone voxel (when the
-    case has bone), and with probability ``air_fraction`` a random voxel of air inside the body (bowel gas,
-    lung: as dark in MRI as cortical bone, so the hardest voxels to tell from bone) when the case has some. Sample ``index`` of ``epoch`` is drawn from
+    case has bone), and with probability ``air_fraction`` a random voxel of air enclosed in the body
+    (:func:`internal_air_mask`: bowel gas, lung; as dark in MRI as cortical bone, so the hardest voxels to
+    tell from bone) when the case has some. Sample ``index`` of ``epoch`` is drawn from
     ``numpy.random.default_rng([seed, epoch, index])``, so that any rank, any world size and any resumed
     run draws the same samples for the same indices. Outside the volume, the image is padded with each
     channel's air value and the target with air.
