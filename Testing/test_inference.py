@@ -181,6 +181,16 @@ def test_same_spacing_path_and_lossless_reorientation(tmp_path):
     )
 
 
+def test_a_malformed_card_orientation_is_refused_with_the_model_name(tmp_path):
+    from SyntheticCTLib.errors import InvalidParameterError
+
+    arrays, _, _ = body_phantom((20, 32, 32), seed=1)
+    images = to_images(arrays, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    pkg = make_package(tmp_path / "bad", orientation="LPX", patch=(16, 16, 16))
+    with pytest.raises(InvalidParameterError, match=r"Model 'tiny-test': orientation is 'LPX'; expected 'input'"):
+        synthesize(images, pkg, device="cpu")
+
+
 def test_pipeline_on_the_model_grid_equals_its_parts(package):
     """At the model's spacing, synthesize = body mask + normalisation + sliding window + HU mapping, exactly."""
     arrays, _, _ = body_phantom((20, 32, 40), seed=4)

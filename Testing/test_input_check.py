@@ -138,7 +138,25 @@ def test_oblique_and_flipped_volumes(card):
     oblique = _echoes(direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
     _one(check_inputs(oblique, card), "oblique", "20 degrees")
     flipped = _echoes(direction=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    _one(check_inputs(flipped, card), "RPS", "LPS", "flipped")
+    # A model that runs on the input's own axes, trained on LPS volumes: a flipped input is worth a warning.
+    on_input_axes = dict(card, orientation={"training": "LPS", "inference": "input"})
+    _one(check_inputs(flipped, on_input_axes), "RPS", "LPS", "flipped")
+    # A model whose inference flips every input to LPS (a plain code, as inference reads it): nothing to say.
+    assert card["orientation"] == "LPS" and check_inputs(flipped, card) == []
+    assert check_inputs(flipped, dict(card, orientation="input")) == []
+
+
+def test_card_orientation_is_read_alike_by_the_inference_and_the_input_check():
+    from SyntheticCTLib.models.package import card_orientation
+
+    assert card_orientation({}) == (None, None)
+    assert card_orientation({"orientation": "native"}) == (None, None)
+    assert card_orientation({"orientation": "ras"}) == ("RAS", "RAS")
+    assert card_orientation({"orientation": {"training": "LPS"}}) == ("LPS", None)
+    assert card_orientation({"orientation": {"training": "LPS", "inference": "RAS"}}) == ("LPS", "RAS")
+    for bad in ("LPX", "LLS", "LP", {"inference": "up"}):
+        with pytest.raises(ValueError, match="expected 'input' or a 3-letter code"):
+            card_orientation({"orientation": bad})
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ Steps of :func:`synthesize`:
    direction in which each index axis increases; ``"LPS"`` is the identity direction) permutes and
    flips the axes losslessly to the closest such orientation first (``sitk.DICOMOrient``) and back
    afterwards. No rotation is ever interpolated. In the object form ``{"training": "LPS",
-   "inference": "input"}`` only ``"inference"`` acts (``"training"`` is information for input checks).
+   "inference": "input"}`` only ``"inference"`` acts (``"training"`` is information for input checks);
+   :func:`~SyntheticCTLib.models.package.card_orientation` reads the field for both.
 4. Resampling to the model's ``spacing_mm`` (linear; skipped when every spacing is within 1 % of it).
 5. Normalisation per channel (statistics inside the body), applied patch by patch.
 6. Sliding-window inference with Gaussian blending (:mod:`SyntheticCTLib.sliding_window`); patches
@@ -39,6 +40,7 @@ from . import NOT_FOR_DIAGNOSTIC_USE
 from .errors import InvalidParameterError
 from .geometry import describe_grid, grid_with_spacing, resample_like, same_grid
 from .io import validate_volume
+from .models.package import card_orientation
 from .normalization import channel_normalizations, mri_body_mask, normalize_channels
 from .progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from .sliding_window import DEFAULT_TTA_FLIPS, SlidingWindow, sliding_window_predict
@@ -48,7 +50,6 @@ logger = logging.getLogger(__name__)
 AIR_HU = -1000.0
 SPACING_TOLERANCE = 0.01
 """Relative spacing difference below which the input is not resampled to the model's spacing."""
-NATIVE_ORIENTATIONS = ("", "INPUT", "NATIVE", "INDEX", "ANY", "NONE")
 META_DEVICE = "SyntheticCT|device"
 META_MODEL = "SyntheticCT|model"
 META_MODEL_VERSION = "SyntheticCT|model_version"
@@ -177,20 +178,11 @@ def select_device(device: Optional[str] = "auto") -> str:
 
 
 def _orientation_code(model: Any) -> Optional[str]:
-    card = getattr(model, "card", {}) or {}
-    value = card.get("orientation", "input")
-    if isinstance(value, Mapping):  # {"training": "LPS", "inference": "input"}: only "inference" acts
-        value = value.get("inference", "input")
-    code = str(value or "").strip().upper()
-    if code in NATIVE_ORIENTATIONS:
-        return None
-    axis_of = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
-    if len(code) != 3 or sorted(axis_of.get(c, -1) for c in code) != [0, 1, 2]:
-        raise InvalidParameterError(
-            f"Model '{getattr(model, 'name', '?')}' has orientation {value!r}; expected 'input' or a 3-letter code "
-            "such as 'LPS' or 'RAS'."
-        )
-    return code
+    """The orientation the inference flips inputs to (None: the input's own axes); see ``card_orientation``."""
+    try:
+        return card_orientation(getattr(model, "card", {}) or {})[1]
+    except ValueError as e:
+        raise InvalidParameterError(f"Model '{getattr(model, 'name', '?')}': {e}.") from None
 
 
 def _orient(image: sitk.Image, code: Optional[str]) -> sitk.Image:

@@ -10,7 +10,9 @@ Card fields read (all optional except ``inputs``)::
 
     inputs                        one entry per channel (its label or name is used in messages)
     spacing_mm, patch_size        the model's working voxel size and patch
-    orientation                   a 3-letter code ("LPS", "RAS", ...) or {"training": code, ...}
+    orientation                   "input", a 3-letter code ("LPS", ...) or {"training": code, "inference": ...}
+                                  (read by models.package.card_orientation; only a model that runs on the
+                                  input's own axes warns about the input's orientation)
     training_data.spacing_mm      voxel size of the training data: [x, y, z], or {"min": [...], "max": [...]}
     training_data.fov_mm          field of view of the training data: [x, y, z], or {"min": [...], "max": [...]}
     training_data.input_statistics  per channel {"p1", "p50", "p99"}: raw intensities inside the body
@@ -27,6 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+
+from .models.package import card_orientation
 
 # How far a quantity may stray from the training data before a warning (a factor either way).
 SPACING_FACTOR = 1.5
@@ -211,19 +215,6 @@ def _check_fov(image: sitk.Image, card: Mapping[str, Any]) -> List[str]:
     return warnings
 
 
-def _card_orientation(card: Mapping[str, Any]) -> Optional[str]:
-    value = card.get("orientation")
-    if isinstance(value, Mapping):
-        value = value.get("training") or value.get("code") or value.get("expected")
-    if isinstance(value, str):
-        code = value.strip().upper()
-        if len(code) == 3 and {code[0], code[1], code[2]} <= set("LRAPSI"):
-            axes = {c.translate(str.maketrans("RAI", "LPS")) for c in code}
-            if axes == {"L", "P", "S"}:
-                return code
-    return None
-
-
 def _check_orientation(image: sitk.Image, card: Mapping[str, Any]) -> List[str]:
     warnings = []
     angle = obliquity_degrees(image)
@@ -233,9 +224,12 @@ def _check_orientation(image: sitk.Image, card: Mapping[str, Any]) -> List[str]:
             "axes. The model was trained on straight slices; the volume will be sampled as it is, "
             "and the result may be less accurate."
         )
-    expected = _card_orientation(card)
+    try:
+        expected, flipped_to = card_orientation(card)
+    except ValueError:  # a malformed card is the loader's to refuse, not a property of the input
+        expected, flipped_to = None, None
     actual = orientation_code(image)
-    if expected is not None and actual != expected:
+    if expected is not None and flipped_to is None and actual != expected:
         warnings.append(
             f"The volume's axes run {actual} (ITK convention) while the model was trained on {expected} "
             "volumes: check that the slices are not flipped or swapped."

@@ -207,6 +207,45 @@ def validate_card(card: Any, source: object = "<model.json>") -> Dict[str, Any]:
     return card
 
 
+NATIVE_ORIENTATIONS = ("", "INPUT", "NATIVE", "INDEX", "ANY", "NONE")
+"""Card ``orientation`` values meaning "the network runs on the input's own index axes"."""
+
+
+def _orientation_code(value: Any, what: str) -> Optional[str]:
+    code = str(value if value is not None else "").strip().upper()
+    if code in NATIVE_ORIENTATIONS:
+        return None
+    axis_of = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+    if len(code) != 3 or sorted(axis_of.get(c, -1) for c in code) != [0, 1, 2]:
+        raise ValueError(f"{what} is {value!r}; expected 'input' or a 3-letter code such as 'LPS' or 'RAS'")
+    return code
+
+
+def card_orientation(card: Mapping[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """The ``(training, inference)`` orientation codes of a card's ``orientation``; ``None`` means "input".
+
+    Codes are ITK/DICOM's: the direction in which each index axis increases (``"LPS"`` is the identity
+    direction). The card's value is one of:
+
+    - ``"input"`` (the default; also ``"native"``, ``"index"``, ``"any"``): the network runs on the
+      input's own index axes, and nothing is known of the training volumes' orientation: ``(None, None)``;
+    - a code such as ``"LPS"``: the inference flips every input losslessly to it (``sitk.DICOMOrient``),
+      the orientation of the training volumes: ``("LPS", "LPS")``;
+    - ``{"training": "LPS", "inference": "input"}``: each given separately (a missing key is "input").
+
+    Raises
+    ------
+    ValueError
+        A value that is none of these, with the reason.
+    """
+    value = card.get("orientation", "input")
+    if isinstance(value, Mapping):
+        training = _orientation_code(value.get("training"), "orientation.training")
+        return training, _orientation_code(value.get("inference"), "orientation.inference")
+    code = _orientation_code(value, "orientation")
+    return code, code
+
+
 def network_data_format(card: Mapping[str, Any]) -> Dict[str, Any]:
     """A MONAI-Bundle-style ``network_data_format`` block describing the network's inputs and output."""
     inputs = card["inputs"]
