@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .models.package import card_orientation
+from .normalization import mri_body_mask
 
 # How far a quantity may stray from the training data before a warning (a factor either way).
 SPACING_FACTOR = 1.5
@@ -60,14 +61,12 @@ def input_labels(card: Mapping[str, Any]) -> List[str]:
 
 
 def body_mask(images: Sequence[sitk.Image]) -> np.ndarray:
-    """A boolean body mask ``(z, y, x)`` of the first image: Otsu threshold, holes filled.
+    """A boolean body mask ``(z, y, x)``: the inference's (:func:`~SyntheticCTLib.normalization.mri_body_mask`).
 
-    Signal outside the body is noise, so the statistics are taken inside this mask.
+    The training measured the card's ``input_statistics`` inside that same mask, so the input check
+    compares like with like. Signal outside the body is noise, so the statistics are taken inside it.
     """
-    first = sitk.Cast(images[0], sitk.sitkFloat32)
-    mask = sitk.OtsuThreshold(first, 0, 1)
-    mask = sitk.BinaryFillhole(mask)
-    array = sitk.GetArrayFromImage(mask).astype(bool)
+    array = mri_body_mask([sitk.GetArrayViewFromImage(image) for image in images])
     if array.sum() < 10:  # a flat or empty image: use everything
         array = np.ones_like(array, dtype=bool)
     return array
@@ -76,13 +75,16 @@ def body_mask(images: Sequence[sitk.Image]) -> np.ndarray:
 def input_statistics(images: Sequence[sitk.Image], mask: Optional[np.ndarray] = None) -> List[Dict[str, float]]:
     """Per channel ``{"p1", "p50", "p99"}`` of the raw intensities inside the body (a card's format).
 
-    ``mask`` (``(z, y, x)``, bool) defaults to :func:`body_mask`; all images must share one grid.
+    ``mask`` (``(z, y, x)``, bool) defaults to :func:`body_mask`; all images must share one grid. An empty
+    mask means the whole image. The training writes the card's statistics with this function.
     """
     if mask is None:
         mask = body_mask(images)
     stats = []
     for image in images:
         values = sitk.GetArrayViewFromImage(image)[mask].astype(np.float64)
+        if values.size == 0:
+            values = sitk.GetArrayViewFromImage(image).ravel().astype(np.float64)
         p1, p50, p99 = np.percentile(values, [1, 50, 99]) if values.size else (math.nan,) * 3
         stats.append({"p1": float(p1), "p50": float(p50), "p99": float(p99)})
     return stats

@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from ..errors import SyntheticCTError
 from ..geometry import resample_like, resample_to_spacing, same_grid
+from ..input_check import input_statistics
 from ..io import read_volume
 from ..progress import ProgressCallback, no_progress, scaled
 from .config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_architecture
@@ -303,18 +304,6 @@ def flag_registration_outliers(metrics: Dict[str, float], z_limit: float) -> Lis
     return [n for n, score in zip(names, z) if score > z_limit]
 
 
-def input_statistics(mri: Sequence[sitk.Image], body: np.ndarray) -> List[Dict[str, float]]:
-    """p1, p50 and p99 of each channel's raw intensities inside the body."""
-    stats = []
-    for image in mri:
-        values = sitk.GetArrayViewFromImage(image)[body]
-        if values.size == 0:
-            values = sitk.GetArrayViewFromImage(image).ravel()
-        p1, p50, p99 = np.percentile(values, [1, 50, 99])
-        stats.append({"p1": float(p1), "p50": float(p50), "p99": float(p99)})
-    return stats
-
-
 def normalization_specs(config: TrainingConfig, n_channels: int) -> List[Dict[str, Any]]:
     """One normalisation spec per channel (the configured one(s), or 0.5-99.5 percentiles in the body)."""
     specs = config.model.normalization or [dict(DEFAULT_NORMALIZATION)]
@@ -537,7 +526,7 @@ def finish_case(
     bone = (hu > config.loss.bone_threshold_hu) & body
     air = internal_air_mask(hu) & body
     info = dict(info)
-    info["input_statistics"] = input_statistics(mri, body)
+    info["input_statistics"] = input_statistics(mri, body)  # the input check's own statistics
     info["bone_voxels"] = int(bone.sum())
     info["body_voxels"] = int(body.sum())
     info["internal_air_voxels"] = int(air.sum())
