@@ -121,6 +121,7 @@ class SyntheticCTRegistrationParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     mode: RegistrationMode = RegistrationMode.RIGID
     outputTransform: vtkMRMLTransformNode
+    startFromCurrent: bool = True
     fade: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     checkerSquareMm: Annotated[float, WithinRange(2.0, 100.0)] = 20.0
     boneThreshold: Annotated[float, WithinRange(-200.0, 1500.0)] = 200.0
@@ -307,6 +308,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 outputTransform=p.outputTransform,
                 boneLabels=p.boneLabels if p.mode == RegistrationMode.BONE_LOCAL else None,
                 boneThreshold=p.boneThreshold,
+                startFromCurrent=p.startFromCurrent,
                 onEvent=lambda e: self._onJobEvent(e, bar),
                 onFinished=self._onRegistrationFinished,
             )
@@ -545,6 +547,30 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         sitk.WriteImage(sitkUtils.PullVolumeFromSlicer(node), str(path), False)
         return path
 
+    @staticmethod
+    def _writeCurrentAlignment(fixedVolume, movingVolume, path: pathlib.Path) -> Optional[pathlib.Path]:
+        """The moving volume's current placement relative to the fixed one, as a file; None when there is none.
+
+        The matrix maps the moving volume's own space to the fixed volume's (the "to parent" of a
+        transform node). Slicer writes a transform node's "from parent" to ITK files, which is the
+        registration's fixed -> moving convention. A non-linear placement is not used.
+        """
+        movingParent, fixedParent = movingVolume.GetParentTransformNode(), fixedVolume.GetParentTransformNode()
+        if movingParent is None or movingParent == fixedParent:
+            return None
+        matrix = vtk.vtkMatrix4x4()
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(movingParent, fixedParent, matrix):
+            logging.info("SyntheticCT: the moving volume's transform is not linear; the registration searches.")
+            return None
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SyntheticCT initial alignment")
+        try:
+            node.SetMatrixTransformToParent(matrix)
+            if not slicer.util.saveNode(node, str(path)):
+                raise RuntimeError(_("Could not write the current alignment to {p}.").format(p=path))
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+        return path
+
     # -- register ----------------------------------------------------------------------------------
     def startRegistration(
         self,
@@ -555,12 +581,15 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         outputTransform=None,
         boneLabels=None,
         boneThreshold: Optional[float] = None,
+        startFromCurrent: bool = True,
         onEvent: Optional[Callable] = None,
         onFinished: Optional[Callable] = None,
         wait: bool = False,
     ) -> ChildJob:
         """Register ``movingVolume`` to ``fixedVolume`` in a child process.
 
+        With ``startFromCurrent``, a linear transform between the two volumes' parents (a rough manual
+        alignment, an earlier result) is the starting point (``--initial-transform``) instead of the search.
         On success the transform is loaded (into ``outputTransform`` when it can hold it, else a new
         node) and set as the moving volume's parent, so the alignment shows at once.
         ``onFinished(result, outcome)`` gets the :class:`JobResult` and ``{"transform", "message"}``
@@ -574,6 +603,9 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         fixed = self._writeVolume(fixedVolume, work / "fixed.nrrd")
         moving = self._writeVolume(movingVolume, work / "moving.nrrd")
         labels = self._writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
+        initial = (
+            self._writeCurrentAlignment(fixedVolume, movingVolume, work / "initial.h5") if startFromCurrent else None
+        )
         transform = work / "transform.h5" if mode == "deformable" else work / "transform.tfm"
         args = register_args(
             fixed,
@@ -582,6 +614,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
             mode=mode,
             bone_labels=labels,
             bone_threshold=boneThreshold if mode == "bone-local" else None,
+            initial_transform=initial,
             python=self.pythonExecutable(),
         )
 

@@ -104,6 +104,50 @@ def test_rigid_recovers_a_move_resampled_on_the_same_grid(phantom, bone_points):
     assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
 
 
+def test_a_user_initial_transform_reaches_poses_the_search_cannot(phantom, bone_points):
+    """Turned over (180 degrees about the long axis, prone to supine): a rough manual start makes it work."""
+    centre = physical_centre(phantom.ct)
+    truth = euler(centre, (0.0, 0.0, 180.0), (12.0, -8.0, 6.0))
+    moving = rescanned(phantom.ct, truth)
+    # The user's rough alignment: 10 degrees and 9 mm off, with 4 % of scaling, as an affine transform.
+    rough = sitk.AffineTransform(3)
+    rough.SetCenter(tuple(centre))
+    off = euler(centre, (6.0, -5.0, 186.0), (18.0, -4.0, 8.0))
+    rough.SetMatrix(tuple((np.asarray(off.GetMatrix()).reshape(3, 3) @ np.diag([1.04, 0.97, 1.0])).ravel()))
+    rough.SetTranslation(off.GetTranslation())
+    result = register(phantom.ct, moving, initial_transform=rough)
+    errors = tre(result.transform, truth, bone_points)
+    assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert result.initialization["method"] == "user"
+    assert abs(abs(result.initialization["rotation_deg"][2]) - 180.0) < 10.0
+
+
+def test_rigid_part_of_a_linear_transform():
+    from SyntheticCTRegistrationLib.initialization import rigid_part
+
+    centre = np.array([10.0, -20.0, 30.0])
+    rotation = euler((0, 0, 0), (20.0, -10.0, 35.0), (0, 0, 0))
+    r = np.asarray(rotation.GetMatrix()).reshape(3, 3)
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(tuple(centre))
+    affine.SetMatrix(tuple((r @ np.diag([1.1, 0.9, 1.05])).ravel()))
+    affine.SetTranslation((5.0, 6.0, -7.0))
+    rigid = rigid_part(sitk.CompositeTransform([affine]), centre)  # composites of linear transforms too
+    np.testing.assert_allclose(np.asarray(rigid.GetMatrix()).reshape(3, 3), r, atol=1e-9)
+    np.testing.assert_allclose(rigid.TransformPoint(tuple(centre)), affine.TransformPoint(tuple(centre)), atol=1e-9)
+    grid = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    grid.SetOrigin(tuple(centre - 100.0))
+    grid.SetSpacing((5.0, 5.0, 5.0))
+    bent = sitk.BSplineTransformInitializer(grid, [3, 3, 3])
+    bent.SetParameters(tuple(np.random.default_rng(0).normal(0.0, 5.0, bent.GetNumberOfParameters())))
+    with pytest.raises(InvalidParameterError, match="not linear"):
+        rigid_part(bent, centre)
+    mirror = sitk.AffineTransform(3)
+    mirror.SetMatrix((-1.0, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InvalidParameterError, match="mirrors"):
+        rigid_part(mirror, centre)
+
+
 def test_mri_first_echo_to_ct_recovers_the_transform(phantom, bone_points):
     truth = euler(physical_centre(phantom.ct), (-12.0, 10.0, 14.0), (16.0, -12.0, -18.0))
     moving = rescanned(phantom.mri[0], truth)
@@ -396,6 +440,24 @@ def test_cli_register_writes_transform_json_and_resampled(case_files, bone_point
     assert inside.mean() > 0.5 and np.corrcoef(a, b)[0, 1] > 0.99
     expected = resample_moving(moving, fixed, transform)
     np.testing.assert_allclose(sitk.GetArrayViewFromImage(expected), sitk.GetArrayViewFromImage(resampled), atol=0.5)
+
+
+def test_cli_register_starts_from_an_initial_transform_file(phantom, bone_points, tmp_path, capsys):
+    centre = physical_centre(phantom.ct)
+    truth = euler(centre, (0.0, 0.0, 180.0), (10.0, 5.0, -6.0))
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    write_volume(rescanned(phantom.ct, truth), tmp_path / "turned.nii.gz")
+    write_transform(euler(centre, (4.0, 0.0, 175.0), (14.0, 0.0, -2.0)), tmp_path / "rough.h5")
+    args = ["register", "--progress", "none", "--fixed", str(tmp_path / "ct.nii.gz")]
+    args += ["--moving", str(tmp_path / "turned.nii.gz")]
+    code = main(args + ["-o", str(tmp_path / "reg.tfm"), "--initial-transform", str(tmp_path / "rough.h5")])
+    assert code == 0, capsys.readouterr().err
+    assert tre(read_transform(tmp_path / "reg.tfm"), truth, bone_points).max() < 0.3
+    assert json.loads((tmp_path / "reg.tfm.json").read_text())["initialization"]["method"] == "user"
+    # A missing initial transform file: one clear line naming it, and nothing written.
+    code = main(args + ["-o", str(tmp_path / "reg2.tfm"), "--initial-transform", str(tmp_path / "absent.h5")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "absent.h5" in err[-1] and not (tmp_path / "reg2.tfm").exists()
 
 
 def test_cli_bone_local_writes_per_bone_transforms(case_files, capsys):

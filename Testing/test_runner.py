@@ -114,6 +114,7 @@ def test_register_args(tmp_path, mode):
         resampled=tmp_path / "r.nrrd",
         bone_labels=tmp_path / "bones.nrrd",
         bone_threshold=180,
+        initial_transform=tmp_path / "start.h5",
     )
     assert args[3] == "register"
     assert args[args.index("--fixed") + 1] == str(tmp_path / "ct.nrrd")
@@ -123,6 +124,7 @@ def test_register_args(tmp_path, mode):
     assert args[args.index("--resampled") + 1] == str(tmp_path / "r.nrrd")
     assert args[args.index("--bone-labels") + 1] == str(tmp_path / "bones.nrrd")
     assert float(args[args.index("--bone-threshold") + 1]) == 180.0
+    assert args[args.index("--initial-transform") + 1] == str(tmp_path / "start.h5")
     assert args[-2:] == ["--progress", "json"]
 
 
@@ -199,6 +201,7 @@ def test_built_arguments_parse_with_the_real_command_line(tmp_path, command):
             resampled=tmp_path / "r.nrrd",
             bone_labels=tmp_path / "b.nrrd",
             bone_threshold=150,
+            initial_transform=tmp_path / "start.h5",
         ),
         "compare": lambda: compare_args(
             tmp_path / "ct.nrrd",
@@ -217,6 +220,7 @@ def test_built_arguments_parse_with_the_real_command_line(tmp_path, command):
     assert callable(ns.run)
     if command == "register":
         assert ns.mode == "bone-local" and ns.bone_threshold == 150.0 and ns.bone_labels == str(tmp_path / "b.nrrd")
+        assert ns.initial_transform == str(tmp_path / "start.h5")
     if command == "compare":
         assert ns.bone_transform == [f"1={tmp_path / 't.bone1.tfm'}"] and ns.bone_threshold == 200.0
 

@@ -112,6 +112,7 @@ def register_args(
     moving_mask: Optional[PathLike] = None,
     bone_labels: Optional[PathLike] = None,
     bone_threshold: Optional[float] = None,
+    initial_transform: Optional[PathLike] = None,
     python: Optional[PathLike] = None,
 ) -> List[str]:
     """Arguments for ``syntheticct register --fixed CT --moving IMG -o T.tfm --mode M --progress json``.
@@ -139,6 +140,8 @@ def register_args(
         args += ["--bone-labels", _path(bone_labels, "The bone label map")]
     if bone_threshold is not None:
         args += ["--bone-threshold", _hu(bone_threshold)]
+    if initial_transform is not None:
+        args += ["--initial-transform", _path(initial_transform, "The initial transform")]
     return args + ["--progress", "json"]
 
 

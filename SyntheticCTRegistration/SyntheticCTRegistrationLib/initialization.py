@@ -142,6 +142,39 @@ def euler(
     return t
 
 
+def rigid_part(transform: sitk.Transform, centre: Sequence[float]) -> sitk.Euler3DTransform:
+    """The rigid transform nearest a linear ``transform`` (any linear type, or a composite of them), about ``centre``.
+
+    The linear map is measured on points around ``centre``; its matrix's rotation factor (polar decomposition)
+    is kept, and ``centre`` maps where ``transform`` maps it. A user's rough alignment (an affine with some
+    scaling, say) thus starts a rigid registration at the right place and attitude.
+
+    Raises
+    ------
+    InvalidParameterError
+        The transform is not linear (a displacement field, a B-spline), or it mirrors.
+    """
+    c = np.asarray(centre, dtype=float)
+    probes = c + 50.0 * np.vstack([np.zeros(3), np.eye(3), -np.eye(3), np.ones((1, 3))])
+    mapped = np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in probes], dtype=float)
+    design = np.hstack([probes - c, np.ones((len(probes), 1))])
+    solution, *_ = np.linalg.lstsq(design, mapped, rcond=None)
+    a, image_of_centre = solution[:3].T, solution[3]
+    if np.abs(design @ solution - mapped).max() > 1e-3:
+        raise InvalidParameterError(
+            f"The initial transform ({transform.GetName()}) is not linear; a rigid or affine transform is needed."
+        )
+    u, _, vt = np.linalg.svd(a)
+    rotation = u @ vt
+    if np.linalg.det(rotation) < 0:
+        raise InvalidParameterError("The initial transform mirrors the image (its determinant is negative).")
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(tuple(float(v) for v in c))
+    rigid.SetMatrix(tuple(float(v) for v in rotation.ravel()), 1e-6)
+    rigid.SetTranslation(tuple(float(v) for v in image_of_centre - c))
+    return rigid
+
+
 def rotation_grid(max_deg: float, step_deg: float) -> List[Tuple[float, float, float]]:
     """Euler angle triples (degrees) on a grid from ``-max_deg`` to ``max_deg`` about each axis; identity first."""
     if max_deg <= 0 or step_deg <= 0:

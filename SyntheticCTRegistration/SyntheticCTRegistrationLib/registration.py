@@ -54,6 +54,8 @@ from .initialization import (
     check_overlap,
     initialize_rigid,
     mask_points,
+    physical_centre,
+    rigid_part,
     transform_points,
 )
 from .modality import check_not_constant, choose_metric, detect_modality, foreground_mask, intensity_window, windowed
@@ -273,6 +275,7 @@ def register(
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
     initialize: str = "auto",
+    initial_transform: Optional[sitk.Transform] = None,
     level_spacings_mm: Sequence[float] = DEFAULT_LEVELS_MM,
     search_max_deg: float = 30.0,
     search_step_deg: float = 15.0,
@@ -304,6 +307,10 @@ def register(
         ``report(fraction, stage, message)``; it may raise ``Cancelled`` to stop.
     initialize
         ``auto``, ``geometry``, ``moments`` or ``none`` (the physical space as given, no search).
+    initial_transform
+        A starting transform (fixed -> moving points, as the result's), e.g. a rough manual alignment made
+        in Slicer; it replaces ``initialize`` and the rotation search, so any pose (prone to supine) can be
+        registered. A linear transform: its rigid part (:func:`.initialization.rigid_part`) is the start.
     level_spacings_mm
         Target spacings of the resolution levels, coarse to fine.
     search_max_deg, search_step_deg
@@ -476,7 +483,14 @@ def register(
         )
 
     first_level_done = False
-    if initialize == "none":
+    if initial_transform is not None:
+        centre = fixed_points.mean(axis=0) if len(fixed_points) else physical_centre(fixed_coarse)
+        start = rigid_part(initial_transform, centre)
+        angles = tuple(
+            round(float(np.degrees(a)), 3) for a in (start.GetAngleX(), start.GetAngleY(), start.GetAngleZ())
+        )
+        init = Initialization(start, "user", angles, check_overlap(start, fixed_points, moving), 1)
+    elif initialize == "none":
         init = initialize_rigid(
             fixed_coarse,
             moving_coarse,

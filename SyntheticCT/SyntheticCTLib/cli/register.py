@@ -73,6 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="auto",
         help="initialization: auto (default), geometry, moments, or none (trust the physical space)",
     )
+    p.add_argument(
+        "--initial-transform",
+        metavar="T",
+        help="start from this linear transform (fixed -> moving points, as the output; e.g. a rough manual "
+        "alignment saved from Slicer) instead of --initialize; its rigid part is used",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the metric's random samples")
     p.add_argument("--json", metavar="OUT", help="JSON summary file (default: TRANSFORM.json)")
     p.set_defaults(run=run)
@@ -89,12 +95,18 @@ def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.io import atomic_output, check_not_input, read_volume, volume_suffix, write_volume
     from SyntheticCTRegistrationLib.engine import DEFAULT_SEED
     from SyntheticCTRegistrationLib.registration import register, resample_moving
-    from SyntheticCTRegistrationLib.transforms_io import TRANSFORM_SUFFIXES, transform_suffix, write_transform
+    from SyntheticCTRegistrationLib.transforms_io import (
+        TRANSFORM_SUFFIXES,
+        read_transform,
+        transform_suffix,
+        write_transform,
+    )
 
     transform_path = Path(args.output)
     json_path = Path(args.json) if args.json else transform_path.with_name(transform_path.name + ".json")
     resampled_path = Path(args.resampled) if args.resampled else None
-    inputs = [Path(p) for p in (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.bone_labels) if p]
+    given = (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.bone_labels, args.initial_transform)
+    inputs = [Path(p) for p in given if p]
     if not transform_suffix(transform_path):
         raise InvalidParameterError(
             f"The transform '{transform_path}' must end with one of {', '.join(TRANSFORM_SUFFIXES)}."
@@ -117,6 +129,7 @@ def run(args: argparse.Namespace, report) -> int:
     fixed_mask = read_volume(args.fixed_mask) if args.fixed_mask else None
     moving_mask = read_volume(args.moving_mask) if args.moving_mask else None
     bone_labels = read_volume(args.bone_labels) if args.bone_labels else None
+    initial_transform = read_transform(args.initial_transform) if args.initial_transform else None
     if bone_labels is not None and args.mode != "bone-local":
         raise InvalidParameterError("--bone-labels is only used with --mode bone-local.")
 
@@ -131,6 +144,7 @@ def run(args: argparse.Namespace, report) -> int:
         moving_mask=moving_mask,
         bone_labels=bone_labels,
         initialize=args.initialize,
+        initial_transform=initial_transform,
         bone_threshold_hu=args.bone_threshold,
         seed=DEFAULT_SEED if args.seed is None else int(args.seed),
         progress=scaled(report, 0.02, 0.9),
