@@ -102,7 +102,7 @@ def fixed_batch_losses(config_path: Path, package_dir: Path):
     config.augmentation.enabled = False
     train_specs, _ = collect_cases(config)
     sampler = PatchSampler(prepare_cases(config, train_specs), bone_fraction=0.5, seed=99, air_target=-1.0)
-    image, target, body, bone = make_batch(sampler, config, 0, range(16), "cpu")
+    image, target, body, bone, _air = make_batch(sampler, config, 0, range(16), "cpu")
     loss = SynthesisLoss(bone_weight=config.loss.bone_weight, gradient_weight=config.loss.gradient_weight)
     package = load_model_package(package_dir)
     torch.manual_seed(config.seed)  # the training's initialisation
@@ -343,6 +343,7 @@ def test_patch_sampler_confines_centres_to_body_and_oversamples_bone_and_interna
         centre = patch.centre
         assert body[centre]
         counts["bone" if bone[centre] else "air" if air[centre] else "other"] += 1
+        assert patch.air[4, 4, 4] == float(air[centre])  # the internal-air crop travels with the patch
         # the patch's body mask is the case's, cropped around the centre
         assert patch.body[4, 4, 4] == 1.0 and patch.image.shape == (2, 8, 8, 8)
     assert 0.22 < counts["bone"] / 500 < 0.38 and 0.32 < counts["air"] / 500 < 0.48
@@ -351,6 +352,21 @@ def test_patch_sampler_confines_centres_to_body_and_oversamples_bone_and_interna
     plain = PatchSampler([case], bone_fraction=0.0, seed=1, air_target=-1.0)
     share = np.mean([bone[plain.sample(plain.rng(0, i), (8, 8, 8)).centre] for i in range(300)])
     assert share < 0.05  # without oversampling, bone centres are as rare as bone (64 of 9216 body voxels)
+
+
+def test_loss_weights_body_bone_and_internal_air_by_hand():
+    from SyntheticCTLib.training.losses import SynthesisLoss
+
+    # Four voxels: outside the body, body, bone, internal air; prediction error 1 each except 0.5 on air.
+    body = torch.tensor([0.0, 1.0, 1.0, 1.0]).reshape(1, 1, 1, 1, 4)
+    bone = torch.tensor([0.0, 0.0, 1.0, 0.0]).reshape(1, 1, 1, 1, 4)
+    air = torch.tensor([0.0, 0.0, 0.0, 1.0]).reshape(1, 1, 1, 1, 4)
+    target = torch.zeros(1, 1, 1, 1, 4)
+    prediction = torch.tensor([1.0, 1.0, 1.0, 0.5]).reshape(1, 1, 1, 1, 4)
+    loss = SynthesisLoss(bone_weight=2.0, background_weight=0.1, air_weight=3.0)
+    # weights 0.1, 1, 3, 4: (0.1 + 1 + 3 + 4 * 0.5) / (0.1 + 1 + 3 + 4)
+    assert float(loss(prediction, target, body, bone, air).total) == pytest.approx(6.1 / 8.1)
+    assert float(loss(prediction, target, body, bone).total) == pytest.approx(4.6 / 5.1)  # no air mask: weight 1
 
 
 def test_internal_air_is_the_gas_enclosed_by_tissue_not_the_air_around_the_body():

@@ -124,6 +124,7 @@ class LossConfig:
     gradient_weight: float = 0.0
     background_weight: float = 0.1
     bone_threshold_hu: float = 200.0
+    air_weight: float = 0.0
 
 
 @dataclass
@@ -528,6 +529,7 @@ def _parse_loss(reader: _Reader) -> LossConfig:
     loss.gradient_weight = reader.number("gradient_weight", loss.gradient_weight, minimum=0.0)
     loss.background_weight = reader.number("background_weight", loss.background_weight, minimum=0.0)
     loss.bone_threshold_hu = reader.number("bone_threshold_hu", loss.bone_threshold_hu)
+    loss.air_weight = reader.number("air_weight", loss.air_weight, minimum=0.0)
     reader.finish()
     return loss
 

@@ -558,6 +558,7 @@ class Patch:
     bone: np.ndarray  # (d, h, w) float32
     case: str
     centre: Tuple[int, int, int]
+    air: Optional[np.ndarray] = None  # (d, h, w) float32, air enclosed in the body (internal_air_mask)
 
 
 class PatchSampler:
@@ -647,6 +648,9 @@ class PatchSampler:
             bone=_crop(case.bone, start, size, False).astype(np.float32),
             case=case.name,
             centre=tuple(int(c) for c in centre),
+            air=_crop(case.air, start, size, False).astype(np.float32)
+            if case.air is not None
+            else np.zeros(size, dtype=np.float32),
         )
 
 

@@ -188,7 +188,7 @@ def make_batch(sampler: PatchSampler, config: TrainingConfig, epoch: int, indice
     aug = config.augmentation
     spacing_zyx = tuple(float(s) for s in config.data.spacing_mm)[::-1]
     margin = rotation_margin(patch, aug.rotation_degrees)
-    images, targets, bodies, bones = [], [], [], []
+    images, targets, bodies, bones, airs = [], [], [], [], []
     for index in indices:
         rng = sampler.rng(epoch, index)
         spatial = draw_spatial(rng, aug)
@@ -196,15 +196,18 @@ def make_batch(sampler: PatchSampler, config: TrainingConfig, epoch: int, indice
         sample = sampler.sample(rng, size)
         n = sample.image.shape[0]
         stack = torch.from_numpy(
-            np.concatenate([sample.image, sample.target[None], sample.body[None], sample.bone[None]], axis=0)
+            np.concatenate(
+                [sample.image, sample.target[None], sample.body[None], sample.bone[None], sample.air[None]], axis=0
+            )
         )
-        stack = apply_spatial(stack, patch, spatial, spacing=spacing_zyx, nearest_channels=(n + 1, n + 2))
+        stack = apply_spatial(stack, patch, spatial, spacing=spacing_zyx, nearest_channels=(n + 1, n + 2, n + 3))
         image = apply_intensity(stack[:n], rng, aug)
         images.append(image)
         targets.append(stack[n : n + 1])
         bodies.append(stack[n + 1 : n + 2])
         bones.append(stack[n + 2 : n + 3])
-    return tuple(torch.stack(t).to(device, non_blocking=True) for t in (images, targets, bodies, bones))
+        airs.append(stack[n + 3 : n + 4])
+    return tuple(torch.stack(t).to(device, non_blocking=True) for t in (images, targets, bodies, bones, airs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,7 +426,7 @@ def recalibrated_copy(network, sampler: PatchSampler, config: TrainingConfig, de
     size = config.training.batch_size
     with torch.no_grad():
         for b in range(batches):
-            image, _, _, _ = make_batch(sampler, config, RECALIBRATION_EPOCH, range(b * size, (b + 1) * size), device)
+            image, *_ = make_batch(sampler, config, RECALIBRATION_EPOCH, range(b * size, (b + 1) * size), device)
             copied(image)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -634,6 +637,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     loss_fn = SynthesisLoss(
         bone_weight=config.loss.bone_weight,
+        air_weight=config.loss.air_weight,
         gradient_weight=config.loss.gradient_weight,
         background_weight=config.loss.background_weight,
     )
@@ -717,11 +721,11 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
             in_epoch = step % tc.steps_per_epoch
             first = in_epoch * global_batch + dist.rank * tc.batch_size
             indices = list(range(first, first + tc.batch_size))
-            image, target, body, bone = make_batch(sampler, config, epoch, indices, device)
+            image, target, body, bone, air = make_batch(sampler, config, epoch, indices, device)
             model.train()
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 prediction = model(image)
-            terms = loss_fn(prediction, target, body, bone)
+            terms = loss_fn(prediction, target, body, bone, air)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms.total).backward()
             if tc.grad_clip > 0:

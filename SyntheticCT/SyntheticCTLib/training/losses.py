@@ -3,7 +3,8 @@
 Both work on the network's normalised output ``y`` and target ``t`` (HU = y * scale + offset), shaped
 ``(N, 1, D, H, W)``. Voxel weights are 1 inside the body, ``background_weight`` outside it, plus
 ``bone_weight`` on bone voxels (CT above the bone threshold), so that thin cortical bone, a small
-fraction of the voxels, is not drowned by soft tissue.
+fraction of the voxels, is not drowned by soft tissue, plus ``air_weight`` on the air enclosed in the
+body (bowel gas), which is as dark as cortical bone in a gradient echo and far rarer.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ class LossTerms:
     gradient: float
 
 
-def voxel_weights(body, bone, *, bone_weight: float, background_weight: float):
-    """Per-voxel weights from boolean/float ``body`` and ``bone`` masks (same shape as the target)."""
+def voxel_weights(body, bone, *, bone_weight: float, background_weight: float, air=None, air_weight: float = 0.0):
+    """Per-voxel weights from boolean/float ``body``, ``bone`` and (optional) internal ``air`` masks."""
     body = body.float()
-    return body + (1.0 - body) * background_weight + bone.float() * bone_weight
+    weights = body + (1.0 - body) * background_weight + bone.float() * bone_weight
+    if air is not None and air_weight > 0:
+        weights = weights + air.float() * air_weight
+    return weights
 
 
 def weighted_l1(prediction, target, weights):
@@ -58,18 +62,31 @@ def gradient_difference(prediction, target, weights=None):
 
 
 class SynthesisLoss:
-    """L1 (weighted on body and bone) plus ``gradient_weight`` times the gradient-difference loss."""
+    """L1 (weighted on body, bone and internal air) plus ``gradient_weight`` times the gradient-difference loss."""
 
     def __init__(
-        self, *, bone_weight: float = 1.0, gradient_weight: float = 0.0, background_weight: float = 0.1
+        self,
+        *,
+        bone_weight: float = 1.0,
+        gradient_weight: float = 0.0,
+        background_weight: float = 0.1,
+        air_weight: float = 0.0,
     ) -> None:
         self.bone_weight = float(bone_weight)
+        self.air_weight = float(air_weight)
         self.gradient_weight = float(gradient_weight)
         self.background_weight = float(background_weight)
 
-    def __call__(self, prediction, target, body, bone) -> LossTerms:
+    def __call__(self, prediction, target, body, bone, air=None) -> LossTerms:
         prediction = prediction.float()
-        weights = voxel_weights(body, bone, bone_weight=self.bone_weight, background_weight=self.background_weight)
+        weights = voxel_weights(
+            body,
+            bone,
+            bone_weight=self.bone_weight,
+            background_weight=self.background_weight,
+            air=air,
+            air_weight=self.air_weight,
+        )
         l1 = weighted_l1(prediction, target, weights)
         total = l1
         gradient_value = 0.0
