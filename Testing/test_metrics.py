@@ -173,6 +173,18 @@ def test_segment_bone_components_and_holes():
     assert not filled[6:8, 6:8, 6:8].any()
 
 
+def test_marrow_cavities_are_filled_by_default_and_a_cranium_is_not():
+    """A vertebral body whose marrow is below the threshold (8 mL) is solid bone; a skull's 175 mL cavity stays open."""
+    ct = np.zeros((50, 50, 50), dtype=np.float32)
+    ct[2:16, 2:16, 2:16] = 700.0  # a 28 mm "vertebral body" (2 mm voxels), cortex 4 mm
+    ct[4:14, 4:14, 4:14] = 150.0  # its marrow, below 200 HU: 1000 voxels = 8 mL
+    ct[18:50, 18:50, 18:50] = 1200.0  # a "cranium": 64 mm box
+    ct[20:48, 20:48, 20:48] = 30.0  # the brain: 56 mm box, 175 mL
+    bone = sitk.GetArrayFromImage(segment_bone(_image(ct, spacing=(2.0, 2.0, 2.0))))
+    assert bone[4:14, 4:14, 4:14].all()
+    assert not bone[20:48, 20:48, 20:48].any()
+
+
 def test_dice_by_hand():
     a = np.zeros((4, 4, 4), dtype=np.uint8)
     b = np.zeros((4, 4, 4), dtype=np.uint8)

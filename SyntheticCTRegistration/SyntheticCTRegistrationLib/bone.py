@@ -13,6 +13,15 @@ from SyntheticCTLib.geometry import check_same_grid
 
 logger = logging.getLogger(__name__)
 
+MARROW_CAVITY_MM3 = 100_000.0
+"""Default largest enclosed pocket filled in a bone mask (100 mL).
+
+A thresholded CT is a sponge where trabecular bone falls below the threshold (fatty or osteoporotic
+marrow, CT noise): its pockets join into cavities of several mL inside each vertebral body, whose walls
+are not a bone surface but would be compared as one. Every such marrow cavity (a lumbar vertebral body
+holds about 30 mL, a femoral head about 50 mL) is filled; the cranial cavity (about 1400 mL) is not.
+"""
+
 
 def _voxel_volume(image: sitk.Image) -> float:
     return float(np.prod(image.GetSpacing()))
@@ -44,7 +53,7 @@ def keep_components(mask: sitk.Image, *, keep_largest: Optional[int] = None, min
     return _from_array(keep, mask)
 
 
-def fill_small_holes(mask: sitk.Image, *, max_hole_mm3: Optional[float] = 1000.0) -> sitk.Image:
+def fill_small_holes(mask: sitk.Image, *, max_hole_mm3: Optional[float] = MARROW_CAVITY_MM3) -> sitk.Image:
     """Fill the enclosed background pockets of ``mask`` up to ``max_hole_mm3`` (all when None).
 
     A pocket is a face-connected background component that does not touch the image border.
@@ -82,7 +91,7 @@ def segment_bone(
     keep_largest: Optional[int] = None,
     min_size_mm3: float = 100.0,
     fill_holes: bool = True,
-    max_hole_mm3: Optional[float] = 1000.0,
+    max_hole_mm3: Optional[float] = MARROW_CAVITY_MM3,
 ) -> sitk.Image:
     """Bone of a CT (or sCT): voxels at or above ``threshold`` HU, cleaned.
 
@@ -96,7 +105,8 @@ def segment_bone(
         Keep only this many largest connected components; by default every component of at least
         ``min_size_mm3`` is kept (the vertebrae of a spine are separate components).
     fill_holes, max_hole_mm3
-        Fill enclosed pockets up to ``max_hole_mm3`` (None: any size) inside the bone.
+        Fill enclosed pockets up to ``max_hole_mm3`` (None: any size) inside the bone; by default the
+        marrow cavities (:data:`MARROW_CAVITY_MM3`), so that the compared surface is the outer one.
 
     Returns
     -------
