@@ -181,6 +181,8 @@ def test_tiny_training_lowers_loss_and_exports_a_package_that_loads_and_synthesi
     fresh = build_network("unet3d", **card["architecture"]["kwargs"])
     info = load_initial_weights(fresh, tune)
     assert info["package"] == "tiny-test"
+    # recorded as the configuration names it, relative to its folder (no machine's absolute path in a card)
+    assert info["source"] == str(Path(result.package_dir).resolve().relative_to(tmp_path.resolve()))
     for key, value in package.load_state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     tune.model.kwargs = {"depth": 2, "width": 6, "norm": "batch"}

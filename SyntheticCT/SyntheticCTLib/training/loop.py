@@ -362,7 +362,12 @@ def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
     from .export import state_dict_sha256
 
     path = Path(config.model.init_weights)
-    info: Dict[str, Any] = {"source": str(path)}
+    base = Path(config.source).resolve().parent if config.source else None
+    try:  # as the configuration names it, not as this machine's absolute path
+        shown = str(path.resolve().relative_to(base)) if base else str(path)
+    except ValueError:
+        shown = str(path)
+    info: Dict[str, Any] = {"source": shown}
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml", ".json"):
         package_dir = load_config(path).output_dir / "model"
         if not (package_dir / "model.json").is_file():
