@@ -300,9 +300,10 @@ def test_config_errors_are_clear(cases, tmp_path, capsys):
         ("training", "patch_size", [16, 24, 25], "must be divisible by 2"),
         ("training", "trainig_steps", 5, "unknown key(s) training.trainig_steps"),
         ("data", "align", "elastic", "data.align must be one of none, rigid, affine"),
+        ("loss", "air_weight", -1, "loss.air_weight must be >= 0 (got -1)"),
     ]:
         config = copy.deepcopy(good)
-        config[section][key] = value
+        config.setdefault(section, {})[key] = value
         assert expected in error_of(config), (key, value)
 
     # Phantom folders: the channel count is checked against the architecture before training starts.
