@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from SyntheticCTLib.errors import GeometryMismatchError, InvalidParameterError
 from SyntheticCTLib.geometry import check_same_grid
+from SyntheticCTLib.normalization import fill_holes
 
 HU_RANGE: Tuple[float, float] = (-1024.0, 3000.0)
 """The SynthRAD 2023 population-wide HU range used by PSNR and SSIM."""
@@ -169,9 +170,7 @@ def body_mask(ct: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
     array = sitk.GetArrayViewFromImage(components) == 1
     if not array.any():
         raise InvalidParameterError(f"The CT has no voxel above {threshold:g} HU: no body found.")
-    filled = ndimage.binary_fill_holes(array)
-    for k in range(filled.shape[0]):
-        filled[k] = ndimage.binary_fill_holes(filled[k])
+    filled = fill_holes(array)
     result = sitk.GetImageFromArray(filled.astype(np.uint8))
     result.CopyInformation(ct)
     return result

@@ -498,14 +498,10 @@ def internal_air_mask(hu: np.ndarray, threshold_hu: float = INTERNAL_AIR_HU) -> 
     MRI body mask is no test of this: it also covers a rim of the outside air along the skin, which
     outnumbers the gas voxels by tens to one.
     """
-    from scipy import ndimage
+    from ..normalization import fill_holes
 
     air = hu < threshold_hu
-    tissue = ~air
-    enclosed = ndimage.binary_fill_holes(tissue)
-    for z in range(tissue.shape[0]):
-        enclosed[z] |= ndimage.binary_fill_holes(tissue[z])
-    return enclosed & air
+    return fill_holes(~air) & air
 
 
 def finish_case(
