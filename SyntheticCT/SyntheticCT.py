@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
-from SyntheticCTLib.runner import ChildJob, JobResult, RunnerEvent, child_environment, describe_event
+from SyntheticCTLib.apps.runner import ChildJob, JobResult, RunnerEvent, child_environment, describe_event
 
 MAX_INPUTS = 6
 """Input selectors in the GUI; a model with more channels runs from the command line."""
@@ -602,7 +602,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def inputLabels(entry, card: Optional[dict]) -> List[str]:
         """What each input of the model is, e.g. ["echo 1 (TE 2.2 ms)", ...]."""
-        from SyntheticCTLib.input_check import input_labels
+        from SyntheticCTLib.synthesis.input_check import input_labels
 
         if card:
             return input_labels(card)
@@ -706,7 +706,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
         """Plain-words warnings where the inputs differ from the model's training data (library check)."""
         import sitkUtils
 
-        from SyntheticCTLib.input_check import check_inputs
+        from SyntheticCTLib.synthesis.input_check import check_inputs
 
         return check_inputs([sitkUtils.PullVolumeFromSlicer(n) for n in nodes], card)
 
@@ -731,15 +731,9 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
         import SyntheticCTLib
 
         paths = [os.path.dirname(os.path.dirname(os.path.abspath(SyntheticCTLib.__file__)))]
-        try:
-            import SyntheticCTRegistrationLib
-
-            paths.append(os.path.dirname(os.path.dirname(os.path.abspath(SyntheticCTRegistrationLib.__file__))))
-        except ImportError:
-            pass
         return child_environment(
             slicer.util.startupEnvironment(),
-            python_paths=list(dict.fromkeys(paths)),
+            python_paths=paths,
             device=device,
             cache_dir=self.cacheDirectory(),
         )
@@ -771,7 +765,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
 
     def startFetchModel(self, name: str, onEvent=None, onFinished=None, wait: bool = False) -> ChildJob:
         """Download (and verify) a catalog model in a child process."""
-        from SyntheticCTLib.runner import models_fetch_args
+        from SyntheticCTLib.apps.runner import models_fetch_args
 
         return self._run(
             models_fetch_args(name, python=self.pythonExecutable()), self.childEnvironment(), onEvent, onFinished, wait
@@ -781,7 +775,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
         self, source: str, sha256: Optional[str], onEvent=None, onFinished=None, wait: bool = False
     ) -> ChildJob:
         """Add a model from a URL (with its SHA-256), a .zip file or a folder, in a child process."""
-        from SyntheticCTLib.runner import models_add_args
+        from SyntheticCTLib.apps.runner import models_add_args
 
         return self._run(
             models_add_args(source, sha256=sha256, python=self.pythonExecutable()),
@@ -812,7 +806,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
         """
         import sitkUtils
 
-        from SyntheticCTLib.runner import synthesize_args
+        from SyntheticCTLib.apps.runner import synthesize_args
 
         if not inputNodes or not all(inputNodes):
             raise ValueError(_("Choose a volume for every input of the model."))
@@ -969,7 +963,7 @@ class SyntheticCTLogic(ScriptedLoadableModuleLogic):
         """Write ``volume`` as a DICOM CT series (the library's exporter) into a new folder; return it."""
         import sitkUtils
 
-        from SyntheticCTLib.dicom_export import export_dicom_series
+        from SyntheticCTLib.synthesis.dicom_export import export_dicom_series
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in volume.GetName())

@@ -1,6 +1,6 @@
 """SyntheticCTRegistration: align a synthetic CT (or MRI) with a CT, compare bone surfaces, check a screw path.
 
-A thin GUI over SyntheticCTLib / SyntheticCTRegistrationLib. Registration and comparison run the
+A thin GUI over SyntheticCTLib (its registration and comparison layers). Registration and comparison run the
 library's command line (``PythonSlicer -m SyntheticCTLib register|compare ... --progress json``) in a
 child process with progress and Cancel; the results come back as a transform node, model nodes
 coloured by signed distance, a statistics table and a histogram. The trajectory check samples both
@@ -40,7 +40,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
-from SyntheticCTLib.runner import ChildJob, JobResult, RunnerEvent, child_environment
+from SyntheticCTLib.apps.runner import ChildJob, JobResult, RunnerEvent, child_environment
 
 POLL_MS = 100
 FLICKER_MS = 500
@@ -489,13 +489,9 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def childEnvironment() -> dict:
         import SyntheticCTLib
-        import SyntheticCTRegistrationLib
 
-        paths = [
-            os.path.dirname(os.path.dirname(os.path.abspath(m.__file__)))
-            for m in (SyntheticCTLib, SyntheticCTRegistrationLib)
-        ]
-        return child_environment(slicer.util.startupEnvironment(), python_paths=list(dict.fromkeys(paths)))
+        paths = [os.path.dirname(os.path.dirname(os.path.abspath(SyntheticCTLib.__file__)))]
+        return child_environment(slicer.util.startupEnvironment(), python_paths=paths)
 
     @staticmethod
     def ensurePythonPackages(packages: dict) -> bool:
@@ -595,7 +591,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         ``onFinished(result, outcome)`` gets the :class:`JobResult` and ``{"transform", "message"}``
         or ``{"error"}``. A failed or cancelled run changes nothing in the scene.
         """
-        from SyntheticCTLib.runner import register_args
+        from SyntheticCTLib.apps.runner import register_args
 
         if fixedVolume is None or movingVolume is None or fixedVolume == movingVolume:
             raise ValueError(_("Choose two different volumes: the fixed CT and the moving sCT or MRI."))
@@ -844,7 +840,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         On success: both surfaces as model nodes, a statistics table, a per-bone table, a distance
         histogram chart and a probe markup, all recorded in ``parameterNode``.
         """
-        from SyntheticCTLib.runner import compare_args
+        from SyntheticCTLib.apps.runner import compare_args
 
         if fixedVolume is None or movingVolume is None or fixedVolume == movingVolume:
             raise ValueError(_("Choose two different volumes: the CT and the synthetic CT."))
@@ -1098,7 +1094,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _localLps(volume, worldRas) -> tuple:
         """A world (RAS) point in the volume's own space, in ITK's LPS convention."""
-        from SyntheticCTLib.trajectory import ras_to_lps
+        from SyntheticCTLib.comparison.trajectory import ras_to_lps
 
         point = list(worldRas)
         parent = volume.GetParentTransformNode()
@@ -1122,7 +1118,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         import numpy as np
         import sitkUtils
 
-        from SyntheticCTLib.trajectory import breach_report, compare_profiles, find_breaches, sample_profile
+        from SyntheticCTLib.comparison.trajectory import breach_report, compare_profiles, find_breaches, sample_profile
 
         if lineNode is None or lineNode.GetNumberOfControlPoints() < 2:
             raise ValueError(_("Place the planned screw as a line with two points (entry, then tip)."))

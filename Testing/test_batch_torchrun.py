@@ -11,13 +11,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SyntheticCTLib.batch import load_case_file, read_case_list, synthesize_cases
+from SyntheticCTLib.apps.batch import load_case_file, read_case_list, synthesize_cases
 from SyntheticCTLib.cli.main import main
-from SyntheticCTLib.errors import InvalidParameterError
-from SyntheticCTLib.io import read_volume
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.progress import parse_progress_line
 from SyntheticCTLib.models.architectures import build_network
 from SyntheticCTLib.models.package import load_model_package, write_model_package
-from SyntheticCTLib.progress import parse_progress_line
 
 torch.set_num_threads(1)
 KWARGS = {"depth": 2, "width": 4, "norm": "none"}

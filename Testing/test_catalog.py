@@ -11,7 +11,8 @@ import pytest
 from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip, write_tiny_package
 
 from SyntheticCTLib.cli.main import main
-from SyntheticCTLib.errors import InvalidParameterError
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.progress import parse_progress_line
 from SyntheticCTLib.models import catalog
 from SyntheticCTLib.models.cache import ENV_VAR, cache_dir, platform_cache_dir
 from SyntheticCTLib.models.catalog import (
@@ -31,7 +32,6 @@ from SyntheticCTLib.models.errors import (
     ModelNotFoundError,
     ModelPackageError,
 )
-from SyntheticCTLib.progress import parse_progress_line
 
 PACKAGE_DIR = Path(catalog.__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ import vtk
 from vtk.util import numpy_support
 
 from SyntheticCTLib.cli.main import main
-from SyntheticCTLib.errors import GeometryMismatchError, InvalidParameterError
-from SyntheticCTRegistrationLib.compare import REQUIRED_KEYS, compare, write_comparison
-from SyntheticCTRegistrationLib.metrics import body_mask
-from SyntheticCTRegistrationLib.surfaces import DISTANCE_ARRAY
+from SyntheticCTLib.comparison.compare import REQUIRED_KEYS, compare, write_comparison
+from SyntheticCTLib.comparison.metrics import body_mask
+from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY
+from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 
 PNGS = (
     "surface_front.png",
@@ -224,7 +224,7 @@ def test_bad_inputs_give_clear_errors(small_phantom, tmp_path, capsys):
 
 
 def test_cli_json_progress(small_phantom, tmp_path, capsys):
-    from SyntheticCTLib.progress import parse_progress_line
+    from SyntheticCTLib.kernel.progress import parse_progress_line
 
     ct_path = tmp_path / "ct.nii.gz"
     labels_path = tmp_path / "bones.nii.gz"
@@ -275,7 +275,7 @@ def test_cuts_of_the_field_of_view_are_not_measured():
 
 def test_real_ct_against_a_shifted_copy(real_data_dir):
     """The real abdominal CT (RAS-stored, 3 mm) shifted by 2 voxels, compared without and with its transform."""
-    from SyntheticCTLib.io import read_volume
+    from SyntheticCTLib.kernel.io import read_volume
 
     path = real_data_dir / "ct" / "totalsegmentator_example_ct.nii.gz"
     if not path.exists():

@@ -11,10 +11,10 @@ import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from SyntheticCTLib.dicom_export import SERIES_DESCRIPTION, export_dicom_series
-from SyntheticCTLib.errors import Cancelled, InvalidParameterError, VolumeWriteError
-from SyntheticCTLib.io import read_volume
-from SyntheticCTLib.progress import CancelToken
+from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, VolumeWriteError
+from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.progress import CancelToken
+from SyntheticCTLib.synthesis.dicom_export import SERIES_DESCRIPTION, export_dicom_series
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip
 
-from SyntheticCTLib.errors import Cancelled
+from SyntheticCTLib.kernel.errors import Cancelled
+from SyntheticCTLib.kernel.progress import CancelToken
 from SyntheticCTLib.models.catalog import add_catalog, list_models, resolve_model
 from SyntheticCTLib.models.download import check_url, download, path_to_url
 from SyntheticCTLib.models.errors import ChecksumError, DownloadError
 from SyntheticCTLib.models.package import load_model_package
-from SyntheticCTLib.progress import CancelToken
 
 TEMP_MARKERS = (".partial", ".installing", ".fetch", ".work", ".extracting", ".writing", ".removing")
 

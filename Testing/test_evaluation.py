@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SyntheticCTLib.baselines import (
+from SyntheticCTLib.apps.evaluation import METRIC_KEYS, compare_images, summarize
+from SyntheticCTLib.cli.main import main
+from SyntheticCTLib.synthesis.baselines import (
     BASELINES,
     BULK_DENSITY_HU,
     bulk_density_classes,
     bulk_density_sct,
     inversion_sct,
 )
-from SyntheticCTLib.cli.main import main
-from SyntheticCTLib.evaluation import METRIC_KEYS, compare_images, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -257,8 +257,8 @@ def test_evaluate_cli_errors_are_clear(tiny_setup, tmp_path, capsys):
 
 
 def test_minimal_case_manifest_of_ones_own_data(tiny_setup, tmp_path):
-    from SyntheticCTLib.errors import InvalidParameterError
-    from SyntheticCTLib.evaluation import find_evaluation_cases
+    from SyntheticCTLib.apps.evaluation import find_evaluation_cases
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     _, cases, _ = tiny_setup
     own = tmp_path / "patient7"

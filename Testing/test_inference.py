@@ -14,9 +14,12 @@ import torch
 from scipy import ndimage
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
-from SyntheticCTLib.errors import Cancelled, InvalidParameterError
-from SyntheticCTLib.geometry import resample_like
-from SyntheticCTLib.inference import (
+from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError
+from SyntheticCTLib.kernel.geometry import resample_like
+from SyntheticCTLib.kernel.progress import CancelToken
+from SyntheticCTLib.models.architectures import build_network
+from SyntheticCTLib.models.package import load_model_package, write_model_package
+from SyntheticCTLib.synthesis.inference import (
     META_DEVICE,
     META_MODEL,
     Synthesizer,
@@ -25,11 +28,13 @@ from SyntheticCTLib.inference import (
     synthesize,
     synthesize_with_uncertainty,
 )
-from SyntheticCTLib.models.architectures import build_network
-from SyntheticCTLib.models.package import load_model_package, write_model_package
-from SyntheticCTLib.normalization import channel_normalization, mri_body_mask, normalize_channels
-from SyntheticCTLib.progress import CancelToken
-from SyntheticCTLib.sliding_window import OutOfMemory, SlidingWindow, estimate_patch_bytes, sliding_window_predict
+from SyntheticCTLib.synthesis.normalization import channel_normalization, mri_body_mask, normalize_channels
+from SyntheticCTLib.synthesis.sliding_window import (
+    OutOfMemory,
+    SlidingWindow,
+    estimate_patch_bytes,
+    sliding_window_predict,
+)
 
 torch.set_num_threads(1)
 
@@ -182,7 +187,7 @@ def test_same_spacing_path_and_lossless_reorientation(tmp_path):
 
 
 def test_a_malformed_card_orientation_is_refused_with_the_model_name(tmp_path):
-    from SyntheticCTLib.errors import InvalidParameterError
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     arrays, _, _ = body_phantom((20, 32, 32), seed=1)
     images = to_images(arrays, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
@@ -312,7 +317,7 @@ def test_grid_mismatch_resamples_with_warning(package, caplog):
     first, second = to_images(arrays, direction=OBLIQUE)
     shifted = sitk.Image(second)
     shifted.SetOrigin(tuple(o + 1.7 for o in second.GetOrigin()))
-    with caplog.at_level(logging.WARNING, logger="SyntheticCTLib.inference"):
+    with caplog.at_level(logging.WARNING, logger="SyntheticCTLib.synthesis.inference"):
         sct = synthesize([first, shifted], package, device="cpu")
     assert "on another grid than input 1" in caplog.text and "resampling it onto" in caplog.text
     assert sct.GetSize() == first.GetSize() and sct.GetOrigin() == first.GetOrigin()
@@ -326,7 +331,7 @@ def test_grid_mismatch_resamples_with_warning(package, caplog):
 
 
 def test_cancel_stops_between_batches_and_writes_nothing(package, tmp_path):
-    from SyntheticCTLib.batch import synthesize_cases
+    from SyntheticCTLib.apps.batch import synthesize_cases
 
     arrays, _, _ = body_phantom((24, 48, 48))
     case = tmp_path / "case"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SyntheticCTLib.input_check import (
+from SyntheticCTLib.synthesis.input_check import (
     body_mask,
     check_inputs,
     input_labels,

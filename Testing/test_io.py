@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SyntheticCTLib import io
-from SyntheticCTLib.errors import VolumeReadError, VolumeWriteError
-from SyntheticCTLib.geometry import check_same_grid, resample_to_spacing, same_grid
+from SyntheticCTLib.kernel import io
+from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
+from SyntheticCTLib.kernel.geometry import check_same_grid, resample_to_spacing, same_grid
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SyntheticCTLib.errors import GeometryMismatchError, InvalidParameterError
-from SyntheticCTRegistrationLib import metrics
-from SyntheticCTRegistrationLib.bone import dice, fill_small_holes, keep_components, segment_bone
+from SyntheticCTLib.comparison import metrics
+from SyntheticCTLib.comparison.bone import dice, fill_small_holes, keep_components, segment_bone
+from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 
 DATA_RANGE = 3000.0 - (-1024.0)
 C1 = (0.01 * DATA_RANGE) ** 2

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from SyntheticCTLib.errors import InvalidParameterError, VolumeReadError, VolumeWriteError
-from SyntheticCTLib.io import read_volume
+from SyntheticCTLib.kernel.errors import InvalidParameterError, VolumeReadError, VolumeWriteError
+from SyntheticCTLib.kernel.io import read_volume
 from SyntheticCTLib.phantom import BONE_LABELS, TISSUES, load_case, make_phantom, write_phantom
 from SyntheticCTLib.phantom import tissues as T
 from SyntheticCTLib.phantom.mri import DEFAULT_PROTOCOLS, TissueSignals
@@ -424,7 +424,7 @@ def test_progress_is_reported_and_monotonic():
 
 
 def test_cancel_from_progress_stops_cleanly():
-    from SyntheticCTLib.errors import Cancelled
+    from SyntheticCTLib.kernel.errors import Cancelled
 
     def cancel(fraction, stage="", message=""):
         if fraction > 0.3:

@@ -2,7 +2,7 @@
 files, clear errors, the ``syntheticct register`` command and a real CT.
 
 Truths: the phantom CT (64x64x48 at 2 mm) is "rescanned" after a known move (a rotated and shifted grid,
-sub-voxel offset, smaller field of view; :func:`SyntheticCTRegistrationLib.simulate.rescanned`), so that
+sub-voxel offset, smaller field of view; :func:`SyntheticCTLib.registration.simulate.rescanned`), so that
 the transform mapping fixed points to moving points is known exactly. The target registration error (TRE)
 is the distance between the true and the recovered mapping of every bone voxel of the fixed image.
 """
@@ -17,21 +17,21 @@ import pytest
 import SimpleITK as sitk
 
 from SyntheticCTLib.cli.main import main
-from SyntheticCTLib.errors import Cancelled, InvalidParameterError, VolumeReadError
-from SyntheticCTLib.io import read_volume, write_volume
+from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, VolumeReadError
+from SyntheticCTLib.kernel.io import read_volume, write_volume
+from SyntheticCTLib.kernel.progress import parse_progress_line
 from SyntheticCTLib.phantom import make_phantom
-from SyntheticCTLib.progress import parse_progress_line
-from SyntheticCTRegistrationLib.bone_local import bone_components
-from SyntheticCTRegistrationLib.initialization import mask_points, physical_centre
-from SyntheticCTRegistrationLib.modality import choose_metric, detect_modality
-from SyntheticCTRegistrationLib.registration import (
+from SyntheticCTLib.registration.bone_local import bone_components
+from SyntheticCTLib.registration.initialization import mask_points, physical_centre
+from SyntheticCTLib.registration.modality import choose_metric, detect_modality
+from SyntheticCTLib.registration.registration import (
     NonOverlapError,
     register,
     resample_moving,
     target_registration_error,
 )
-from SyntheticCTRegistrationLib.simulate import rescanned
-from SyntheticCTRegistrationLib.transforms_io import TransformIOError, read_transform, write_transform
+from SyntheticCTLib.registration.simulate import rescanned
+from SyntheticCTLib.registration.transforms_io import TransformIOError, read_transform, write_transform
 
 REAL_CT = (
     Path(__file__).resolve().parents[1].parent
@@ -123,7 +123,7 @@ def test_a_user_initial_transform_reaches_poses_the_search_cannot(phantom, bone_
 
 
 def test_rigid_part_of_a_linear_transform():
-    from SyntheticCTRegistrationLib.initialization import rigid_part
+    from SyntheticCTLib.registration.initialization import rigid_part
 
     centre = np.array([10.0, -20.0, 30.0])
     rotation = euler((0, 0, 0), (20.0, -10.0, 35.0), (0, 0, 0))
@@ -289,7 +289,7 @@ def test_progress_reaches_one_and_cancel_stops(phantom):
 
 def test_non_convergence_is_a_warning_with_the_metric_value(phantom, caplog):
     moving = rescanned(phantom.ct, euler(physical_centre(phantom.ct), (4.0, -3.0, 6.0), (5.0, 3.0, -4.0)))
-    with caplog.at_level("WARNING", logger="SyntheticCTRegistrationLib"):
+    with caplog.at_level("WARNING", logger="SyntheticCTLib"):
         result = register(phantom.ct, moving, max_iterations=2)
     assert not result.converged and result.to_dict()["converged"] is False
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

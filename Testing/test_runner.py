@@ -16,9 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from SyntheticCTLib.errors import InvalidParameterError
-from SyntheticCTLib.progress import JsonLinesProgress, parse_progress_line
-from SyntheticCTLib.runner import (
+from SyntheticCTLib.apps.runner import (
     ChildJob,
     JobResult,
     ProcessRunner,
@@ -32,6 +30,8 @@ from SyntheticCTLib.runner import (
     run_to_completion,
     synthesize_args,
 )
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.progress import JsonLinesProgress, parse_progress_line
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_progress_lines_round_trip_through_the_json_writer(tmp_path):
 
 PROGRESS_SCRIPT = textwrap.dedent("""
     import sys
-    from SyntheticCTLib.progress import JsonLinesProgress
+    from SyntheticCTLib.kernel.progress import JsonLinesProgress
     report = JsonLinesProgress()
     for i in range(5):
         report(i / 4, "work", f"step {i + 1}/5")
@@ -314,7 +314,7 @@ def test_runner_with_the_real_phantom_command(tmp_path):
     _, subs = _subparsers()
     if "phantom" not in subs:
         pytest.skip("the 'phantom' subcommand is not in the command line yet")
-    from SyntheticCTLib.runner import base_command
+    from SyntheticCTLib.apps.runner import base_command
 
     args = base_command() + [
         "phantom",

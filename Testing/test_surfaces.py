@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 import vtk
 
-from SyntheticCTLib.errors import InvalidParameterError
-from SyntheticCTRegistrationLib import surfaces as S
+from SyntheticCTLib.comparison import surfaces as S
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 
 
 def rotation(degrees_z: float, degrees_x: float) -> np.ndarray:

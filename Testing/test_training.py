@@ -20,7 +20,7 @@ import yaml
 torch = pytest.importorskip("torch")
 
 from SyntheticCTLib.cli.main import main  # noqa: E402
-from SyntheticCTLib.errors import Cancelled  # noqa: E402
+from SyntheticCTLib.kernel.errors import Cancelled  # noqa: E402
 from SyntheticCTLib.phantom import make_phantom, write_phantom  # noqa: E402
 from SyntheticCTLib.training.config import ConfigError, load_config  # noqa: E402
 from SyntheticCTLib.training.loop import TrainingError, train  # noqa: E402
@@ -113,9 +113,9 @@ def fixed_batch_losses(config_path: Path, package_dir: Path):
 
 
 def test_tiny_training_lowers_loss_and_exports_a_package_that_loads_and_synthesizes(cases, tmp_path, monkeypatch):
-    from SyntheticCTLib.inference import synthesize
     from SyntheticCTLib.models.architectures import build_network
     from SyntheticCTLib.models.package import load_model_package, write_model_package
+    from SyntheticCTLib.synthesis.inference import synthesize
 
     config_path = write_config(tmp_path / "train.yaml", base_config(cases, tmp_path / "run"))
     result = train(config_path)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SyntheticCTLib.errors import InvalidParameterError
-from SyntheticCTLib.trajectory import (
+from SyntheticCTLib.comparison.trajectory import (
     Breach,
     breach_report,
     compare_profiles,
@@ -22,6 +21,7 @@ from SyntheticCTLib.trajectory import (
     sample_points,
     sample_profile,
 )
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 
 SIZE = (60, 50, 40)  # (i, j, k)
 SPACING = (0.8, 1.1, 1.3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (
+from SyntheticCTLib.kernel.errors import (
     Cancelled,
     GeometryMismatchError,
     InvalidParameterError,

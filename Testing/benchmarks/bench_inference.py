@@ -6,10 +6,10 @@ normalised input. Printed per method: seconds, voxels per second, peak resident 
 ratio ours/MONAI (below 1: ours faster). Three measurements, each in its own child process so that
 each peak memory is its own:
 
-- ``ours-window``: :class:`SyntheticCTLib.sliding_window.SlidingWindow` on the whole field of view
+- ``ours-window``: :class:`SyntheticCTLib.synthesis.sliding_window.SlidingWindow` on the whole field of view
   (no body mask: exactly MONAI's work);
 - ``monai``: ``monai.inferers.sliding_window_inference(..., mode="gaussian")``;
-- ``ours-synthesize``: the full :func:`SyntheticCTLib.inference.synthesize` from ``sitk`` images
+- ``ours-synthesize``: the full :func:`SyntheticCTLib.synthesis.inference.synthesize` from ``sitk`` images
   (body mask, normalisation, patches outside the body skipped, HU, int16 on the input grid).
 
 ``--large`` measures instead the peak memory of ``synthesize`` on a 512x512x300 input on the CPU
@@ -116,7 +116,7 @@ def _network(in_channels: int, cfg: dict):
 
 
 def _normalised(channels):
-    from SyntheticCTLib.normalization import mri_body_mask, normalize_channels
+    from SyntheticCTLib.synthesis.normalization import mri_body_mask, normalize_channels
 
     body = mri_body_mask(channels)
     spec = {"method": "percentile", "lower": 0.5, "upper": 99.5, "mask": "body"}
@@ -159,7 +159,7 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
         baseline = _current_rss_mib()
         net = _timed(net, device)
         if name == "ours-window":
-            from SyntheticCTLib.sliding_window import SlidingWindow
+            from SyntheticCTLib.synthesis.sliding_window import SlidingWindow
 
             runner = SlidingWindow(net, device, batch_size=batch)
             c0, t0 = _cpu_seconds(), time.perf_counter()
@@ -199,8 +199,8 @@ def worker(name: str, size, device: str, batch: int, out_npy: str) -> dict:
     # ours-synthesize / large: the full pipeline from sitk images through a real model package.
     import SimpleITK as sitk
 
-    from SyntheticCTLib.inference import Synthesizer
     from SyntheticCTLib.models.package import load_model_package, write_model_package
+    from SyntheticCTLib.synthesis.inference import Synthesizer
 
     images = []
     while channels:  # one numpy copy at a time, so that the set-up does not set the peak

@@ -1,7 +1,7 @@
 """Benchmark: rigid registration of a 256x256x160 phantom CT pair, ours beside itk-elastix's default rigid.
 
 The fixed image is the phantom CT at 1 mm; the moving image is the same CT "rescanned" after a known
-rigid move (:func:`SyntheticCTRegistrationLib.simulate.rescanned`: rotated and shifted grid, sub-voxel
+rigid move (:func:`SyntheticCTLib.registration.simulate.rescanned`: rotated and shifted grid, sub-voxel
 offset, smaller field of view, B-spline sampling) with its own noise added (as much as the phantom CT
 has). Both registrations get the same pair and 2 threads.
 The target registration error (TRE) is the distance between the true and the recovered mapping of the
@@ -42,8 +42,8 @@ def make_pair(size=SIZE, spacing=SPACING_MM, seed: int = 0):
     The moving image gets its own noise (as much as the phantom CT has), as a second scan would.
     """
     from SyntheticCTLib.phantom import make_phantom
-    from SyntheticCTRegistrationLib.initialization import mask_points, physical_centre
-    from SyntheticCTRegistrationLib.simulate import rescanned
+    from SyntheticCTLib.registration.initialization import mask_points, physical_centre
+    from SyntheticCTLib.registration.simulate import rescanned
 
     phantom = make_phantom(seed, size=size, spacing=spacing)
     fixed = phantom.ct
@@ -58,14 +58,14 @@ def make_pair(size=SIZE, spacing=SPACING_MM, seed: int = 0):
 
 
 def tre(transform: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> Tuple[float, float]:
-    from SyntheticCTRegistrationLib.registration import target_registration_error
+    from SyntheticCTLib.registration.registration import target_registration_error
 
     d = target_registration_error(transform, truth, points)
     return float(d.mean()), float(d.max())
 
 
 def run_ours(fixed: sitk.Image, moving: sitk.Image) -> Tuple[sitk.Transform, float, float, dict]:
-    from SyntheticCTRegistrationLib.registration import register
+    from SyntheticCTLib.registration.registration import register
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -85,7 +85,7 @@ def truth(reference_field: np.ndarray, synthetic_field: np.ndarray):
     import vtk
     from vtk.util import numpy_support
 
-    from SyntheticCTRegistrationLib import surfaces as S
+    from SyntheticCTLib.comparison import surfaces as S
 
     def contour(field):
         image = vtk.vtkImageData()
@@ -112,7 +112,7 @@ def truth(reference_field: np.ndarray, synthetic_field: np.ndarray):
 
 
 def ours(reference_mask: np.ndarray, synthetic_mask: np.ndarray):
-    from SyntheticCTRegistrationLib import surfaces as S
+    from SyntheticCTLib.comparison import surfaces as S
 
     start, cpu = time.perf_counter(), time.process_time()
     result = S.mask_surface_distances(_image(synthetic_mask), _image(reference_mask))

@@ -5,6 +5,6 @@ Each subcommand module has ``add_parser(subparsers)``, which registers the subco
 Heavy imports (torch, VTK) happen inside ``run`` so that ``--help`` stays fast.
 """
 
-from .main import main
+from SyntheticCTLib.cli.main import main
 
 __all__ = ["main"]

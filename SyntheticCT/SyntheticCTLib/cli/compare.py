@@ -21,7 +21,7 @@ SignedDistance_mm), distance_histogram.csv, PNG pictures and report.html (self-c
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _read_transform(path: str, what: str):
     import SimpleITK as sitk
 
-    from SyntheticCTLib.errors import VolumeReadError
+    from SyntheticCTLib.kernel.errors import VolumeReadError
 
     file = Path(path)
     if not file.is_file():
@@ -79,7 +79,7 @@ def _read_transform(path: str, what: str):
 
 
 def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
-    from SyntheticCTLib.errors import InvalidParameterError
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     if items and not has_labels:
         raise InvalidParameterError("--bone-transform needs --bone-labels (the label of each bone).")
@@ -95,10 +95,10 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.errors import InvalidParameterError
-    from SyntheticCTLib.io import read_volume
-    from SyntheticCTLib.progress import scaled
-    from SyntheticCTRegistrationLib.compare import compare, write_comparison
+    from SyntheticCTLib.comparison.compare import compare, write_comparison
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
+    from SyntheticCTLib.kernel.io import read_volume
+    from SyntheticCTLib.kernel.progress import scaled
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():

@@ -15,7 +15,7 @@ SUMMARY_ROWS = (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..demo import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
+    from SyntheticCTLib.apps.demo import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
 
     result = run_demo(
         args.out_dir,

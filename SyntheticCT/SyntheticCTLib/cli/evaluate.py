@@ -8,7 +8,7 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..evaluation import evaluate, find_evaluation_cases
+    from SyntheticCTLib.apps.evaluation import evaluate, find_evaluation_cases
 
     cases = find_evaluation_cases(args.cases)
     result = evaluate(
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, report) -> int:
         progress=report,
     )
     if args.record_in_card:
-        from ..evaluation import record_in_card
+        from SyntheticCTLib.apps.evaluation import record_in_card
 
         record_in_card(args.model, result, label=args.record_in_card)
     close = getattr(report, "close", None)

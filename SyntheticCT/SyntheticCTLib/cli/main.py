@@ -8,9 +8,9 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .. import __version__
-from ..errors import Cancelled, SyntheticCTError
-from ..progress import JsonLinesProgress, TqdmProgress, no_progress
+from SyntheticCTLib import __version__
+from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
+from SyntheticCTLib.kernel.progress import JsonLinesProgress, TqdmProgress, no_progress
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("phantom", "synthesize", "models", "register", "compare", "train", "evaluate", "demo")

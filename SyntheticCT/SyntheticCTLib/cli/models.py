@@ -32,7 +32,7 @@ def _sub_options() -> argparse.ArgumentParser:
 
 
 def add_parser(subparsers) -> None:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -91,8 +91,8 @@ def _table(entries) -> str:
 
 
 def run(args, report) -> int:
-    from ..models import catalog
-    from ..models.cache import cache_dir
+    from SyntheticCTLib.models import catalog
+    from SyntheticCTLib.models.cache import cache_dir
 
     if not getattr(args, "action", None):
         args._models_parser.print_help(sys.stderr)

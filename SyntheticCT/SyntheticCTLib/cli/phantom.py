@@ -7,7 +7,7 @@ import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -58,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..phantom import make_phantom, write_phantom
-    from ..progress import scaled
+    from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.phantom import make_phantom, write_phantom
 
     options = {
         "echo_times_ms": args.echo_times,

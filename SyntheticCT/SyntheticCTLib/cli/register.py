@@ -23,7 +23,7 @@ each bone's rigid transform is also written as TRANSFORM_STEM.bone<label><suffix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -91,11 +91,11 @@ def bone_transform_path(transform_path: Path, label: int) -> Path:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.errors import InvalidParameterError
-    from SyntheticCTLib.io import atomic_output, check_not_input, read_volume, volume_suffix, write_volume
-    from SyntheticCTRegistrationLib.engine import DEFAULT_SEED
-    from SyntheticCTRegistrationLib.registration import register, resample_moving
-    from SyntheticCTRegistrationLib.transforms_io import (
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
+    from SyntheticCTLib.kernel.io import atomic_output, check_not_input, read_volume, volume_suffix, write_volume
+    from SyntheticCTLib.registration.engine import DEFAULT_SEED
+    from SyntheticCTLib.registration.registration import register, resample_moving
+    from SyntheticCTLib.registration.transforms_io import (
         TRANSFORM_SUFFIXES,
         read_transform,
         transform_suffix,
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, report) -> int:
     if bone_labels is not None and args.mode != "bone-local":
         raise InvalidParameterError("--bone-labels is only used with --mode bone-local.")
 
-    from SyntheticCTLib.progress import scaled
+    from SyntheticCTLib.kernel.progress import scaled
 
     result = register(
         fixed,

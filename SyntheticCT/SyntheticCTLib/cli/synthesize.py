@@ -21,7 +21,7 @@ The synthetic CT is not for diagnostic use.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -100,12 +100,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _resolve_model(name_or_path: str, report):
-    from ..progress import scaled
+    from SyntheticCTLib.kernel.progress import scaled
 
     try:
-        from ..models.catalog import resolve_model
+        from SyntheticCTLib.models.catalog import resolve_model
     except ImportError:  # catalog not installed: a path only
-        from ..models.package import load_model_package
+        from SyntheticCTLib.models.package import load_model_package
 
         return load_model_package(name_or_path)
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
@@ -123,7 +123,7 @@ def _window(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..errors import InvalidParameterError
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     batch = bool(args.cases or args.case_list)
     if batch and args.inputs:
@@ -140,11 +140,11 @@ def run(args: argparse.Namespace, report) -> int:
 def _run_one(args: argparse.Namespace, report) -> int:
     from pathlib import Path
 
-    from ..dicom_export import check_dicom_target, export_dicom_series
-    from ..errors import VolumeWriteError
-    from ..inference import Synthesizer
-    from ..io import check_not_input, read_volume, volume_suffix, write_volume
-    from ..progress import scaled
+    from SyntheticCTLib.kernel.errors import VolumeWriteError
+    from SyntheticCTLib.kernel.io import check_not_input, read_volume, volume_suffix, write_volume
+    from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
+    from SyntheticCTLib.synthesis.inference import Synthesizer
 
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)
@@ -162,7 +162,7 @@ def _run_one(args: argparse.Namespace, report) -> int:
 
     model = _resolve_model(args.model, report)
     if len(inputs) != model.in_channels:  # fail before reading anything
-        from ..inference import check_inputs
+        from SyntheticCTLib.synthesis.inference import check_inputs
 
         check_inputs([None] * len(inputs), model)
     images = []
@@ -193,7 +193,7 @@ def _run_one(args: argparse.Namespace, report) -> int:
 
 
 def _run_batch(args: argparse.Namespace, report) -> int:
-    from ..batch import iter_case_paths, read_case_list, synthesize_cases
+    from SyntheticCTLib.apps.batch import iter_case_paths, read_case_list, synthesize_cases
 
     cases = iter_case_paths(args.cases)
     if args.case_list:

@@ -14,7 +14,7 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .main import add_command
+    from SyntheticCTLib.cli.main import add_command
 
     p = add_command(
         subparsers,
@@ -44,9 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from ..errors import InvalidParameterError
-    from ..training.config import load_config
-    from ..training.loop import train
+    from SyntheticCTLib.kernel.errors import InvalidParameterError
+    from SyntheticCTLib.training.config import load_config
+    from SyntheticCTLib.training.loop import train
 
     config = load_config(args.config)
     if args.device:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Type
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, UnknownArchitectureError
+from SyntheticCTLib.models.errors import ArchitectureError, UnknownArchitectureError
 
 ARCHITECTURES: Dict[str, Type[nn.Module]] = {}
 """Registry: architecture name -> ``nn.Module`` class."""

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
-from .errors import ModelPackageError, UnsafeArchiveError
+from SyntheticCTLib.models.errors import ModelPackageError, UnsafeArchiveError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def zip_folder(folder: Union[str, Path], archive: Union[str, Path], *, arc_root:
 
     Members are stored under ``arc_root/`` when given, else at the archive root.
     """
-    from ..io import atomic_output
+    from SyntheticCTLib.kernel.io import atomic_output
 
     folder, archive = Path(folder), Path(archive)
     with atomic_output(archive) as tmp:

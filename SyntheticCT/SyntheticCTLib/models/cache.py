@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import InvalidParameterError
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 
 ENV_VAR = "SYNTHETICCT_HOME"
 APP_NAME = "SyntheticCT"

@@ -26,13 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ..progress import CancelToken, ProgressCallback, no_progress, with_cancel
-from . import cache as _cache
-from .archive import safe_extract_zip
-from .download import DEFAULT_RETRIES, DEFAULT_TIMEOUT, check_url, download
-from .errors import BundledModelMissingError, CatalogError, ChecksumError, ModelNotFoundError, ModelPackageError
-from .hashing import normalize_sha256, sha256_file
-from .package import MODEL_CARD, ModelPackage, _find_card_root, load_model_package, read_card
+from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
+from SyntheticCTLib.models import cache as _cache
+from SyntheticCTLib.models.archive import safe_extract_zip
+from SyntheticCTLib.models.download import DEFAULT_RETRIES, DEFAULT_TIMEOUT, check_url, download
+from SyntheticCTLib.models.errors import (
+    BundledModelMissingError,
+    CatalogError,
+    ChecksumError,
+    ModelNotFoundError,
+    ModelPackageError,
+)
+from SyntheticCTLib.models.hashing import normalize_sha256, sha256_file
+from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, _find_card_root, load_model_package, read_card
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +214,7 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from ..io import atomic_output
+    from SyntheticCTLib.kernel.io import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -513,7 +519,7 @@ def fetch_model(name: str, **kwargs) -> ModelPackage:
 
 
 def _card_summary(card: Dict[str, Any]) -> Dict[str, Any]:
-    from .package import input_label
+    from SyntheticCTLib.models.package import input_label
 
     inputs = card.get("inputs", [])
     sequences = sorted({str(i.get("sequence")) for i in inputs if i.get("sequence")})

@@ -21,11 +21,11 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .. import __version__
-from ..errors import SyntheticCTError
-from ..progress import CancelToken
-from .errors import ChecksumError, DownloadError
-from .hashing import check_sha256, normalize_sha256, sha256_file
+from SyntheticCTLib import __version__
+from SyntheticCTLib.kernel.errors import SyntheticCTError
+from SyntheticCTLib.kernel.progress import CancelToken
+from SyntheticCTLib.models.errors import ChecksumError, DownloadError
+from SyntheticCTLib.models.hashing import check_sha256, normalize_sha256, sha256_file
 
 logger = logging.getLogger(__name__)
 

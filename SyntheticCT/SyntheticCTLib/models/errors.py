@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import SyntheticCTError
+from SyntheticCTLib.kernel.errors import SyntheticCTError
 
 
 class ModelPackageError(SyntheticCTError, ValueError):

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Union
 
-from .errors import ChecksumError, ModelPackageError
+from SyntheticCTLib.models.errors import ChecksumError, ModelPackageError
 
 CHUNK = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

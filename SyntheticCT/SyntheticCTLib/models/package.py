@@ -23,11 +23,11 @@ import weakref
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .. import NOT_FOR_DIAGNOSTIC_USE
-from ..io import replace_folder
-from .archive import safe_extract_zip
-from .errors import ArchitectureError, ChecksumError, ModelPackageError, SchemaVersionError
-from .hashing import check_sha256, normalize_sha256, sha256_bytes, sha256_file
+from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.kernel.io import replace_folder
+from SyntheticCTLib.models.archive import safe_extract_zip
+from SyntheticCTLib.models.errors import ArchitectureError, ChecksumError, ModelPackageError, SchemaVersionError
+from SyntheticCTLib.models.hashing import check_sha256, normalize_sha256, sha256_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class ModelPackage:
 
     def build_network(self, device: Any = "cpu"):
         """The network with its verified weights loaded, on ``device``, in eval mode."""
-        from .architectures import build_network
+        from SyntheticCTLib.models.architectures import build_network
 
         name, kwargs = self.architecture
         network = build_network(name, **kwargs)
@@ -520,8 +520,8 @@ def load_model_package(path: PathLike, *, verify: bool = True, extract_dir: Opti
     try:
         root = _find_card_root(folder, path)
         card = read_card(root, path)
-        from .architectures import ARCHITECTURES, known_architectures
-        from .errors import UnknownArchitectureError
+        from SyntheticCTLib.models.architectures import ARCHITECTURES, known_architectures
+        from SyntheticCTLib.models.errors import UnknownArchitectureError
 
         arch = card["architecture"]["name"]
         if arch not in ARCHITECTURES:
@@ -589,7 +589,7 @@ def write_model_package(
     card.setdefault("network_data_format", network_data_format(card))
     card = {**{k: card[k] for k in CARD_ORDER if k in card}, **card}
 
-    from .architectures import build_network
+    from SyntheticCTLib.models.architectures import build_network
 
     name, kwargs = card["architecture"]["name"], card["architecture"]["kwargs"]
     network = build_network(name, **kwargs)

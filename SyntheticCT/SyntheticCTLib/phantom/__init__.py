@@ -10,9 +10,9 @@ randomized anatomy, :mod:`.mri` for the signal model.
 
 from __future__ import annotations
 
-from .case import Case, load_case, write_phantom
-from .generator import OPTIONS, Phantom, make_phantom
-from .tissues import BONE_LABELS, TISSUE_TABLE, TISSUES
+from SyntheticCTLib.phantom.case import Case, load_case, write_phantom
+from SyntheticCTLib.phantom.generator import OPTIONS, Phantom, make_phantom
+from SyntheticCTLib.phantom.tissues import BONE_LABELS, TISSUE_TABLE, TISSUES
 
 __all__ = [
     "BONE_LABELS",

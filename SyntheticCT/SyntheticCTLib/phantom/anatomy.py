@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import InvalidParameterError
-from .shapes import Frame, align_z_to, random_waves, rotation_matrix
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.phantom.shapes import Frame, align_z_to, random_waves, rotation_matrix
 
 SPINE_SCALE = 0.8
 """Vertebral dimensions relative to an adult lumbar spine (the torso fits a 192 mm field of view)."""

@@ -12,12 +12,12 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from ..progress import ProgressCallback, no_progress
-from . import tissues as T
-from .anatomy import centreline, level_frame, pose_frame
-from .canvas import Canvas
-from .mri import TissueSignals
-from .shapes import (
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
+from SyntheticCTLib.phantom import tissues as T
+from SyntheticCTLib.phantom.anatomy import centreline, level_frame, pose_frame
+from SyntheticCTLib.phantom.canvas import Canvas
+from SyntheticCTLib.phantom.mri import TissueSignals
+from SyntheticCTLib.phantom.shapes import (
     F32,
     Frame,
     Grid,
@@ -375,7 +375,7 @@ def paint_anatomy(
     report: Optional[ProgressCallback] = None,
 ) -> None:
     """Paint every structure of ``anatomy`` onto ``canvas``; ``rng`` draws the trabecular grain."""
-    from ..progress import scaled
+    from SyntheticCTLib.kernel.progress import scaled
 
     report = report or no_progress
     report(0.0, "phantom: anatomy", "body")

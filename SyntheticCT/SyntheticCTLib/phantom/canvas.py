@@ -12,7 +12,7 @@ from typing import List, Sequence, Union
 
 import numpy as np
 
-from .shapes import Block
+from SyntheticCTLib.phantom.shapes import Block
 
 F32 = np.float32
 C64 = np.complex64

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-from .. import NOT_FOR_DIAGNOSTIC_USE
-from ..errors import VolumeReadError, VolumeWriteError
-from ..io import atomic_output, ensure_output_dir, write_volume
-from ..progress import ProgressCallback, no_progress
-from . import tissues as T
+from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
+from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, write_volume
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
+from SyntheticCTLib.phantom import tissues as T
 
 logger = logging.getLogger(__name__)
 

@@ -12,14 +12,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..errors import InvalidParameterError
-from ..progress import ProgressCallback, no_progress, scaled
-from . import tissues as T
-from .anatomy import LESION_TYPES, draw_anatomy, manifest_anatomy
-from .build import paint_anatomy
-from .canvas import Canvas
-from .mri import DEFAULT_PROTOCOLS, TissueSignals, bias_field, rician_magnitude
-from .shapes import F32, Grid
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
+from SyntheticCTLib.phantom import tissues as T
+from SyntheticCTLib.phantom.anatomy import LESION_TYPES, draw_anatomy, manifest_anatomy
+from SyntheticCTLib.phantom.build import paint_anatomy
+from SyntheticCTLib.phantom.canvas import Canvas
+from SyntheticCTLib.phantom.mri import DEFAULT_PROTOCOLS, TissueSignals, bias_field, rician_magnitude
+from SyntheticCTLib.phantom.shapes import F32, Grid
 
 logger = logging.getLogger(__name__)
 

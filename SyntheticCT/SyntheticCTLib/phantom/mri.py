@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .tissues import FAT_PEAKS, FAT_T1_MS, FAT_T2STAR_MS, GYROMAGNETIC_MHZ_PER_T, TISSUE_TABLE
+from SyntheticCTLib.phantom.tissues import FAT_PEAKS, FAT_T1_MS, FAT_T2STAR_MS, GYROMAGNETIC_MHZ_PER_T, TISSUE_TABLE
 
 C64 = np.complex64
 F32 = np.float32

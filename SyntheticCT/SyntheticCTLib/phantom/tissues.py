@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-from ..errors import InvalidParameterError
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 
 AIR = 0
 SKIN = 1

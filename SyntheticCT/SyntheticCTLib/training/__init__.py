@@ -10,13 +10,13 @@ Heavy imports (torch) happen inside the modules that need them; importing this p
 
 from __future__ import annotations
 
-from .config import ConfigError, TrainingConfig, load_config
+from SyntheticCTLib.training.config import ConfigError, TrainingConfig, load_config
 
 __all__ = ["ConfigError", "TrainingConfig", "load_config", "train"]
 
 
 def train(config, **kwargs):
     """Run a training; see :func:`SyntheticCTLib.training.loop.train`."""
-    from .loop import train as _train
+    from SyntheticCTLib.training.loop import train as _train
 
     return _train(config, **kwargs)

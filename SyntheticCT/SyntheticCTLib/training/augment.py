@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .config import FLIP_AXES, AugmentConfig
+from SyntheticCTLib.training.config import FLIP_AXES, AugmentConfig
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import InvalidParameterError
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 
 ALIGN_MODES = ("none", "rigid", "affine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -600,8 +600,8 @@ def check_architecture(config: TrainingConfig, in_channels: Optional[int] = None
         Unknown architecture (the message lists the known ones), bad keyword arguments, or an
         ``in_channels`` in ``model.kwargs`` that differs from the number of MRI channels of the cases.
     """
-    from ..models.architectures import build_network
-    from ..models.errors import ArchitectureError
+    from SyntheticCTLib.models.architectures import build_network
+    from SyntheticCTLib.models.errors import ArchitectureError
 
     kwargs = dict(config.model.kwargs)
     if in_channels is not None:

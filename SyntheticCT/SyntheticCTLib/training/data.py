@@ -5,10 +5,10 @@ A case is MRI channel files plus the CT of the same patient. Each case is prepar
 1. the MRI channels are read (the others resampled onto the first channel's grid when they differ)
    and resampled to the model's working spacing, keeping the MRI field of view and direction;
 2. the CT is registered to the MRI when the configuration asks for it (rigid, then optionally
-   affine, with :func:`SyntheticCTRegistrationLib.registration.register`), and resampled onto that
+   affine, with :func:`SyntheticCTLib.registration.registration.register`), and resampled onto that
    MRI grid; the registration metric is logged, and outliers among the cases are flagged;
-3. the body mask (:func:`SyntheticCTLib.normalization.mri_body_mask`) and the per-channel normalisation
-   (:func:`SyntheticCTLib.normalization.normalize_channels`) are exactly those the product's inference uses.
+3. the body mask (:func:`SyntheticCTLib.synthesis.normalization.mri_body_mask`) and the per-channel normalisation
+   (:func:`SyntheticCTLib.synthesis.normalization.normalize_channels`) are exactly those the product's inference uses.
 
 Prepared cases are cached under ``output_dir/prepared`` (rank 0 writes, the other ranks read).
 :class:`PatchSampler` draws training patches confined to the body, centred on a bone voxel with
@@ -28,12 +28,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import SyntheticCTError
-from ..geometry import resample_like, resample_to_spacing, same_grid
-from ..input_check import input_statistics
-from ..io import read_volume
-from ..progress import ProgressCallback, no_progress, scaled
-from .config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_architecture
+from SyntheticCTLib.kernel.errors import SyntheticCTError
+from SyntheticCTLib.kernel.geometry import resample_like, resample_to_spacing, same_grid
+from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
+from SyntheticCTLib.synthesis.input_check import input_statistics
+from SyntheticCTLib.training.config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def read_case_manifest(path: Path) -> CaseSpec:
         raise ConfigError(f"The case manifest '{manifest_path}' is not a JSON object.")
     name = manifest_path.parent.name
     if "labels" in manifest:
-        from ..errors import VolumeReadError
-        from ..phantom import load_case
+        from SyntheticCTLib.kernel.errors import VolumeReadError
+        from SyntheticCTLib.phantom import load_case
 
         try:
             case = load_case(manifest_path)
@@ -170,7 +170,7 @@ def generate_phantom_cases(config: TrainingConfig, *, progress: Optional[Progres
         key = _phantom_key(spec, seed)
         if (folder / "case.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
             continue
-        from ..phantom import make_phantom, write_phantom
+        from SyntheticCTLib.phantom import make_phantom, write_phantom
 
         report(i / len(jobs), "phantoms", f"phantom seed {seed}")
         logger.info("Generating phantom seed %d, size %s at %g mm.", seed, list(spec.size), spec.spacing)
@@ -254,7 +254,7 @@ def align_ct_to_mri(
     Returns the transform (MRI points -> CT points, ITK resampling convention) and a summary dict
     (``metric_value``, ``metric``, ``iterations``, ``elapsed_s`` per stage).
     """
-    from SyntheticCTRegistrationLib.registration import register
+    from SyntheticCTLib.registration.registration import register
 
     report = progress or no_progress
     rigid = register(mri, ct, mode="rigid", fixed_mask=mri_mask, progress=scaled(report, 0.0, 0.5))
@@ -314,7 +314,7 @@ def normalization_specs(config: TrainingConfig, n_channels: int) -> List[Dict[st
 
 def native_body_mask(mri_native: Sequence[sitk.Image], working_grid: sitk.Image) -> sitk.Image:
     """The body mask as the inference makes it: on the input grid, then nearest-neighbour onto the model grid."""
-    from ..normalization import mri_body_mask
+    from SyntheticCTLib.synthesis.normalization import mri_body_mask
 
     body = np.asarray(mri_body_mask([sitk.GetArrayViewFromImage(im) for im in mri_native])).astype(np.uint8)
     image = sitk.GetImageFromArray(body)
@@ -328,7 +328,7 @@ def body_mask_and_normalize(
     mri: Sequence[sitk.Image], specs: Sequence[Dict[str, Any]], body: Optional[np.ndarray] = None
 ):
     """The body mask (the inference's; computed here when not given) and the normalised stack ``(C, Z, Y, X)``."""
-    from ..normalization import mri_body_mask, normalize_channels
+    from SyntheticCTLib.synthesis.normalization import mri_body_mask, normalize_channels
 
     arrays = [sitk.GetArrayFromImage(im).astype(np.float32) for im in mri]
     if body is None:
@@ -382,7 +382,7 @@ def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[tuple]:
 def _write_cached(
     folder: Path, key: str, mri: Sequence[sitk.Image], ct: sitk.Image, body: sitk.Image, info: dict
 ) -> None:
-    from ..io import atomic_output
+    from SyntheticCTLib.kernel.io import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(mri):
@@ -498,7 +498,7 @@ def internal_air_mask(hu: np.ndarray, threshold_hu: float = INTERNAL_AIR_HU) -> 
     MRI body mask is no test of this: it also covers a rim of the outside air along the skin, which
     outnumbers the gas voxels by tens to one.
     """
-    from ..normalization import fill_holes
+    from SyntheticCTLib.synthesis.normalization import fill_holes
 
     air = hu < threshold_hu
     return fill_holes(~air) & air

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import TrainingConfig
-from .data import PreparedCase, normalization_specs
+from SyntheticCTLib.training.config import TrainingConfig
+from SyntheticCTLib.training.data import PreparedCase, normalization_specs
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def build_card(
 
 def export_package(out_dir: Path, card: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Path:
     """Write the package (replacing one already there) and return its folder."""
-    from ..models.package import write_model_package
+    from SyntheticCTLib.models.package import write_model_package
 
     clean = {_strip(k): v for k, v in state_dict.items()}
     return write_model_package(Path(out_dir), card, clean, overwrite=True)

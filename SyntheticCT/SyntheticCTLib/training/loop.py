@@ -6,9 +6,9 @@ draws its own share of every global batch (sample indices ``rank::world_size`` o
 each sample seeded by ``(seed, epoch, index)``), and only rank 0 writes files.
 
 Validation runs after each epoch (every ``validation.every_epochs``) on whole validation volumes,
-through :func:`SyntheticCTLib.inference.synthesize` (the product's sliding-window inference, on a
+through :func:`SyntheticCTLib.synthesis.inference.synthesize` (the product's sliding-window inference, on a
 model package written from the current weights), and is scored by
-:func:`SyntheticCTRegistrationLib.compare.compare`: MAE, ME, PSNR, SSIM in the body (SynthRAD
+:func:`SyntheticCTLib.comparison.compare.compare`: MAE, ME, PSNR, SSIM in the body (SynthRAD
 conventions), bone Dice and bone-surface distances. The best model is the one with the lowest
 validation bone-surface p95.
 
@@ -33,13 +33,19 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import Cancelled, SyntheticCTError
-from ..io import atomic_output
-from ..progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
-from .augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
-from .config import TrainingConfig, load_config
-from .data import PatchSampler, PreparedCase, collect_cases, generate_phantom_cases, prepare_cases
-from .losses import SynthesisLoss
+from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
+from SyntheticCTLib.kernel.io import atomic_output
+from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.training.augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
+from SyntheticCTLib.training.config import TrainingConfig, load_config
+from SyntheticCTLib.training.data import (
+    PatchSampler,
+    PreparedCase,
+    collect_cases,
+    generate_phantom_cases,
+    prepare_cases,
+)
+from SyntheticCTLib.training.losses import SynthesisLoss
 
 logger = logging.getLogger(__name__)
 
@@ -317,14 +323,14 @@ def validate(
 
     The weights are written as a model package in ``work_dir`` (as :mod:`.export` writes the final one),
     loaded with :func:`~SyntheticCTLib.models.package.load_model_package`, run by
-    :func:`~SyntheticCTLib.inference.synthesize`, and scored by
-    :func:`~SyntheticCTRegistrationLib.compare.compare` (through :func:`SyntheticCTLib.evaluation.compare_images`)
+    :func:`~SyntheticCTLib.synthesis.inference.synthesize`, and scored by
+    :func:`~SyntheticCTLib.comparison.compare.compare` (through :func:`SyntheticCTLib.apps.evaluation.compare_images`)
     against each case's CT on the working grid.
     """
-    from ..evaluation import compare_images
-    from ..inference import synthesize
-    from ..models.package import load_model_package
-    from .export import build_card, export_package
+    from SyntheticCTLib.apps.evaluation import compare_images
+    from SyntheticCTLib.models.package import load_model_package
+    from SyntheticCTLib.synthesis.inference import synthesize
+    from SyntheticCTLib.training.export import build_card, export_package
 
     card = build_card(config, train_cases, manifests=manifests)
     if config.validation.overlap is not None:
@@ -357,9 +363,9 @@ def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
     or a plain state dict), or a training configuration (YAML/JSON), meaning the package that
     configuration's training wrote (``output_dir/model``). The architecture must be the same.
     """
-    from ..models.errors import ModelPackageError
-    from ..models.package import load_model_package, load_weights
-    from .export import state_dict_sha256
+    from SyntheticCTLib.models.errors import ModelPackageError
+    from SyntheticCTLib.models.package import load_model_package, load_weights
+    from SyntheticCTLib.training.export import state_dict_sha256
 
     path = Path(config.model.init_weights)
     base = Path(config.source).resolve().parent if config.source else None
@@ -521,7 +527,7 @@ def train(
         ``training.num_threads``, ``checkpoint_every``, ``device`` and ``amp``.
     progress
         ``report(fraction, stage, message)``; the message carries the loss, learning rate and ETA.
-        It may raise :class:`~SyntheticCTLib.errors.Cancelled` (as may ``cancel``): the last complete
+        It may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled` (as may ``cancel``): the last complete
         step is then checkpointed and the exception propagates.
 
     Returns
@@ -546,7 +552,6 @@ def train(
             log_handler = logging.FileHandler(out / "train.log", encoding="utf-8")
             log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger("SyntheticCTLib").addHandler(log_handler)
-            logging.getLogger("SyntheticCTRegistrationLib").addHandler(log_handler)
         else:
             rank_filter = _RankFilter()
             for handler in logging.getLogger().handlers:
@@ -555,7 +560,6 @@ def train(
     finally:
         if log_handler is not None:
             logging.getLogger("SyntheticCTLib").removeHandler(log_handler)
-            logging.getLogger("SyntheticCTRegistrationLib").removeHandler(log_handler)
             log_handler.close()
         if rank_filter is not None:
             for handler in logging.getLogger().handlers:
@@ -616,7 +620,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
         logger.warning("No validation case: the last weights are exported, and no validation metric is measured.")
 
     # -- model, optimiser -------------------------------------------------------------------------------
-    from ..models.architectures import build_network
+    from SyntheticCTLib.models.architectures import build_network
 
     torch.manual_seed(config.seed)
     kwargs = dict(config.model.kwargs)
@@ -825,7 +829,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
         raise
 
     # -- final ------------------------------------------------------------------------------------------
-    from .export import build_card, export_package, state_dict_sha256
+    from SyntheticCTLib.training.export import build_card, export_package, state_dict_sha256
 
     checksums = dist.gather(state_dict_sha256(network.state_dict()))
     if dist.enabled and len(set(checksums)) != 1:

@@ -1,0 +1,507 @@
+"""Evaluation of a model on cases with a CT, beside two non-learning baselines (``syntheticct evaluate``).
+
+For each case the model synthesizes a CT from the MRI (:func:`SyntheticCTLib.synthesis.inference.synthesize`);
+the baselines (:mod:`SyntheticCTLib.synthesis.baselines`) make theirs from the same MRI; each is compared with
+the case's CT by :func:`SyntheticCTLib.comparison.compare.compare`: MAE, ME, PSNR and SSIM inside the
+body (SynthRAD conventions), bone Dice and bone-surface distances. When the CT is not aligned with
+the MRI, ``align`` registers the MRI to the CT first (rigid, optionally affine) and every method is
+compared through that one transform.
+
+Outputs in ``out_dir``:
+
+- ``metrics.json``: the model, per-case metrics of every method, and a summary per method (mean,
+  standard deviation, median, min, max over the cases);
+- ``metrics.csv`` (one row per case and method) and ``summary.csv`` (one row per method and metric);
+- ``images/<case>.png``: orthogonal slices of the MRI, sCT, CT and sCT - CT;
+- ``index.html``: the summary table and box plots (:func:`SyntheticCTLib.apps.report.write_index`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.comparison.compare import SUMMARY_KEYS
+from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.io import atomic_output, read_volume
+from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+
+logger = logging.getLogger(__name__)
+
+MODEL_METHOD = "model"
+METRIC_KEYS = SUMMARY_KEYS
+ALIGN_MODES = ("none", "rigid", "affine")
+
+
+@dataclass
+class EvaluationCase:
+    """A case to evaluate: MRI channel files and the CT of the same patient."""
+
+    name: str
+    mri: List[Path]
+    ct: Path
+    bone_labels: Optional[Path] = None
+
+
+@dataclass
+class EvaluationResult:
+    """Per-case metrics ``{case: {method: {metric: value}}}`` and the summary ``{method: {metric: stats}}``."""
+
+    out_dir: Path
+    cases: Dict[str, Dict[str, Dict[str, float]]]
+    summary: Dict[str, Dict[str, Dict[str, float]]]
+    files: Dict[str, Path] = field(default_factory=dict)
+
+
+def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
+    """Cases from ``case.json`` files, folders holding one, or folders of such folders.
+
+    A phantom's ``case.json`` works as it is; for one's own data, ``{"mri": ["echo1.nii.gz", ...], "ct":
+    "ct.nii.gz"}`` beside the files is enough (see :func:`SyntheticCTLib.training.data.read_case_manifest`).
+
+    Raises
+    ------
+    InvalidParameterError
+        A path is missing or holds no case; two cases share a name.
+    """
+    from SyntheticCTLib.training.config import ConfigError
+    from SyntheticCTLib.training.data import read_case_manifest
+
+    cases: List[EvaluationCase] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InvalidParameterError(f"No case at '{path}' (a case.json, a folder with one, or a folder of cases).")
+        if path.is_file() or (path / "case.json").is_file():
+            targets = [path]
+        else:
+            targets = [sub for sub in sorted(path.iterdir()) if (sub / "case.json").is_file()]
+            if not targets:
+                raise InvalidParameterError(f"'{path}' holds no case: no case.json in it or in its sub-folders.")
+        for target in targets:
+            try:
+                spec = read_case_manifest(target)
+            except ConfigError as e:
+                raise InvalidParameterError(str(e)) from e
+            cases.append(EvaluationCase(name=spec.name, mri=spec.mri, ct=spec.ct, bone_labels=spec.bone_labels))
+    names = [c.name for c in cases]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise InvalidParameterError(f"Several cases are named {duplicates}; case folder names must be unique.")
+    return cases
+
+
+def _metrics_of(result: Any) -> Dict[str, float]:
+    metrics = getattr(result, "metrics", result)
+    out = {}
+    for key in METRIC_KEYS:
+        value = metrics.get(key)
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            out[key] = math.nan
+    return out
+
+
+def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Mean, standard deviation (population), median, min, max and count of each metric per method."""
+    methods: List[str] = []
+    for per_method in cases.values():
+        for m in per_method:
+            if m not in methods:
+                methods.append(m)
+    summary: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for method in methods:
+        summary[method] = {}
+        for key in METRIC_KEYS:
+            values = np.array([c[method][key] for c in cases.values() if method in c and key in c[method]], float)
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                summary[method][key] = {
+                    "mean": math.nan,
+                    "std": math.nan,
+                    "median": math.nan,
+                    "min": math.nan,
+                    "max": math.nan,
+                    "n": 0,
+                }
+                continue
+            summary[method][key] = {
+                "mean": float(values.mean()),
+                "std": float(values.std()),
+                "median": float(np.median(values)),
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "n": int(values.size),
+            }
+    return summary
+
+
+def compare_images(
+    ct: sitk.Image,
+    sct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    bone_threshold: float = 200.0,
+    bone_labels: Optional[sitk.Image] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> Dict[str, float]:
+    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points).
+
+    :func:`SyntheticCTLib.comparison.compare.compare` does the work. When the sCT (or the CT) holds no
+    bone at all, the bone metrics cannot be measured: the image metrics are still returned, with a bone
+    Dice of 0 and NaN surface distances (a model that finds no bone scores as such, and the run goes on).
+    """
+    from SyntheticCTLib.comparison.compare import compare
+
+    try:
+        result = compare(
+            ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
+        )
+    except InvalidParameterError as e:
+        # compare() has no dedicated error type for "no bone": recognise it by its message, or by the images.
+        no_bone = "no bone" in str(e).lower() or not (_has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold))
+        if not no_bone:
+            raise
+        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold, reason=str(e))
+    return _metrics_of(result)
+
+
+def _has_bone(image: sitk.Image, threshold: float) -> bool:
+    return bool((sitk.GetArrayViewFromImage(image) >= threshold).any())
+
+
+def image_metrics_only(
+    ct: sitk.Image,
+    sct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    bone_threshold: float = 200.0,
+    reason: str = "",
+) -> Dict[str, float]:
+    """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
+    from SyntheticCTLib.comparison.metrics import body_mask, image_metrics
+    from SyntheticCTLib.kernel.geometry import resample_like
+
+    logger.warning(
+        "Bone metrics not measurable (%s): bone Dice 0, no surface distances.",
+        reason or f"no bone at {bone_threshold:g} HU",
+    )
+    reference = sitk.Cast(ct, sitk.sitkFloat32)
+    moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    body = sitk.GetArrayFromImage(body_mask(reference)).astype(bool)
+    metrics = {k: math.nan for k in METRIC_KEYS}
+    metrics.update(image_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(moved), mask=body))
+    metrics["bone_dice"] = 0.0
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallback) -> Optional[sitk.Transform]:
+    """Register the MRI (moving) to the CT (fixed): the transform maps CT points to MRI (= sCT) points."""
+    if mode == "none":
+        return None
+    from SyntheticCTLib.kernel.geometry import resample_like
+    from SyntheticCTLib.registration.registration import register
+
+    rigid = register(ct, mri, mode="rigid", progress=scaled(progress, 0.0, 0.5))
+    logger.info("Rigid MRI-to-CT registration: metric %.4f.", float(rigid.metric_value))
+    if mode == "rigid":
+        return rigid.transform
+    moved = resample_like(mri, ct, transform=rigid.transform)
+    affine = register(ct, moved, mode="affine", progress=scaled(progress, 0.5, 1.0))
+    logger.info("Affine refinement: metric %.4f.", float(affine.metric_value))
+    composite = sitk.CompositeTransform(rigid.transform)
+    composite.AddTransform(affine.transform)
+    return composite
+
+
+def _write_csvs(
+    out_dir: Path,
+    cases: Dict[str, Dict[str, Dict[str, float]]],
+    times: Dict[str, Dict[str, float]],
+    summary: Dict[str, Dict[str, Dict[str, float]]],
+) -> Dict[str, Path]:
+    def fmt(v: Any) -> Any:
+        if isinstance(v, float):
+            return "" if not math.isfinite(v) else f"{v:.6g}"
+        return v
+
+    metrics_csv = out_dir / "metrics.csv"
+    with atomic_output(metrics_csv) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "method", *METRIC_KEYS, "time_s"])
+            for name, per_method in cases.items():
+                for method, metrics in per_method.items():
+                    writer.writerow(
+                        [
+                            name,
+                            method,
+                            *(fmt(metrics[k]) for k in METRIC_KEYS),
+                            fmt(times.get(name, {}).get(method, math.nan)),
+                        ]
+                    )
+    summary_csv = out_dir / "summary.csv"
+    with atomic_output(summary_csv) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["method", "metric", "mean", "std", "median", "min", "max", "n"])
+            for method, per_key in summary.items():
+                for key, s in per_key.items():
+                    writer.writerow(
+                        [method, key, *(fmt(s[k]) for k in ("mean", "std", "median", "min", "max")), s["n"]]
+                    )
+    return {"metrics_csv": metrics_csv, "summary_csv": summary_csv}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _case_png(
+    path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
+) -> None:
+    from SyntheticCTLib.apps.report import slices_png
+    from SyntheticCTLib.kernel.geometry import resample_like
+
+    mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
+    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    png = slices_png(mri_on_ct, sct_on_ct, sitk.Cast(ct, sitk.sitkFloat32))
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(png)
+
+
+def evaluate(
+    model: Any,
+    cases: Sequence[EvaluationCase],
+    out_dir: Union[str, Path],
+    *,
+    baselines: bool = True,
+    align: str = "none",
+    bone_threshold: float = 200.0,
+    use_bone_labels: bool = False,
+    device: str = "auto",
+    images: bool = True,
+    save_sct: bool = False,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> EvaluationResult:
+    """Run ``model`` (a :class:`~SyntheticCTLib.models.package.ModelPackage`, a name or a path) and the baselines on
+    every case, compare each with the case's CT, and write the metrics, pictures and index to ``out_dir``.
+
+    Parameters
+    ----------
+    align
+        ``"none"`` (the CT lies on the MRI's patient coordinates), ``"rigid"`` or ``"affine"``: register the
+        MRI to the CT first; the sCTs are compared through that transform.
+    bone_threshold
+        HU threshold of bone in the CT and every sCT (Dice and surfaces).
+    use_bone_labels
+        Pass the case's bone label map to the comparison (per-bone surface distances).
+    save_sct
+        Also write each sCT as ``sct/<case>_<method>.nii.gz``.
+    """
+    from SyntheticCTLib.synthesis.baselines import BASELINES
+    from SyntheticCTLib.synthesis.inference import synthesize
+    from SyntheticCTLib.training.data import read_mri_channels
+
+    if align not in ALIGN_MODES:
+        raise InvalidParameterError(f"align must be one of {', '.join(ALIGN_MODES)} (got {align!r}).")
+    if not cases:
+        raise InvalidParameterError("No case to evaluate.")
+    report = with_cancel(progress or no_progress, cancel)
+    package = _resolve_model(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = [MODEL_METHOD] + (list(BASELINES) if baselines else [])
+    per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
+    times: Dict[str, Dict[str, float]] = {}
+    index_cases = []
+    files: Dict[str, Path] = {}
+    n = len(cases)
+    for i, case in enumerate(cases):
+        sub = scaled(report, i / n, (i + 1) / n)
+        sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
+        mri = read_mri_channels(case.mri)
+        ct = read_volume(case.ct)
+        labels = read_volume(case.bone_labels) if (use_bone_labels and case.bone_labels) else None
+        if len(mri) != package.in_channels:
+            raise InvalidParameterError(
+                f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
+                f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
+            )
+        transform = _align(ct, mri[0], align, scaled(sub, 0.0, 0.1))
+        per_case[case.name] = {}
+        times[case.name] = {}
+        model_sct = None
+        for j, method in enumerate(methods):
+            step = scaled(sub, 0.1 + 0.9 * j / len(methods), 0.1 + 0.9 * (j + 1) / len(methods))
+            step(0.0, "evaluate", f"{case.name}: {method}")
+            t0 = time.perf_counter()
+            if method == MODEL_METHOD:
+                sct = synthesize(mri, package, device=device, progress=scaled(step, 0.0, 0.6), cancel=cancel)
+                model_sct = sct
+            else:
+                sct = BASELINES[method](mri)
+            elapsed = time.perf_counter() - t0
+            metrics = compare_images(
+                ct,
+                sct,
+                transform=transform,
+                bone_threshold=bone_threshold,
+                bone_labels=labels,
+                progress=scaled(step, 0.6, 1.0),
+            )
+            per_case[case.name][method] = metrics
+            times[case.name][method] = elapsed
+            logger.info(
+                "%s, %s: MAE %.1f HU, ME %.1f HU, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm (%.1f s)",
+                case.name,
+                method,
+                metrics["mae_hu"],
+                metrics["me_hu"],
+                metrics["bone_dice"],
+                metrics["surface_mean_mm"],
+                metrics["surface_p95_mm"],
+                elapsed,
+            )
+            if save_sct:
+                from SyntheticCTLib.kernel.io import write_volume
+
+                write_volume(
+                    sct, out_dir / "sct" / f"{case.name}_{method.replace(' ', '_')}.nii.gz", inputs=[*case.mri, case.ct]
+                )
+        if images and model_sct is not None:
+            png = out_dir / "images" / f"{case.name}.png"
+            _case_png(png, mri[0], model_sct, ct, transform)
+            files[f"image:{case.name}"] = png
+        index_cases.append({"name": case.name, "report": None, "metrics": per_case[case.name]})
+    summary = summarize(per_case)
+    document = {
+        "disclaimer": NOT_FOR_DIAGNOSTIC_USE,
+        "syntheticct_version": __version__,
+        "model": {"name": package.name, "version": package.version, "source": str(package.source)},
+        "methods": methods,
+        "align": align,
+        "bone_threshold_hu": bone_threshold,
+        "cases": [
+            {
+                "name": c.name,
+                "mri": [str(p) for p in c.mri],
+                "ct": str(c.ct),
+                "metrics": per_case[c.name],
+                "time_s": times[c.name],
+            }
+            for c in cases
+        ],
+        "summary": summary,
+    }
+    metrics_json = out_dir / "metrics.json"
+    with atomic_output(metrics_json) as tmp:
+        tmp.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+    files["metrics_json"] = metrics_json
+    files.update(_write_csvs(out_dir, per_case, times, summary))
+    try:
+        from SyntheticCTLib.apps.report import write_index
+
+        files["index"] = write_index(
+            out_dir / "index.html",
+            index_cases,
+            title=f"SyntheticCT evaluation: {package.name}",
+            model_card=package.card,
+        )
+    except (ImportError, SyntheticCTError, ValueError) as e:  # the index is a convenience; metrics are written
+        logger.warning("Could not write index.html: %s", e)
+    report(1.0, "evaluate", "done")
+    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+
+
+def _resolve_model(model: Any):
+    from SyntheticCTLib.models.package import ModelPackage
+
+    if isinstance(model, ModelPackage):
+        return model
+    try:
+        from SyntheticCTLib.models.catalog import resolve_model
+    except ImportError:  # pragma: no cover - the catalog ships with the models package
+        resolve_model = None
+    path = Path(str(model))
+    if path.exists() or resolve_model is None:
+        from SyntheticCTLib.models.package import load_model_package
+
+        return load_model_package(path)
+    return resolve_model(str(model))
+
+
+def held_out_block(result: EvaluationResult, *, note: str = "") -> Dict[str, Any]:
+    """A model-card block with the summary means of every method (for ``model.json``)."""
+    block: Dict[str, Any] = {"cases": sorted(result.cases), "note": note, "methods": {}}
+    for method, per_key in result.summary.items():
+        block["methods"][method] = {
+            k: (None if not math.isfinite(s["mean"]) else round(s["mean"], 4)) for k, s in per_key.items()
+        }
+    return block
+
+
+def record_in_card(
+    model: Union[str, Path], result: EvaluationResult, *, label: str = "held-out", note: str = ""
+) -> Path:
+    """Write :func:`held_out_block` of ``result`` into ``model.json`` of the package folder ``model``.
+
+    The block goes under ``held_out_evaluation[label]`` (other labels are kept). Only ``model.json``
+    changes; the weights and their hashes do not. Raises :class:`InvalidParameterError` unless ``model``
+    is a package folder.
+    """
+    from SyntheticCTLib.models.package import MODEL_CARD, read_card
+
+    folder = Path(str(model))
+    if not (folder.is_dir() and (folder / MODEL_CARD).is_file()):
+        raise InvalidParameterError(f"--record-in-card needs a model package folder with {MODEL_CARD}; got '{model}'.")
+    if not label or not str(label).strip():
+        raise InvalidParameterError("--record-in-card needs a non-empty LABEL for the evaluated cohort.")
+    card = json.loads((folder / MODEL_CARD).read_text(encoding="utf-8"))
+    block = held_out_block(
+        result,
+        note=note or "Mean over the cases (`syntheticct evaluate`); each method's sCT compared with the case's CT.",
+    )
+    evaluations = card.get("held_out_evaluation")
+    if not isinstance(evaluations, dict):
+        evaluations = {}
+    evaluations[str(label)] = _json_safe(block)
+    card["held_out_evaluation"] = evaluations
+    with atomic_output(folder / MODEL_CARD) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    read_card(folder)
+    return folder / MODEL_CARD
+
+
+__all__ = [
+    "record_in_card",
+    "EvaluationCase",
+    "EvaluationResult",
+    "evaluate",
+    "find_evaluation_cases",
+    "summarize",
+    "compare_images",
+    "held_out_block",
+    "METRIC_KEYS",
+    "MODEL_METHOD",
+]

@@ -1,0 +1,536 @@
+"""Compare a synthetic CT with a reference CT: image metrics, bone Dice and bone-surface distances.
+
+:func:`compare` brings the synthetic CT onto the reference grid (through a registration transform,
+if given), measures the SynthRAD 2023 image metrics inside the body, segments the bone of both,
+extracts both bone surfaces in world coordinates and measures the signed distances between them,
+globally and per bone. :func:`write_comparison` writes the metrics, the surfaces, a distance
+histogram, pictures and a self-contained HTML report into a folder, each file atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+
+from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.comparison.bone import dice, segment_bone
+from SyntheticCTLib.comparison.metrics import HU_RANGE, body_mask, image_metrics
+from SyntheticCTLib.comparison.surfaces import (
+    DISTANCE_ARRAY,
+    LABEL_ARRAY,
+    MEASURED_ARRAY,
+    SurfaceDistances,
+    bone_row,
+    bone_surface,
+    label_surface_points,
+    per_bone_stats,
+    points_in_mask,
+    set_point_array,
+    surface_distances,
+    surface_points,
+)
+from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError, VolumeWriteError
+from SyntheticCTLib.kernel.geometry import resample_like, same_grid
+from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = (
+    "mae_hu",
+    "me_hu",
+    "psnr_db",
+    "ssim",
+    "bone_dice",
+    "surface_mean_mm",
+    "surface_median_mm",
+    "surface_rms_mm",
+    "surface_p95_mm",
+    "surface_max_mm",
+    "surface_within_1mm",
+    "per_bone",
+)
+"""The top-level keys every ``metrics.json`` starts with (more follow)."""
+
+SUMMARY_KEYS = tuple(key for key in REQUIRED_KEYS if key != "per_bone") + ("surface_within_2mm",)
+"""The scalar metrics of a comparison: the columns of evaluation tables and summaries."""
+
+AIR_HU = -1024.0
+MIN_OVERLAP = 0.01
+
+
+@dataclass
+class ComparisonResult:
+    """Everything :func:`compare` measured, on the reference grid.
+
+    ``metrics`` is the JSON-ready dict of :data:`REQUIRED_KEYS` and more (non-finite values, such
+    as the PSNR of identical images, are None, written as null); ``synthetic`` is the
+    synthetic CT resampled onto the reference grid; the surfaces carry ``SignedDistance_mm``.
+    """
+
+    metrics: dict
+    reference: sitk.Image
+    synthetic: sitk.Image
+    body_mask: sitk.Image
+    reference_bone: sitk.Image
+    synthetic_bone: sitk.Image
+    reference_surface: vtk.vtkPolyData
+    synthetic_surface: vtk.vtkPolyData
+    distances: SurfaceDistances
+    bone_labels: Optional[sitk.Image] = None
+    per_bone: List[dict] = field(default_factory=list)
+
+
+def _check_transform(transform: Optional[sitk.Transform], name: str) -> None:
+    if transform is not None and not isinstance(transform, sitk.Transform):
+        raise InvalidParameterError(f"{name} must be a SimpleITK transform; got {type(transform).__name__}.")
+    if transform is not None and transform.GetDimension() != 3:
+        raise InvalidParameterError(f"{name} must be a 3D transform; got a {transform.GetDimension()}D one.")
+
+
+def _labels_on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    validate_volume(labels, "the bone label map")
+    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(labels)
+        if not np.array_equal(array, np.round(array)) or array.min() < 0:
+            raise InvalidParameterError(
+                "The bone label map must hold whole numbers >= 0 (0 = no bone, k = bone k); it holds fractions "
+                "or negative values."
+            )
+    labels = sitk.Cast(labels, sitk.sitkUInt16) if labels.GetPixelID() != sitk.sitkUInt16 else labels
+    if not same_grid(labels, reference):
+        labels = resample_like(labels, reference, interpolator=sitk.sitkNearestNeighbor, default_value=0)
+    if not np.any(sitk.GetArrayViewFromImage(labels) > 0):
+        raise InvalidParameterError("The bone label map has no labelled voxel inside the reference CT's field of view.")
+    return labels
+
+
+def _near_labels(labels: sitk.Image, margin_mm: float) -> np.ndarray:
+    """Voxels within ``margin_mm`` of a labelled voxel."""
+    distance = sitk.SignedMaurerDistanceMap(
+        sitk.Cast(labels > 0, sitk.sitkUInt8), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    return sitk.GetArrayViewFromImage(distance) <= margin_mm
+
+
+def _restrict(mask: sitk.Image, region: np.ndarray) -> sitk.Image:
+    array = (sitk.GetArrayViewFromImage(mask) > 0) & region
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(mask)
+    return image
+
+
+def _finite(value):
+    """JSON-safe: non-finite floats become None, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def compare(
+    reference_ct: sitk.Image,
+    synthetic_ct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    bone_threshold: float = 200.0,
+    bone_labels: Optional[sitk.Image] = None,
+    bone_transforms: Optional[Mapping[int, sitk.Transform]] = None,
+    body_threshold: float = -500.0,
+    label_margin_mm: float = 10.0,
+    hu_range: Sequence[float] = HU_RANGE,
+    progress: Optional[ProgressCallback] = None,
+) -> ComparisonResult:
+    """Compare ``synthetic_ct`` with ``reference_ct``.
+
+    Parameters
+    ----------
+    reference_ct, synthetic_ct
+        CTs in HU. The synthetic CT is resampled (linearly, air outside its field of view) onto the
+        reference grid through ``transform``.
+    transform
+        Maps reference (fixed) points to synthetic (moving) points, as ITK resampling and
+        :func:`SyntheticCTLib.registration.registration.register` give it; None: identity.
+    bone_threshold
+        Bone is segmented in both images at this HU (see :func:`.bone.segment_bone`).
+    bone_labels
+        A bone label map on the reference's space (0 = no bone, k = bone k), e.g. vertebrae. Both
+        bone masks are then limited to ``label_margin_mm`` around the labelled bones, and every
+        surface point gets the label of the nearest labelled voxel, for per-bone statistics.
+    bone_transforms
+        With ``bone_labels``: a transform per label (from a bone-local registration); each bone's
+        per-bone statistics then use the synthetic CT resampled through its own transform.
+    body_threshold
+        The body mask of the image metrics: reference voxels above this HU (see :func:`.metrics.body_mask`).
+    progress
+        ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
+
+    Raises
+    ------
+    GeometryMismatchError
+        The synthetic CT does not overlap the reference's body after the transform.
+    InvalidParameterError
+        No bone in one of the images, a bad label map or transform.
+    """
+    report = progress or no_progress
+    validate_volume(reference_ct, "the reference CT")
+    validate_volume(synthetic_ct, "the synthetic CT")
+    _check_transform(transform, "transform")
+    if bone_transforms and bone_labels is None:
+        raise InvalidParameterError("bone_transforms needs bone_labels: the label of each bone's transform.")
+    for label, bone_transform in (bone_transforms or {}).items():
+        _check_transform(bone_transform, f"the transform of bone {label}")
+
+    report(0.0, "resample", "Bringing the synthetic CT onto the reference grid")
+    reference = sitk.Cast(reference_ct, sitk.sitkFloat32)
+    synthetic = resample_like(
+        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=AIR_HU
+    )
+    coverage = _coverage(synthetic_ct, reference, transform)
+    valid = sitk.GetArrayViewFromImage(coverage) > 0
+
+    report(0.05, "image metrics", "Body mask and SynthRAD 2023 image metrics")
+    body = body_mask(reference, threshold=body_threshold)
+    body_array = sitk.GetArrayViewFromImage(body) > 0
+    measured = body_array & valid
+    overlap = float(measured.sum()) / max(1, int(body_array.sum()))
+    if overlap < MIN_OVERLAP:
+        raise GeometryMismatchError(
+            f"The synthetic CT covers {overlap:.1%} of the reference CT's body after the transform: the images "
+            "do not overlap. Register them first (syntheticct register) and pass the transform."
+        )
+    if overlap < 0.9:
+        logger.warning(
+            "The synthetic CT covers only %.0f%% of the reference body; metrics use that part.", 100 * overlap
+        )
+    metrics_body = _restrict(body, valid)
+    image = image_metrics(reference, synthetic, mask=metrics_body, hu_range=hu_range)
+
+    report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
+    labels = _labels_on_grid(bone_labels, reference) if bone_labels is not None else None
+    region = valid.copy()
+    if labels is not None:
+        region &= _near_labels(labels, label_margin_mm)
+    reference_bone = _restrict(segment_bone(reference, threshold=bone_threshold), region)
+    synthetic_bone = _restrict(segment_bone(synthetic, threshold=bone_threshold), region)
+    for name, mask in (("reference", reference_bone), ("synthetic", synthetic_bone)):
+        if not np.any(sitk.GetArrayViewFromImage(mask)):
+            raise InvalidParameterError(
+                f"No bone found in the {name} CT at {bone_threshold:g} HU (inside the compared region); "
+                "lower --bone-threshold or check the image."
+            )
+    bone_dice = dice(reference_bone, synthetic_bone)
+
+    report(0.4, "surfaces", "Extracting the bone surfaces")
+    reference_surface = bone_surface(reference_bone)
+    report(0.5, "surfaces", "Extracting the bone surfaces")
+    synthetic_surface = bone_surface(synthetic_bone)
+    report(0.6, "distances", "Signed point-wise surface distances")
+    # Points on a cut of the compared region (the image border, the synthetic CT's field of view,
+    # the label margin) lie on flat faces that both surfaces share: they are left out of the statistics.
+    interior = _interior(region)
+    syn_measured = points_in_mask(surface_points(synthetic_surface), interior, like=reference)
+    ref_measured = points_in_mask(surface_points(reference_surface), interior, like=reference)
+    set_point_array(synthetic_surface, MEASURED_ARRAY, syn_measured.astype(np.uint8))
+    set_point_array(reference_surface, MEASURED_ARRAY, ref_measured.astype(np.uint8))
+    distances = surface_distances(
+        synthetic_surface, reference_surface, synthetic_measured=syn_measured, reference_measured=ref_measured
+    )
+    if distances.symmetric.n_points == 0:
+        raise InvalidParameterError(
+            "Every bone-surface point lies on a cut of the compared field of view: nothing to measure."
+        )
+
+    per_bone: List[dict] = []
+    if labels is not None:
+        report(0.8, "per bone", "Per-bone statistics")
+        syn_labels = label_surface_points(surface_points(synthetic_surface), labels, max_distance_mm=label_margin_mm)
+        ref_labels = label_surface_points(surface_points(reference_surface), labels, max_distance_mm=label_margin_mm)
+        set_point_array(synthetic_surface, LABEL_ARRAY, syn_labels.astype(np.int32))
+        set_point_array(reference_surface, LABEL_ARRAY, ref_labels.astype(np.int32))
+        present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
+        per_bone = per_bone_stats(distances, syn_labels, ref_labels, labels=present)
+        if bone_transforms:
+            per_bone = _bone_local_rows(
+                per_bone,
+                reference,
+                synthetic_ct,
+                labels,
+                bone_transforms,
+                reference_bone=reference_bone,
+                valid_region=region,
+                bone_threshold=bone_threshold,
+                margin_mm=label_margin_mm,
+                progress=scaled(report, 0.85, 0.99),
+            )
+
+    symmetric = distances.symmetric
+    metrics = {
+        **image,
+        "bone_dice": bone_dice,
+        "surface_mean_mm": symmetric.mean_abs_mm,
+        "surface_median_mm": symmetric.median_mm,
+        "surface_rms_mm": symmetric.rms_mm,
+        "surface_p95_mm": symmetric.p95_mm,
+        "surface_max_mm": symmetric.max_mm,
+        "surface_within_1mm": symmetric.within_1mm,
+        "per_bone": per_bone,
+        "surface_within_2mm": symmetric.within_2mm,
+        "surface_hd95_mm": distances.hd95_mm,
+        "surface_mean_signed_mm": symmetric.mean_signed_mm,
+        "synthetic_to_reference": distances.synthetic_to_reference.to_dict(),
+        "reference_to_synthetic": distances.reference_to_synthetic.to_dict(),
+        "body_overlap_fraction": overlap,
+        "settings": {
+            "bone_threshold_hu": float(bone_threshold),
+            "body_threshold_hu": float(body_threshold),
+            "hu_range": [float(hu_range[0]), float(hu_range[1])],
+            "bone_labels": labels is not None,
+            "bone_local_transforms": bool(bone_transforms),
+            "label_margin_mm": float(label_margin_mm) if labels is not None else None,
+            "transform": None if transform is None else transform.GetName(),
+            "distance_sign": "positive outside the other bone surface",
+            "statistics": "area-weighted over surface points; symmetric pools both directions; points on a cut "
+            "of the field of view (point array Measured = 0) left out",
+        },
+        "versions": {
+            "SyntheticCTLib": __version__,
+            "SimpleITK": sitk.Version_VersionString(),
+            "vtk": vtk.vtkVersion.GetVTKVersion(),
+            "numpy": np.__version__,
+        },
+        "note": NOT_FOR_DIAGNOSTIC_USE,
+    }
+    report(1.0, "done", f"Mean bone-surface distance {symmetric.mean_abs_mm:.2f} mm")
+    return ComparisonResult(
+        metrics=_finite(metrics),
+        reference=reference,
+        synthetic=synthetic,
+        body_mask=metrics_body,
+        reference_bone=reference_bone,
+        synthetic_bone=synthetic_bone,
+        reference_surface=reference_surface,
+        synthetic_surface=synthetic_surface,
+        distances=distances,
+        bone_labels=labels,
+        per_bone=per_bone,
+    )
+
+
+def _interior(region: np.ndarray) -> np.ndarray:
+    """``region`` without its outer voxel layer and without the image's border voxels."""
+    from scipy import ndimage
+
+    inner = np.zeros_like(region, dtype=bool)
+    inner[1:-1, 1:-1, 1:-1] = region[1:-1, 1:-1, 1:-1]
+    return ndimage.binary_erosion(inner, iterations=1)
+
+
+def _coverage(synthetic_ct: sitk.Image, reference: sitk.Image, transform: Optional[sitk.Transform]) -> sitk.Image:
+    """1 where a reference voxel maps inside the synthetic CT's field of view."""
+    ones = sitk.Image(synthetic_ct.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(synthetic_ct)
+    return resample_like(ones, reference, transform=transform, interpolator=sitk.sitkNearestNeighbor, default_value=0)
+
+
+def _bone_local_rows(
+    rows: List[dict],
+    reference: sitk.Image,
+    synthetic_ct: sitk.Image,
+    labels: sitk.Image,
+    bone_transforms: Mapping[int, sitk.Transform],
+    *,
+    reference_bone: sitk.Image,
+    valid_region: np.ndarray,
+    bone_threshold: float,
+    margin_mm: float,
+    progress: ProgressCallback,
+) -> List[dict]:
+    """Replace the rows of bones that have their own transform with bone-local measurements."""
+    from scipy import ndimage
+
+    label_array = sitk.GetArrayViewFromImage(labels)
+    spacing_zyx = np.asarray(reference.GetSpacing())[::-1]
+    # Each voxel within margin_mm of a bone belongs to the nearest bone; computed on the labels' bounding box.
+    present = np.nonzero(label_array)
+    pad = np.ceil(margin_mm / spacing_zyx).astype(int) + 1
+    box = tuple(
+        slice(max(0, int(p.min()) - q), min(n, int(p.max()) + 1 + q))
+        for p, q, n in zip(present, pad, label_array.shape)
+    )
+    crop = label_array[box]
+    distance, nearest = ndimage.distance_transform_edt(crop == 0, sampling=spacing_zyx, return_indices=True)
+    owner = np.zeros(label_array.shape, dtype=label_array.dtype)
+    owner_crop = crop[tuple(nearest)]
+    owner_crop[distance > margin_mm] = 0
+    owner[box] = owner_crop
+    del distance, nearest
+    by_label = {row["label"]: row for row in rows}
+    items = sorted(bone_transforms.items())
+    for i, (label, bone_transform) in enumerate(items):
+        progress(i / max(1, len(items)), "per bone", f"Bone {label} with its own transform")
+        zone = (owner == int(label)) & valid_region
+        if not zone.any():
+            logger.warning("Bone %s has no voxel in the label map; its transform is not used.", label)
+            continue
+        moved = resample_like(
+            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=AIR_HU
+        )
+        covered = sitk.GetArrayViewFromImage(_coverage(synthetic_ct, reference, bone_transform)) > 0
+        zone &= covered
+        syn = _restrict(segment_bone(moved, threshold=bone_threshold), zone)
+        ref = _restrict(reference_bone, zone)
+        if not np.any(sitk.GetArrayViewFromImage(syn)) or not np.any(sitk.GetArrayViewFromImage(ref)):
+            logger.warning("Bone %s: no bone in its zone after its transform; kept the global measurement.", label)
+            continue
+        syn_surface, ref_surface = bone_surface(syn), bone_surface(ref)
+        interior = _interior(zone)
+        sub = surface_distances(
+            syn_surface,
+            ref_surface,
+            store=False,
+            synthetic_measured=points_in_mask(surface_points(syn_surface), interior, like=reference),
+            reference_measured=points_in_mask(surface_points(ref_surface), interior, like=reference),
+        )
+        row = bone_row(int(label), sub, name=f"bone {int(label)}")
+        row["transform"] = "bone-local"
+        row["bone_dice"] = dice(ref, syn)
+        by_label[int(label)] = row
+    progress(1.0, "per bone", "")
+    return [by_label[k] for k in sorted(by_label)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+HISTOGRAM_LIMIT_MM = 10.0
+HISTOGRAM_BIN_MM = 0.1
+
+
+def distance_histogram(distances: SurfaceDistances) -> List[dict]:
+    """Rows of the distance histogram: 0.1 mm bins over ±10 mm, plus an underflow and an overflow bin.
+
+    Each row: ``lower_mm``, ``upper_mm``, and per direction the point count and the area fraction.
+    """
+    n_bins = int(round(2 * HISTOGRAM_LIMIT_MM / HISTOGRAM_BIN_MM))
+    edges = np.concatenate([[-np.inf], np.linspace(-HISTOGRAM_LIMIT_MM, HISTOGRAM_LIMIT_MM, n_bins + 1), [np.inf]])
+    rows = [{"lower_mm": float(edges[i]), "upper_mm": float(edges[i + 1])} for i in range(len(edges) - 1)]
+    for key, values, weights in (
+        ("synthetic_to_reference", distances.synthetic_distances, distances.synthetic_weights),
+        ("reference_to_synthetic", distances.reference_distances, distances.reference_weights),
+    ):
+        measured = weights > 0
+        values, weights = values[measured], weights[measured]
+        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(rows) - 1)
+        counts = np.bincount(index, minlength=len(rows))
+        area = np.bincount(index, weights=weights, minlength=len(rows))
+        total = float(weights.sum()) or 1.0
+        for i, row in enumerate(rows):
+            row[f"{key}_count"] = int(counts[i])
+            row[f"{key}_area_fraction"] = float(area[i] / total)
+    return rows
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def _histogram_csv(rows: List[dict]) -> bytes:
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue().encode("utf-8")
+
+
+def write_surface(surface: vtk.vtkPolyData, path: Union[str, Path]) -> Path:
+    """Write a surface as a VTK XML PolyData file (``.vtp``), atomically."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        writer = vtk.vtkXMLPolyDataWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(surface)
+        writer.SetDataModeToBinary()
+        writer.SetCompressorTypeToZLib()
+        if writer.Write() != 1 or not tmp.exists():
+            raise VolumeWriteError(f"Could not write the surface '{path}'.")
+    return path
+
+
+def write_comparison(
+    result: ComparisonResult,
+    out_dir: Union[str, Path],
+    *,
+    title: str = "Synthetic CT vs reference CT",
+    inputs: Sequence[Union[str, Path]] = (),
+    progress: Optional[ProgressCallback] = None,
+) -> Dict[str, Path]:
+    """Write the comparison into ``out_dir``; return ``{name: path}`` of the written files.
+
+    Files: ``metrics.json``, ``synthetic_surface.vtp`` and ``reference_surface.vtp`` (point array
+    ``SignedDistance_mm``), ``distance_histogram.csv``, PNGs (``surface_front.png``,
+    ``surface_side.png``, ``surface_back.png``, ``checkerboard.png``, ``difference.png``,
+    ``distance_histogram.png``) and ``report.html``, each written atomically.
+    """
+    from SyntheticCTLib.comparison import rendering
+    from SyntheticCTLib.comparison.report_html import comparison_report
+    from SyntheticCTLib.kernel.io import check_not_input
+
+    report = progress or no_progress
+    out = ensure_output_dir(out_dir, what="comparison folder")
+    written: Dict[str, Path] = {}
+
+    def target(name: str) -> Path:
+        path = out / name
+        check_not_input(path, inputs)
+        return path
+
+    report(0.0, "writing", "metrics.json")
+    text = json.dumps(_finite(result.metrics), indent=2, allow_nan=False)
+    written["metrics"] = _write_bytes(target("metrics.json"), (text + "\n").encode("utf-8"))
+    written["synthetic_surface"] = write_surface(result.synthetic_surface, target("synthetic_surface.vtp"))
+    written["reference_surface"] = write_surface(result.reference_surface, target("reference_surface.vtp"))
+    written["histogram_csv"] = _write_bytes(
+        target("distance_histogram.csv"), _histogram_csv(distance_histogram(result.distances))
+    )
+
+    report(0.3, "writing", "pictures")
+    images: Dict[str, bytes] = {}
+    views = rendering.render_distance_views(result.synthetic_surface, array=DISTANCE_ARRAY)
+    for view, png in views.items():
+        images[f"surface_{view}"] = png
+    report(0.6, "writing", "pictures")
+    centre = rendering.mask_centre_index(result.reference_bone)
+    images["checkerboard"] = rendering.checkerboard_png(result.reference, result.synthetic, centre=centre)
+    images["difference"] = rendering.difference_png(
+        result.reference, result.synthetic, centre=centre, mask=result.body_mask
+    )
+    images["distance_histogram"] = rendering.histogram_png(result.distances)
+    for name, png in images.items():
+        written[name] = _write_bytes(target(f"{name}.png"), png)
+
+    report(0.9, "writing", "report.html")
+    html = comparison_report(result.metrics, images, title=title)
+    written["report"] = _write_bytes(target("report.html"), html.encode("utf-8"))
+    report(1.0, "writing", f"Wrote {len(written)} files to {out}")
+    return written

@@ -1,0 +1,521 @@
+"""Sliding-window patch inference with Gaussian blending, memory-lean and vectorised (torch, any device).
+
+The volume is covered by a regular grid of patches (``overlap`` of the patch size between
+neighbours, the last patch of each axis flush with the volume's end, as MONAI does; starts are
+multiples of the network's ``size_multiple`` so that every patch downsamples on the same grid as a
+whole-volume pass). Each prediction is weighted by a separable Gaussian (sigma = ``sigma_scale`` x
+patch size), held at its peak from the centre towards a volume edge the patch touches (there it
+sees the same zero padding as a whole-volume pass, so it is trusted fully; MONAI's plain Gaussian
+lets a neighbour's less-informed border dominate there), and accumulated into one preallocated
+float32 output array. The sum of the weights is separable too (the patch grid is a Cartesian
+product), so it is never stored as a volume: the output is divided by ``Wz[z] * Wy[y] * Wx[x]``
+slice by slice at the end.
+
+With a ``mask``, patches holding no mask voxel are skipped (their voxels stay 0). Every voxel inside
+the mask is still covered by all of its patches, so the blended value there is exactly what a full
+run gives; callers overwrite the voxels outside the mask (the synthesis sets them to air).
+
+The batch size follows a memory budget: on CUDA the first patch is run alone and its peak memory
+measured; on the CPU an estimate from the network's width is used. A GPU out-of-memory error halves
+the batch and retries; at batch size 1 the run moves to the CPU (with a warning) and continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress
+
+logger = logging.getLogger(__name__)
+
+Flip = Tuple[int, ...]
+DEFAULT_TTA_FLIPS: Tuple[Flip, ...] = ((), (0,), (1,), (2,))
+"""Identity and a flip of each spatial axis (axes of the ``(Z, Y, X)`` array)."""
+
+
+class OutOfMemory(SyntheticCTError, MemoryError):
+    """The inference ran out of memory even with one patch per batch on the CPU."""
+
+
+@dataclass
+class WindowPrediction:
+    """The result of :meth:`SlidingWindow.predict`."""
+
+    output: np.ndarray
+    """Blended prediction, float32 ``(C_out, Z, Y, X)``."""
+    spread: Optional[np.ndarray] = None
+    """With test-time flips: the blended per-voxel standard deviation across the flips, ``(C_out, Z, Y, X)``."""
+    device: str = "cpu"
+    """The device that finished the run (``"cpu"`` after a fallback)."""
+    batch_size: int = 1
+    n_patches: int = 0
+    n_run: int = 0
+    fell_back_to_cpu: bool = False
+    elapsed_s: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+
+def patch_starts(size: int, patch: int, overlap: float, multiple: int = 1) -> List[int]:
+    """Start indices of the patches along one axis of length ``size`` (MONAI's scan: last one flush).
+
+    The step is rounded down to a multiple of ``multiple`` (at least one ``multiple``); with ``size``
+    and ``patch`` multiples of it too, every start is, so that a network's downsampling grid is the
+    same in every patch as in a whole-volume pass.
+    """
+    if size <= patch:
+        return [0]
+    step = max(multiple, int(patch * (1.0 - overlap)) // multiple * multiple)
+    n = int(math.ceil((size - patch) / step)) + 1
+    return sorted({min(i * step, size - patch) for i in range(n)})
+
+
+def gaussian_1d(patch: int, sigma_scale: float = 0.125, floor: float = 1e-3) -> np.ndarray:
+    """The 1D Gaussian weight of a patch axis: peak 1 at the centre, sigma = ``sigma_scale * patch``."""
+    centre = (patch - 1) / 2.0
+    sigma = max(sigma_scale * patch, 1e-6)
+    g = np.exp(-0.5 * ((np.arange(patch) - centre) / sigma) ** 2)
+    return np.maximum(g, floor).astype(np.float32)
+
+
+def effective_patch_size(shape: Sequence[int], patch_size: Sequence[int], multiple: int) -> Tuple[int, ...]:
+    """Patch size per axis: the requested one, shrunk to the volume (rounded up to ``multiple``)."""
+    out = []
+    for s, p in zip(shape, patch_size):
+        p = int(p)
+        if p < 1:
+            raise InvalidParameterError(f"patch_size must be positive (got {tuple(patch_size)}).")
+        p = int(math.ceil(p / multiple) * multiple)
+        out.append(min(p, int(math.ceil(s / multiple) * multiple)))
+    return tuple(out)
+
+
+def tile_profiles(starts: Sequence[int], g: np.ndarray) -> List[np.ndarray]:
+    """The 1D weight of each patch along one axis: the Gaussian, held at its peak towards the volume's edge.
+
+    A patch flush with the volume's start (end) sees there the same zero padding as a whole-volume
+    pass, so its prediction there is as good as at its centre: its weight stays 1 from its centre to
+    that edge. Elsewhere the Gaussian lets the patch centres dominate.
+    """
+    profiles = []
+    half = len(g) // 2
+    for i, _s in enumerate(starts):
+        p = g.copy()
+        if i == 0:
+            p[:half] = 1.0
+        if i == len(starts) - 1:
+            p[half:] = 1.0
+        profiles.append(p)
+    return profiles
+
+
+def _axis_weights(size: int, patch: int, starts: Sequence[int], profiles: Sequence[np.ndarray]) -> np.ndarray:
+    w = np.zeros(size, dtype=np.float64)
+    for s, p in zip(starts, profiles):
+        n = max(0, min(patch, size - s))
+        w[s : s + n] += p[:n]
+    return w
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for torch's out-of-memory errors (CUDA, MPS, CPU allocator)."""
+    import torch
+
+    if isinstance(error, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    if isinstance(error, MemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def available_memory_bytes() -> int:
+    """Physical memory available now (Linux/macOS via sysconf, else psutil, else 4 GiB)."""
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 4 << 30
+
+
+def estimate_patch_bytes(
+    network: Any, patch_size: Sequence[int], in_channels: int, *, element_bytes: int = 4, n_flips: int = 1
+) -> int:
+    """A rough upper estimate of the activation memory of one patch (a U-Net: ~10 maps of the first width live)."""
+    width = int(getattr(network, "width", 32))
+    voxels = int(np.prod(patch_size))
+    return voxels * element_bytes * (in_channels + 10 * width) + voxels * 4 * (2 + n_flips)
+
+
+class SlidingWindow:
+    """A network on a device, ready to predict volumes patch by patch.
+
+    Parameters
+    ----------
+    network
+        A torch module (or any callable) mapping ``(N, C_in, *patch)`` to ``(N, C_out, *patch)``. Its
+        ``size_multiple`` attribute, when present, is honoured (patches are multiples of it).
+    device
+        A torch device string; the network is moved there.
+    amp
+        Autocast (bf16 where the GPU supports it, else fp16) on CUDA; None: on for CUDA only.
+    batch_size
+        Patches per batch; None: from ``memory_budget`` (bytes; None: 80 % of free GPU memory, or on the
+        CPU a quarter of the available memory, at most 2 GiB).
+    max_batch_size
+        Upper bound of the automatic batch size (default 32 on a GPU, 2 on the CPU, where larger
+        batches gain nothing).
+    """
+
+    def __init__(
+        self,
+        network: Any,
+        device: str = "cpu",
+        *,
+        amp: Optional[bool] = None,
+        batch_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        max_batch_size: Optional[int] = None,
+    ) -> None:
+        import torch
+
+        self.device = str(device)
+        self.network = network.to(self.device) if hasattr(network, "to") else network
+        if hasattr(self.network, "eval"):
+            self.network.eval()
+        self.amp = (self.device.startswith("cuda")) if amp is None else bool(amp and self.device.startswith("cuda"))
+        self.amp_dtype = torch.bfloat16 if (self.amp and torch.cuda.is_bf16_supported()) else torch.float16
+        if batch_size is not None and int(batch_size) < 1:
+            raise InvalidParameterError(f"batch_size must be >= 1 (got {batch_size}).")
+        self.batch_size = int(batch_size) if batch_size else None
+        self.memory_budget = int(memory_budget) if memory_budget else None
+        self.max_batch_size = max_batch_size
+        self.fell_back_to_cpu = False
+        self.multiple = int(getattr(network, "size_multiple", 1) or 1)
+
+    # -- device handling --------------------------------------------------------------------------
+    def _fall_back_to_cpu(self, error: BaseException) -> None:
+        import torch
+
+        logger.warning(
+            "Out of memory on %s even with one patch per batch (%s); continuing on the CPU, which is slower.",
+            self.device,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
+        if hasattr(self.network, "to"):
+            self.network = self.network.to("cpu")
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.device = "cpu"
+        self.amp = False
+        self.fell_back_to_cpu = True
+
+    def _budget(self) -> int:
+        import torch
+
+        if self.memory_budget:
+            return self.memory_budget
+        if self.device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+            return int(free * 0.8)
+        return int(min(2 << 30, available_memory_bytes() // 4))
+
+    def _max_batch(self) -> int:
+        if self.max_batch_size:
+            return int(self.max_batch_size)
+        return 32 if self.device != "cpu" else 2
+
+    # -- one batch --------------------------------------------------------------------------------
+    def _forward(self, x, flips: Sequence[Flip]):
+        """Mean and (with several flips) variance over the flips, float32, on the device."""
+        import torch
+
+        mean = None
+        m2 = None
+        for k, flip in enumerate(flips):
+            dims = tuple(2 + a for a in flip)
+            xin = torch.flip(x, dims) if dims else x
+            if self.amp:
+                with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
+                    y = self.network(xin)
+            else:
+                y = self.network(xin)
+            y = y.float()
+            if dims:
+                y = torch.flip(y, dims)
+            if mean is None:
+                mean = y.clone() if len(flips) > 1 else y
+                m2 = torch.zeros_like(y) if len(flips) > 1 else None
+            else:  # Welford
+                delta = y - mean
+                mean += delta / (k + 1)
+                m2 += delta * (y - mean)
+        var = m2 / len(flips) if m2 is not None else None
+        return mean, var
+
+    # -- the volume -------------------------------------------------------------------------------
+    def predict(
+        self,
+        volume: Union[np.ndarray, Sequence[np.ndarray]],
+        patch_size: Sequence[int],
+        overlap: float = 0.5,
+        *,
+        transform: Optional[Callable[[np.ndarray], Any]] = None,
+        mask: Optional[np.ndarray] = None,
+        flips: Sequence[Flip] = ((),),
+        sigma_scale: float = 0.125,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> WindowPrediction:
+        """Predict a whole volume patch by patch.
+
+        Parameters
+        ----------
+        volume
+            ``(C, Z, Y, X)`` array, or a list of C arrays ``(Z, Y, X)`` (e.g. views of SimpleITK
+            images: they are read patch by patch, never copied whole).
+        patch_size, overlap
+            Patch size ``(Z, Y, X)`` (shrunk to the volume where it is smaller) and the fraction of
+            it shared by neighbouring patches, in [0, 1).
+        transform
+            Called on each gathered batch ``(N, C, *patch)`` float32 in place (e.g. normalisation);
+            the padding beyond the volume's edge (to a multiple of the network's ``size_multiple``,
+            or up to the patch size) holds 0 before it.
+        mask
+            Optional boolean ``(Z, Y, X)``: patches with no True voxel are skipped.
+        flips
+            Test-time augmentation: tuples of array axes (0, 1, 2 = Z, Y, X) to flip; ``((),)`` is none.
+            With several, :attr:`WindowPrediction.spread` holds the per-voxel standard deviation.
+        progress, cancel
+            Checked between batches; a cancellation raises :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
+        """
+        import torch
+
+        t0 = time.perf_counter()
+        report = progress or no_progress
+        channels = list(volume) if not isinstance(volume, np.ndarray) else [volume[c] for c in range(volume.shape[0])]
+        if not channels:
+            raise InvalidParameterError("The volume has no channels.")
+        shape = tuple(np.shape(channels[0]))
+        if len(shape) != 3 or any(tuple(np.shape(c)) != shape for c in channels):
+            raise InvalidParameterError(
+                f"Every channel must be 3D and of one shape; got {[np.shape(c) for c in channels]}."
+            )
+        if not 0.0 <= float(overlap) < 1.0:
+            raise InvalidParameterError(f"overlap must be in [0, 1) (got {overlap}).")
+        if len(patch_size) != 3:
+            raise InvalidParameterError(f"patch_size needs 3 values (got {tuple(patch_size)}).")
+        if mask is not None and tuple(mask.shape) != shape:
+            raise InvalidParameterError(f"The mask has shape {mask.shape}, the volume {shape}.")
+        flips = [tuple(int(a) for a in f) for f in flips] or [()]
+        if any(a not in (0, 1, 2) for f in flips for a in f):
+            raise InvalidParameterError(f"Flip axes must be 0, 1 or 2 (got {flips}).")
+        n_ch = len(channels)
+        patch = effective_patch_size(shape, patch_size, self.multiple)
+        # Patches tile the volume padded (virtually, with zeros) to a multiple of the network's size multiple.
+        grid_shape = tuple(int(math.ceil(s / self.multiple) * self.multiple) for s in shape)
+        starts = [patch_starts(s, p, overlap, self.multiple) for s, p in zip(grid_shape, patch)]
+        gauss = [gaussian_1d(p, sigma_scale) for p in patch]
+        profiles = [tile_profiles(st, g) for st, g in zip(starts, gauss)]
+        index = [{s: j for j, s in enumerate(st)} for st in starts]
+        tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        n_patches = len(tiles)
+        if mask is not None:
+            tiles = [
+                t for t in tiles if mask[t[0] : t[0] + patch[0], t[1] : t[1] + patch[1], t[2] : t[2] + patch[2]].any()
+            ]
+
+        out: Optional[np.ndarray] = None
+        var_acc: Optional[np.ndarray] = None
+        w3d_cache = {}
+        batch_size = self.batch_size
+        probe = False
+        if batch_size is None:
+            if self.device.startswith("cuda"):
+                batch_size, probe = 1, True
+            else:
+                per_patch = estimate_patch_bytes(self.network, patch, n_ch, n_flips=len(flips))
+                batch_size = max(1, min(self._max_batch(), self._budget() // max(per_patch, 1)))
+        batch_size = max(1, min(batch_size, max(1, len(tiles))))
+        host_buffer: Optional[np.ndarray] = None
+        logger.debug(
+            "Sliding window: %d of %d patches of %s, batch %d, on %s.",
+            len(tiles),
+            n_patches,
+            patch,
+            batch_size,
+            self.device,
+        )
+
+        i = 0
+        with torch.inference_mode():
+            while i < len(tiles):
+                if cancel is not None:
+                    cancel.check()
+                report(i / max(len(tiles), 1), "inference", f"patch {i + 1} of {len(tiles)} on {self.device}")
+                batch = tiles[i : i + batch_size]
+                if host_buffer is None or host_buffer.shape[0] < len(batch):
+                    host_buffer = self._host_buffer((batch_size, n_ch) + patch)
+                buf = host_buffer[: len(batch)]
+                for k, (z, y, x) in enumerate(batch):
+                    if z + patch[0] > shape[0] or y + patch[1] > shape[1] or x + patch[2] > shape[2]:
+                        buf[k].fill(0.0)  # the patch reaches beyond the volume: zero padding
+                    for c, ch in enumerate(channels):
+                        src = ch[z : z + patch[0], y : y + patch[1], x : x + patch[2]]
+                        buf[k, c, : src.shape[0], : src.shape[1], : src.shape[2]] = src
+                if transform is not None:
+                    transform(buf)
+                try:
+                    if probe:
+                        torch.cuda.synchronize(self.device)
+                        before = torch.cuda.memory_allocated(self.device)
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    xb = torch.from_numpy(buf).to(self.device, non_blocking=True)
+                    mean, var = self._forward(xb, flips)
+                    w = torch.stack([self._tile_weight(t, index, profiles, w3d_cache) for t in batch])[:, None]
+                    mean = (mean * w).cpu().numpy()
+                    var = (var * w).cpu().numpy() if var is not None else None
+                except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+                    if not is_out_of_memory(e):
+                        raise
+                    probe = False
+                    if self.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                    if batch_size > 1:
+                        batch_size = max(1, batch_size // 2)
+                        logger.warning(
+                            "Out of memory on %s; retrying with %d patches per batch.", self.device, batch_size
+                        )
+                        continue
+                    if self.device != "cpu":
+                        self._fall_back_to_cpu(e)
+                        host_buffer = None
+                        continue
+                    raise OutOfMemory(
+                        f"Out of memory on the CPU with one patch of {patch} voxels per batch. Free memory, or use "
+                        "a smaller patch_size."
+                    ) from e
+                if probe:
+                    peak = torch.cuda.max_memory_allocated(self.device) - before
+                    per_patch = max(int(peak * 1.2), 1)
+                    batch_size = max(1, min(self._max_batch(), self._budget() // per_patch))
+                    probe = False
+                    logger.debug("One patch took %.0f MiB on %s; batch size %d.", peak / 2**20, self.device, batch_size)
+                if out is None:
+                    out = np.zeros((mean.shape[1],) + shape, dtype=np.float32)
+                    if var is not None:
+                        var_acc = np.zeros_like(out)
+                for k, (z, y, x) in enumerate(batch):
+                    dz, dy, dx = min(patch[0], shape[0] - z), min(patch[1], shape[1] - y), min(patch[2], shape[2] - x)
+                    region = (slice(None), slice(z, z + dz), slice(y, y + dy), slice(x, x + dx))
+                    out[region] += mean[k, :, :dz, :dy, :dx]
+                    if var_acc is not None:
+                        var_acc[region] += var[k, :, :dz, :dy, :dx]
+                i += len(batch)
+        if cancel is not None:
+            cancel.check()
+        if out is None:  # no patch ran (empty mask)
+            out = np.zeros((1,) + shape, dtype=np.float32)
+            var_acc = np.zeros_like(out) if len(flips) > 1 else None
+        weights = [_axis_weights(s, p, st, pr) for s, p, st, pr in zip(shape, patch, starts, profiles)]
+        wyx = weights[1][:, None] * weights[2][None, :]
+        for z in range(shape[0]):
+            inv = (1.0 / (weights[0][z] * wyx)).astype(np.float32)
+            out[:, z] *= inv
+            if var_acc is not None:
+                var_acc[:, z] *= inv
+        spread = None
+        if var_acc is not None:
+            np.maximum(var_acc, 0.0, out=var_acc)
+            spread = np.sqrt(var_acc, out=var_acc)
+        report(1.0, "inference", f"{len(tiles)} patches on {self.device}")
+        return WindowPrediction(
+            output=out,
+            spread=spread,
+            device=self.device,
+            batch_size=batch_size,
+            n_patches=n_patches,
+            n_run=len(tiles),
+            fell_back_to_cpu=self.fell_back_to_cpu,
+            elapsed_s=time.perf_counter() - t0,
+        )
+
+    def _tile_weight(self, tile, index, profiles, cache):
+        """The separable weight of one patch (cached per kind: first, inner or last patch along each axis)."""
+        import torch
+
+        key = tuple(
+            min(j, 1) if j < len(profiles[a]) - 1 else 2 for a, j in enumerate(index[a][t] for a, t in enumerate(tile))
+        )
+        key = (self.device,) + key
+        w = cache.get(key)
+        if w is None:
+            pz, py, px = (profiles[a][index[a][tile[a]]] for a in range(3))
+            w = torch.from_numpy(pz[:, None, None] * py[None, :, None] * px[None, None, :]).to(self.device)
+            cache[key] = w
+        return w
+
+    def _host_buffer(self, shape: Tuple[int, ...]) -> np.ndarray:
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+        return np.empty(shape, dtype=np.float32)
+
+
+def sliding_window_predict(
+    network: Any,
+    volume: Union[np.ndarray, Sequence[np.ndarray]],
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    *,
+    device: str = "cpu",
+    batch_size: Optional[int] = None,
+    transform: Optional[Callable[[np.ndarray], Any]] = None,
+    mask: Optional[np.ndarray] = None,
+    sigma_scale: float = 0.125,
+    amp: Optional[bool] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> np.ndarray:
+    """Gaussian-blended sliding-window prediction of ``volume`` ``(C, Z, Y, X)``; returns ``(C_out, Z, Y, X)`` float32.
+
+    A convenience over :class:`SlidingWindow` (see there and :meth:`SlidingWindow.predict`).
+    """
+    runner = SlidingWindow(network, device, amp=amp, batch_size=batch_size)
+    return runner.predict(
+        volume,
+        patch_size,
+        overlap,
+        transform=transform,
+        mask=mask,
+        sigma_scale=sigma_scale,
+        progress=progress,
+        cancel=cancel,
+    ).output
+
+
+__all__ = [
+    "DEFAULT_TTA_FLIPS",
+    "OutOfMemory",
+    "SlidingWindow",
+    "WindowPrediction",
+    "effective_patch_size",
+    "estimate_patch_bytes",
+    "gaussian_1d",
+    "is_out_of_memory",
+    "patch_starts",
+    "sliding_window_predict",
+]
