@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -64,6 +64,7 @@ from SyntheticCTLib.registration.initialization import (
     transform_points,
 )
 from SyntheticCTLib.registration.modality import (
+    METRICS,
     check_not_constant,
     choose_metric,
     detect_modality,
@@ -93,6 +94,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MODES",
     "RegistrationResult",
+    "RegistrationSettings",
     "RegistrationError",
     "NonOverlapError",
     "TransformIOError",
@@ -283,149 +285,111 @@ class _Pyramid:
         return edges, max(1, int(self.voxels(i) * fraction))
 
 
-def register(
-    fixed: sitk.Image,
-    moving: sitk.Image,
-    *,
-    mode: str = "rigid",
-    metric: str = "auto",
-    fixed_mask: Optional[sitk.Image] = None,
-    moving_mask: Optional[sitk.Image] = None,
-    bone_labels: Optional[sitk.Image] = None,
-    progress: Optional[ProgressCallback] = None,
-    initialize: str = "auto",
-    initial_transform: Optional[sitk.Transform] = None,
-    level_spacings_mm: Sequence[float] = DEFAULT_LEVELS_MM,
-    search_max_deg: float = 30.0,
-    search_step_deg: float = 15.0,
-    max_iterations: int = 200,
-    max_samples: Optional[int] = None,
-    seed: int = DEFAULT_SEED,
-    bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM,
-    bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU,
-    bone_dilation_mm: float = DEFAULT_DILATION_MM,
-) -> RegistrationResult:
-    """Register ``moving`` to ``fixed``; the result's transform maps fixed points to moving points.
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """How :func:`register` registers: every option except the images, masks, labels and starting transform.
 
-    Parameters
-    ----------
-    fixed, moving
-        Scalar 3D images (the fixed one is normally the CT). Any geometry; they need not overlap at first.
     mode
         ``rigid`` (Euler 3D), ``affine``, ``deformable`` (B-spline over the affine) or ``bone-local``
         (global rigid, then one rigid transform per bone, in ``per_bone``).
     metric
         ``auto`` (correlation for two CT-like images, Mattes mutual information otherwise),
         ``correlation``, ``meansquares`` or ``mattes``.
-    fixed_mask, moving_mask
-        Optional masks (nonzero = use); the metric only samples there.
-    bone_labels
-        Bone label map in the fixed space (0 = no bone) for ``bone-local``; default: the connected
-        components of the fixed CT above ``bone_threshold_hu``.
-    progress
-        ``report(fraction, stage, message)``; it may raise ``Cancelled`` to stop.
     initialize
         ``auto``, ``geometry``, ``moments`` or ``none`` (the physical space as given, no search).
-    initial_transform
-        A starting transform (fixed -> moving points, as the result's), e.g. a rough manual alignment made
-        in Slicer; it replaces ``initialize`` and the rotation search, so any pose (prone to supine) can be
-        registered. A linear transform: its rigid part (:func:`.initialization.rigid_part`) is the start.
     level_spacings_mm
         Target spacings of the resolution levels, coarse to fine.
     search_max_deg, search_step_deg
         The rotation grid of the initial search, about each axis (0 disables the search).
     max_iterations, max_samples, seed
-        Optimizer iterations per level, metric samples per level, and the sampling seed.
-
-    Raises
-    ------
-    InvalidParameterError
-        Unknown mode/metric, constant image, empty mask, bone-local without a CT or labels.
-    NonOverlapError
-        The images do not overlap after initialization.
-    RegistrationError
-        SimpleITK failed.
+        Optimizer iterations per level, metric samples per level (default: :data:`FINAL_SAMPLES` of the
+        metric), and the sampling seed.
+    bspline_spacing_mm
+        Control-point spacing of the ``deformable`` B-spline.
+    bone_threshold_hu, bone_dilation_mm
+        ``bone-local``: the HU threshold of the bone components (without a label map) and the margin
+        around each bone that its metric samples.
     """
-    started = time.perf_counter()
-    report = progress or no_progress
-    if mode not in MODES:
-        raise InvalidParameterError(f"Unknown registration mode '{mode}'; choose one of {', '.join(MODES)}.")
-    if initialize not in INITIALIZATIONS:
-        raise InvalidParameterError(
-            f"Unknown initialization '{initialize}'; choose one of {', '.join(INITIALIZATIONS)}."
-        )
-    if max_iterations < 1 or (max_samples is not None and max_samples < 100):
-        raise InvalidParameterError("max_iterations must be >= 1 and max_samples >= 100.")
-    validate_volume(fixed, "fixed image")
-    validate_volume(moving, "moving image")
-    check_not_constant(fixed, "fixed")
-    check_not_constant(moving, "moving")
 
-    report(0.0, "preparing", "detecting modalities")
-    fixed_modality, moving_modality = detect_modality(fixed), detect_modality(moving)
-    metric_name = choose_metric(fixed_modality, moving_modality, metric)
-    if max_samples is None:
-        max_samples = FINAL_SAMPLES[metric_name]
-    logger.info(
-        "Fixed image: %s-like, moving image: %s-like; metric: %s.",
-        fixed_modality.upper(),
-        moving_modality.upper(),
-        metric_name,
-    )
-    if mode == "bone-local" and bone_labels is None and fixed_modality != "ct":
-        raise InvalidParameterError(
-            "Bone-local registration needs a CT as the fixed image (its bone is split into "
-            "pieces) or a bone label map in the fixed space."
-        )
+    mode: str = "rigid"
+    metric: str = "auto"
+    initialize: str = "auto"
+    level_spacings_mm: Tuple[float, ...] = DEFAULT_LEVELS_MM
+    search_max_deg: float = 30.0
+    search_step_deg: float = 15.0
+    max_iterations: int = 200
+    max_samples: Optional[int] = None
+    seed: int = DEFAULT_SEED
+    bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM
+    bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU
+    bone_dilation_mm: float = DEFAULT_DILATION_MM
 
-    fixed_mask = _checked_mask(fixed_mask, fixed, "fixed mask")
-    moving_mask = _checked_mask(moving_mask, moving, "moving mask")
-    fixed_body = (
-        fixed_mask if fixed_mask is not None else foreground_mask(fixed, fixed_modality, max_voxels=BODY_VOXELS)
-    )
-    moving_body = (
-        moving_mask if moving_mask is not None else foreground_mask(moving, moving_modality, max_voxels=BODY_VOXELS)
-    )
-    fixed_window = intensity_window(fixed, fixed_modality)
-    moving_window = intensity_window(moving, moving_modality)
-    fixed_crop = windowed(crop_to_mask(fixed, fixed_body, CROP_MARGIN_MM), fixed_window)
-    moving_crop = windowed(
-        crop_to_mask(moving, moving_body, CROP_MARGIN_MM) if moving_mask is None else moving, moving_window
-    )
-    fixed_points = mask_points(fixed_body, max_points=5000, seed=seed)
-    moving_points = mask_points(moving_body, max_points=5000, seed=seed + 1)
-    if len(fixed_points) == 0:
-        fixed_points = mask_points(_field_of_view(fixed), max_points=5000, seed=seed)
-    if len(moving_points) == 0:
-        moving_points = mask_points(_field_of_view(moving), max_points=5000, seed=seed)
-    mask_f = mask_on_grid(fixed_mask, fixed_crop) if fixed_mask is not None else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level_spacings_mm", tuple(float(s) for s in self.level_spacings_mm))
+        if self.mode not in MODES:
+            raise InvalidParameterError(f"Unknown registration mode '{self.mode}'; choose one of {', '.join(MODES)}.")
+        if self.initialize not in INITIALIZATIONS:
+            raise InvalidParameterError(
+                f"Unknown initialization '{self.initialize}'; choose one of {', '.join(INITIALIZATIONS)}."
+            )
+        if self.metric not in METRICS:
+            raise InvalidParameterError(f"Unknown metric '{self.metric}'; choose one of {', '.join(METRICS)}.")
+        if self.max_iterations < 1 or (self.max_samples is not None and self.max_samples < 100):
+            raise InvalidParameterError("max_iterations must be >= 1 and max_samples >= 100.")
+        if not self.level_spacings_mm or any(not s > 0 for s in self.level_spacings_mm):
+            raise InvalidParameterError("level_spacings_mm must list at least one positive spacing.")
 
-    pyramid = _Pyramid(fixed_crop, moving_crop, level_spacings_mm, FINEST_SMOOTHING.get(metric_name, 0.0))
-    n_levels = len(pyramid)
-    mask_fraction = 1.0 if mask_f is None else float(np.mean(sitk.GetArrayViewFromImage(mask_f) > 0))
+    @classmethod
+    def from_options(cls, settings: Optional[RegistrationSettings] = None, **options) -> RegistrationSettings:
+        """``settings`` (default: the defaults) with ``options`` (field names) replaced.
 
-    # Progress shares of the stages.
-    shares = {"initialization": 0.2, "rigid": 0.45}
-    if mode == "affine":
-        shares["affine"] = 0.3
-    elif mode == "deformable":
-        shares.update(affine=0.2, deformable=0.3)
-    elif mode == "bone-local":
-        shares["bone-local"] = 0.3
-    total_share = sum(shares.values())
-    bounds, position = {}, 0.0
-    for stage, share in shares.items():
-        bounds[stage] = (position / total_share, (position + share) / total_share)
-        position += share
+        Raises
+        ------
+        TypeError
+            An option that is not a field of :class:`RegistrationSettings`.
+        """
+        base = settings if settings is not None else cls()
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"register() got unknown option(s) {', '.join(unknown)}.")
+        return replace(base, **options) if options else base
 
-    levels_log: List[dict] = []
-    iterations = 0
 
-    def run_level(
+@dataclass
+class _Prepared:
+    """The inputs as the stages use them: modalities, metric, windowed crops, body points, the pyramid."""
+
+    moving: sitk.Image
+    fixed_modality: str
+    moving_modality: str
+    metric: str
+    max_samples: int
+    fixed_window: Tuple[float, float]
+    moving_window: Tuple[float, float]
+    fixed_points: np.ndarray
+    moving_points: np.ndarray
+    fixed_body: sitk.Image
+    moving_body: sitk.Image
+    level_mask: Optional[sitk.Image]
+    moving_mask: Optional[sitk.Image]
+    pyramid: _Pyramid
+    mask_fraction: float
+
+
+class _LevelRunner:
+    """Runs one optimization on one pyramid level and keeps the count of iterations and the level log."""
+
+    def __init__(self, prepared: _Prepared, settings: RegistrationSettings) -> None:
+        self.prepared, self.settings = prepared, settings
+        self.iterations = 0
+        self.levels: List[dict] = []
+
+    def run(
+        self,
         i: int,
         transform: sitk.Transform,
         stage: str,
-        stage_report: ProgressCallback,
+        report: ProgressCallback,
         *,
         optimizer: str = "rsgd",
         moving_initial: Optional[sitk.Transform] = None,
@@ -434,20 +398,21 @@ def register(
         final: bool = False,
         log: bool = True,
     ) -> LevelResult:
-        nonlocal iterations
+        """Optimize ``transform`` on level ``i`` (``final``: the finest level's smaller steps and more samples)."""
+        p, s = self.prepared, self.settings
+        pyramid, n_levels = p.pyramid, len(p.pyramid)
         fixed_level, moving_level = pyramid.level(i)
         spacing = pyramid.spacing(i)
-        level_mask, eligible = mask_f, int(pyramid.voxels(i) * mask_fraction)
+        level_mask, eligible = p.level_mask, int(pyramid.voxels(i) * p.mask_fraction)
         if EDGE_SAMPLING_LEVELS and i >= n_levels - EDGE_SAMPLING_LEVELS and i > 0:
-            level_mask, eligible = pyramid.edge_mask(i, mask_f)
+            level_mask, eligible = pyramid.edge_mask(i, p.level_mask)
+        wanted = samples or (p.max_samples if final else min(p.max_samples, COARSE_MAX_SAMPLES))
         method = make_method(
-            metric_name,
-            sampling=sampling_fraction(
-                eligible, samples or (max_samples if final else min(max_samples, COARSE_MAX_SAMPLES))
-            ),
-            seed=seed + i,
+            p.metric,
+            sampling=sampling_fraction(eligible, wanted),
+            seed=s.seed + i,
             fixed_mask=level_mask,
-            moving_mask=moving_mask,
+            moving_mask=p.moving_mask,
         )
         result = optimize(
             method,
@@ -455,18 +420,18 @@ def register(
             moving_level,
             transform,
             optimizer=optimizer,
-            max_iterations=iteration_cap or max_iterations,
+            max_iterations=iteration_cap or s.max_iterations,
             step=spacing * (FINAL_STEP if final else 1.0),
             min_step=spacing * (FINAL_MIN_STEP if final else LEVEL_MIN_STEP),
             relaxation=FINAL_RELAXATION if final else LEVEL_RELAXATION,
             moving_initial=moving_initial,
-            report=stage_report,
+            report=report,
             stage=f"{stage} registration",
             label=f"level {i + 1}/{n_levels} ({spacing:.1f} mm): ",
         )
-        iterations += result.iterations
+        self.iterations += result.iterations
         if log:
-            levels_log.append(
+            self.levels.append(
                 {
                     "stage": stage,
                     "level": i + 1,
@@ -487,153 +452,326 @@ def register(
         )
         return result
 
-    # 1. Initialization on the coarsest level.
-    init_report = scaled(report, *bounds["initialization"])
-    rigid_report = scaled(report, *bounds["rigid"])
-    fixed_coarse, moving_coarse = pyramid.level(0)
-
-    def search_method() -> sitk.ImageRegistrationMethod:
+    def search_method(self) -> sitk.ImageRegistrationMethod:
+        """A metric set-up that scores candidates on the coarsest level (few samples)."""
+        p = self.prepared
         return make_method(
-            metric_name,
-            sampling=sampling_fraction(int(pyramid.voxels(0) * mask_fraction), SEARCH_MAX_SAMPLES),
-            seed=seed,
-            fixed_mask=mask_f,
-            moving_mask=moving_mask,
+            p.metric,
+            sampling=sampling_fraction(int(p.pyramid.voxels(0) * p.mask_fraction), SEARCH_MAX_SAMPLES),
+            seed=self.settings.seed,
+            fixed_mask=p.level_mask,
+            moving_mask=p.moving_mask,
         )
 
+    def refine(self, transform: sitk.Transform) -> Tuple[sitk.Transform, float]:
+        """A candidate start optimized on the coarsest level (not logged): (transform, metric value)."""
+        cap = min(self.settings.max_iterations, 100)
+        r = self.run(0, transform, "initialization", no_progress, iteration_cap=cap, log=False)
+        return r.transform, r.metric_value
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    *,
+    settings: Optional[RegistrationSettings] = None,
+    fixed_mask: Optional[sitk.Image] = None,
+    moving_mask: Optional[sitk.Image] = None,
+    bone_labels: Optional[sitk.Image] = None,
+    initial_transform: Optional[sitk.Transform] = None,
+    progress: Optional[ProgressCallback] = None,
+    **options,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; the result's transform maps fixed points to moving points.
+
+    Parameters
+    ----------
+    fixed, moving
+        Scalar 3D images (the fixed one is normally the CT). Any geometry; they need not overlap at first.
+    settings
+        A :class:`RegistrationSettings`; ``options`` (its field names: ``mode``, ``metric``, ``initialize``,
+        ``level_spacings_mm``, ``search_max_deg``, ``search_step_deg``, ``max_iterations``, ``max_samples``,
+        ``seed``, ``bspline_spacing_mm``, ``bone_threshold_hu``, ``bone_dilation_mm``) replace its fields.
+    fixed_mask, moving_mask
+        Optional masks (nonzero = use); the metric only samples there.
+    bone_labels
+        Bone label map in the fixed space (0 = no bone) for ``bone-local``; default: the connected
+        components of the fixed CT above ``bone_threshold_hu``.
+    initial_transform
+        A starting transform (fixed -> moving points, as the result's), e.g. a rough manual alignment made
+        in Slicer; it replaces ``initialize`` and the rotation search, so any pose (prone to supine) can be
+        registered. A linear transform: its rigid part (:func:`.initialization.rigid_part`) is the start.
+    progress
+        ``report(fraction, stage, message)``; it may raise ``Cancelled`` to stop.
+
+    Raises
+    ------
+    InvalidParameterError
+        Unknown mode/metric, constant image, empty mask, bone-local without a CT or labels.
+    NonOverlapError
+        The images do not overlap after initialization.
+    RegistrationError
+        SimpleITK failed.
+    """
+    started = time.perf_counter()
+    report = progress or no_progress
+    settings = RegistrationSettings.from_options(settings, **options)
+    prepared = _prepare(fixed, moving, settings, fixed_mask, moving_mask, bone_labels, report)
+    runner = _LevelRunner(prepared, settings)
+    bounds = _progress_bounds(settings.mode)
+
+    init, first_level_done = _initialise(runner, initial_transform, scaled(report, *bounds["initialization"]))
+    result = _rigid_stage(runner, init.transform, first_level_done, scaled(report, *bounds["rigid"]))
+    transform, per_bone = result.transform, []
+    if settings.mode in ("affine", "deformable"):
+        result = _affine_stage(runner, transform, scaled(report, *bounds["affine"]))
+        transform = result.transform
+    if settings.mode == "deformable":
+        transform, result = _deformable(
+            prepared.pyramid, transform, settings.bspline_spacing_mm, runner, scaled(report, *bounds["deformable"])
+        )
+    if settings.mode == "bone-local":
+        per_bone = _bone_local_stage(
+            fixed, moving, prepared, settings, transform, bone_labels, scaled(report, *bounds["bone-local"])
+        )
+        runner.iterations += sum(b["iterations"] for b in per_bone)
+    return _assemble(runner, init, transform, result, per_bone, time.perf_counter() - started, report)
+
+
+def _prepare(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    settings: RegistrationSettings,
+    fixed_mask: Optional[sitk.Image],
+    moving_mask: Optional[sitk.Image],
+    bone_labels: Optional[sitk.Image],
+    report: ProgressCallback,
+) -> _Prepared:
+    """Check the inputs; detect the modalities and the metric; crop, window and build the pyramid."""
+    validate_volume(fixed, "fixed image")
+    validate_volume(moving, "moving image")
+    check_not_constant(fixed, "fixed")
+    check_not_constant(moving, "moving")
+
+    report(0.0, "preparing", "detecting modalities")
+    fixed_modality, moving_modality = detect_modality(fixed), detect_modality(moving)
+    metric_name = choose_metric(fixed_modality, moving_modality, settings.metric)
+    logger.info(
+        "Fixed image: %s-like, moving image: %s-like; metric: %s.",
+        fixed_modality.upper(),
+        moving_modality.upper(),
+        metric_name,
+    )
+    if settings.mode == "bone-local" and bone_labels is None and fixed_modality != "ct":
+        raise InvalidParameterError(
+            "Bone-local registration needs a CT as the fixed image (its bone is split into "
+            "pieces) or a bone label map in the fixed space."
+        )
+
+    fixed_mask = _checked_mask(fixed_mask, fixed, "fixed mask")
+    moving_mask = _checked_mask(moving_mask, moving, "moving mask")
+    fixed_body = (
+        fixed_mask if fixed_mask is not None else foreground_mask(fixed, fixed_modality, max_voxels=BODY_VOXELS)
+    )
+    moving_body = (
+        moving_mask if moving_mask is not None else foreground_mask(moving, moving_modality, max_voxels=BODY_VOXELS)
+    )
+    fixed_window = intensity_window(fixed, fixed_modality)
+    moving_window = intensity_window(moving, moving_modality)
+    fixed_crop = windowed(crop_to_mask(fixed, fixed_body, CROP_MARGIN_MM), fixed_window)
+    moving_crop = windowed(
+        crop_to_mask(moving, moving_body, CROP_MARGIN_MM) if moving_mask is None else moving, moving_window
+    )
+    seed = settings.seed
+    fixed_points = mask_points(fixed_body, max_points=5000, seed=seed)
+    moving_points = mask_points(moving_body, max_points=5000, seed=seed + 1)
+    if len(fixed_points) == 0:
+        fixed_points = mask_points(_field_of_view(fixed), max_points=5000, seed=seed)
+    if len(moving_points) == 0:
+        moving_points = mask_points(_field_of_view(moving), max_points=5000, seed=seed)
+    level_mask = mask_on_grid(fixed_mask, fixed_crop) if fixed_mask is not None else None
+    pyramid = _Pyramid(fixed_crop, moving_crop, settings.level_spacings_mm, FINEST_SMOOTHING.get(metric_name, 0.0))
+    return _Prepared(
+        moving=moving,
+        fixed_modality=fixed_modality,
+        moving_modality=moving_modality,
+        metric=metric_name,
+        max_samples=settings.max_samples if settings.max_samples is not None else FINAL_SAMPLES[metric_name],
+        fixed_window=fixed_window,
+        moving_window=moving_window,
+        fixed_points=fixed_points,
+        moving_points=moving_points,
+        fixed_body=fixed_body,
+        moving_body=moving_body,
+        level_mask=level_mask,
+        moving_mask=moving_mask,
+        pyramid=pyramid,
+        mask_fraction=1.0 if level_mask is None else float(np.mean(sitk.GetArrayViewFromImage(level_mask) > 0)),
+    )
+
+
+def _progress_bounds(mode: str) -> dict:
+    """The share of the progress bar of each stage: ``{stage: (start, stop)}``."""
+    shares = {"initialization": 0.2, "rigid": 0.45}
+    if mode == "affine":
+        shares["affine"] = 0.3
+    elif mode == "deformable":
+        shares.update(affine=0.2, deformable=0.3)
+    elif mode == "bone-local":
+        shares["bone-local"] = 0.3
+    total_share = sum(shares.values())
+    bounds, position = {}, 0.0
+    for stage, share in shares.items():
+        bounds[stage] = (position / total_share, (position + share) / total_share)
+        position += share
+    return bounds
+
+
+def _initialise(
+    runner: _LevelRunner, initial_transform: Optional[sitk.Transform], report: ProgressCallback
+) -> Tuple[Initialization, bool]:
+    """The starting rigid transform: the user's, the images as they are, or the automatic search.
+
+    Returns (initialization, whether the coarsest level is already optimized).
+    """
+    p, s = runner.prepared, runner.settings
+    fixed_coarse, moving_coarse = p.pyramid.level(0)
     first_level_done = False
     if initial_transform is not None:
-        centre = fixed_points.mean(axis=0) if len(fixed_points) else physical_centre(fixed_coarse)
-        start = rigid_part(initial_transform, centre)
-        angles = tuple(
-            round(float(np.degrees(a)), 3) for a in (start.GetAngleX(), start.GetAngleY(), start.GetAngleZ())
-        )
-        init = Initialization(start, "user", angles, check_overlap(start, fixed_points, moving), 1)
-    elif initialize == "none":
-        init = initialize_rigid(
-            fixed_coarse,
-            moving_coarse,
-            method="none",
-            metric_factory=search_method,
-            fixed_points=fixed_points,
-            moving_points=moving_points,
-        )
+        init = _user_start(initial_transform, p, fixed_coarse)
     else:
-        refine_iterations = min(max_iterations, 100)
-
-        def refine(t: sitk.Transform):
-            r = run_level(0, t, "initialization", lambda *a, **k: None, iteration_cap=refine_iterations, log=False)
-            return r.transform, r.metric_value
-
+        automatic = s.initialize != "none"
         init = initialize_rigid(
             fixed_coarse,
             moving_coarse,
-            method=initialize,
-            metric_factory=search_method,
-            fixed_points=fixed_points,
-            moving_points=moving_points,
-            search_max_deg=search_max_deg,
-            search_step_deg=search_step_deg,
-            refine=refine,
-            progress=lambda f, m: init_report(f, "initialization", m),
+            method=s.initialize,
+            metric_factory=runner.search_method,
+            fixed_points=p.fixed_points,
+            moving_points=p.moving_points,
+            search_max_deg=s.search_max_deg,
+            search_step_deg=s.search_step_deg,
+            refine=runner.refine if automatic else None,
+            progress=(lambda f, m: report(f, "initialization", m)) if automatic else None,
         )
-        first_level_done = True
-    check_overlap(init.transform, fixed_points, moving)
+        first_level_done = automatic
+    check_overlap(init.transform, p.fixed_points, p.moving)
     _log_initialization(init)
-    init_report(1.0, "initialization", f"{init.method}, rotation {init.rotation_deg} deg")
+    report(1.0, "initialization", f"{init.method}, rotation {init.rotation_deg} deg")
+    return init, first_level_done
 
-    # 2. Rigid, coarse to fine.
-    transform = init.transform
-    result: Optional[LevelResult] = None
-    rigid_levels = list(range(1 if first_level_done else 0, n_levels))
-    for k, i in enumerate(rigid_levels):
-        result = run_level(
-            i,
-            transform,
-            "rigid",
-            scaled(rigid_report, k / len(rigid_levels), (k + 1) / len(rigid_levels)),
-            final=i == n_levels - 1,
-        )
+
+def _user_start(initial_transform: sitk.Transform, p: _Prepared, fixed_coarse: sitk.Image) -> Initialization:
+    """The rigid part of the user's starting transform, about the fixed body's centroid."""
+    centre = p.fixed_points.mean(axis=0) if len(p.fixed_points) else physical_centre(fixed_coarse)
+    start = rigid_part(initial_transform, centre)
+    angles = tuple(round(float(np.degrees(a)), 3) for a in (start.GetAngleX(), start.GetAngleY(), start.GetAngleZ()))
+    return Initialization(start, "user", angles, check_overlap(start, p.fixed_points, p.moving), 1)
+
+
+def _rigid_stage(
+    runner: _LevelRunner, start: sitk.Transform, first_level_done: bool, report: ProgressCallback
+) -> LevelResult:
+    """Rigid registration on every level, coarse to fine (from level 2 when the search optimized level 1)."""
+    n_levels = len(runner.prepared.pyramid)
+    transform, result = start, None
+    levels = list(range(1 if first_level_done else 0, n_levels))
+    for k, i in enumerate(levels):
+        part = scaled(report, k / len(levels), (k + 1) / len(levels))
+        result = runner.run(i, transform, "rigid", part, final=i == n_levels - 1)
         transform = result.transform
     if result is None:  # a single level, already optimized during the initialization
-        result = run_level(0, transform, "rigid", rigid_report, final=True)
-        transform = result.transform
+        result = runner.run(0, transform, "rigid", report, final=True)
+    return result
 
-    per_bone: List[dict] = []
-    # 3. Affine / deformable / bone-local.
-    if mode in ("affine", "deformable"):
-        affine = sitk.AffineTransform(3)
-        affine.SetCenter(transform.GetCenter())
-        affine.SetMatrix(transform.GetMatrix())
-        affine.SetTranslation(transform.GetTranslation())
-        affine_levels = [i for i in range(n_levels) if pyramid.spacing(i) <= AFFINE_COARSEST_MM + 1e-6] or [
-            n_levels - 1
-        ]
-        affine_report = scaled(report, *bounds["affine"])
-        for k, i in enumerate(affine_levels):
-            result = run_level(
-                i,
-                affine,
-                "affine",
-                scaled(affine_report, k / len(affine_levels), (k + 1) / len(affine_levels)),
-                final=i == n_levels - 1,
-            )
-            affine = result.transform
-        transform = affine
-    if mode == "deformable":
-        transform, result = _deformable(
-            pyramid, transform, bspline_spacing_mm, run_level, scaled(report, *bounds["deformable"])
-        )
-    if mode == "bone-local":
-        labels = (
-            bone_label_map(bone_labels, fixed)
-            if bone_labels is not None
-            else bone_components(fixed, threshold_hu=bone_threshold_hu)
-        )
-        per_bone = refine_bones(
-            windowed(fixed, fixed_window),
-            windowed(moving, moving_window),
-            labels,
-            transform,
-            metric=metric_name,
-            level_spacings_mm=[s for s in BONE_LOCAL_LEVELS_MM],
-            dilation_mm=bone_dilation_mm,
-            max_iterations=max_iterations,
-            max_samples=max(max_samples // 2, 1000),
-            seed=seed,
-            moving_mask=moving_mask,
-            progress=scaled(report, *bounds["bone-local"]),
-        )
-        iterations += sum(b["iterations"] for b in per_bone)
 
-    converged = _check_convergence(result, metric_name, bounded=mode == "deformable")
-    elapsed = time.perf_counter() - started
-    report(1.0, "done", f"metric {result.metric_value:.5g}, {iterations} iterations, {elapsed:.1f} s")
+def _affine_stage(runner: _LevelRunner, rigid: sitk.Transform, report: ProgressCallback) -> LevelResult:
+    """An affine transform from the rigid one, on the levels at most :data:`AFFINE_COARSEST_MM` apart."""
+    pyramid = runner.prepared.pyramid
+    n_levels = len(pyramid)
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    levels = [i for i in range(n_levels) if pyramid.spacing(i) <= AFFINE_COARSEST_MM + 1e-6] or [n_levels - 1]
+    result = None
+    for k, i in enumerate(levels):
+        part = scaled(report, k / len(levels), (k + 1) / len(levels))
+        result = runner.run(i, affine, "affine", part, final=i == n_levels - 1)
+        affine = result.transform
+    return result
+
+
+def _bone_local_stage(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    p: _Prepared,
+    settings: RegistrationSettings,
+    transform: sitk.Transform,
+    bone_labels: Optional[sitk.Image],
+    report: ProgressCallback,
+) -> List[dict]:
+    """One rigid refinement per bone (given labels, or the fixed CT's bone components), from ``transform``."""
+    labels = (
+        bone_label_map(bone_labels, fixed)
+        if bone_labels is not None
+        else bone_components(fixed, threshold_hu=settings.bone_threshold_hu)
+    )
+    return refine_bones(
+        windowed(fixed, p.fixed_window),
+        windowed(moving, p.moving_window),
+        labels,
+        transform,
+        metric=p.metric,
+        level_spacings_mm=list(BONE_LOCAL_LEVELS_MM),
+        dilation_mm=settings.bone_dilation_mm,
+        max_iterations=settings.max_iterations,
+        max_samples=max(p.max_samples // 2, 1000),
+        seed=settings.seed,
+        moving_mask=p.moving_mask,
+        progress=report,
+    )
+
+
+def _assemble(
+    runner: _LevelRunner,
+    init: Initialization,
+    transform: sitk.Transform,
+    result: LevelResult,
+    per_bone: List[dict],
+    elapsed: float,
+    report: ProgressCallback,
+) -> RegistrationResult:
+    """The :class:`RegistrationResult` of the stages, with the convergence check."""
+    p, mode = runner.prepared, runner.settings.mode
+    converged = _check_convergence(result, p.metric, bounded=mode == "deformable")
+    report(1.0, "done", f"metric {result.metric_value:.5g}, {runner.iterations} iterations, {elapsed:.1f} s")
     logger.info(
         "Registration (%s, %s) finished in %.1f s: metric %.6g after %d iterations.",
         mode,
-        metric_name,
+        p.metric,
         elapsed,
         result.metric_value,
-        iterations,
+        runner.iterations,
     )
     return RegistrationResult(
         transform=transform,
         metric_value=float(result.metric_value),
-        iterations=iterations,
+        iterations=runner.iterations,
         elapsed_s=elapsed,
         mode=mode,
-        metric=metric_name,
+        metric=p.metric,
         per_bone=per_bone,
         converged=converged,
-        fixed_modality=fixed_modality,
-        moving_modality=moving_modality,
+        fixed_modality=p.fixed_modality,
+        moving_modality=p.moving_modality,
         initialization=init.to_dict(),
-        levels=levels_log,
+        levels=runner.levels,
     )
 
 
-def _deformable(pyramid: _Pyramid, affine: sitk.Transform, control_spacing_mm: float, run_level, report):
+def _deformable(
+    pyramid: _Pyramid, affine: sitk.Transform, control_spacing_mm: float, runner: _LevelRunner, report: ProgressCallback
+) -> Tuple[sitk.Transform, LevelResult]:
     """A B-spline over ``affine`` on the levels of :data:`DEFORMABLE_LEVELS_MM` (L-BFGS-B, bounded iterations)."""
     if not control_spacing_mm > 0:
         raise InvalidParameterError("The B-spline control-point spacing must be positive.")
@@ -649,7 +787,7 @@ def _deformable(pyramid: _Pyramid, affine: sitk.Transform, control_spacing_mm: f
     ] or [len(pyramid) - 1]
     result = None
     for k, i in enumerate(candidates):
-        result = run_level(
+        result = runner.run(
             i,
             bspline,
             "deformable",
