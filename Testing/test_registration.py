@@ -577,3 +577,28 @@ def test_real_ct_to_a_moved_copy_of_itself():
     errors = tre(result.transform, truth, mask_points(bone, max_points=50_000))
     voxel = max(ct.GetSpacing())
     assert errors.mean() < 0.1 * voxel and errors.max() < 0.25 * voxel, (errors.mean(), errors.max(), voxel)
+
+
+def test_write_registration_writes_all_or_nothing(phantom, tmp_path):
+    from SyntheticCTLib.registration.output import plan_outputs, write_registration
+
+    truth = euler(physical_centre(phantom.ct), (3.0, 0.0, -2.0), (4.0, -3.0, 2.0))
+    moving = rescanned(phantom.ct, truth)
+    result = register(phantom.ct, moving, max_iterations=20)
+    outputs = plan_outputs(tmp_path / "t.tfm", resampled=tmp_path / "r.nii.gz")
+    assert outputs.record == tmp_path / "t.tfm.json"
+    written = write_registration(result, outputs, fixed=phantom.ct, moving=moving, sources={"fixed": "ct"})
+    assert set(written) == {"transform", "resampled", "record"}
+    record = json.loads(outputs.record.read_text())
+    assert record["fixed"] == "ct" and record["transform_file"] == str(outputs.transform)
+    np.testing.assert_allclose(read_transform(outputs.transform).GetParameters(), result.transform.GetParameters())
+    # A record that cannot be written (its path is a folder): the transform and image written before go away.
+    blocked = tmp_path / "blocked"
+    (blocked / "t.tfm.json").mkdir(parents=True)
+    with pytest.raises(OSError):  # os.replace onto a folder
+        write_registration(
+            result, plan_outputs(blocked / "t.tfm", resampled=blocked / "r.nrrd"), fixed=phantom.ct, moving=moving
+        )
+    assert sorted(p.name for p in blocked.iterdir()) == ["t.tfm.json"]
+    with pytest.raises(InvalidParameterError, match="must end with"):
+        plan_outputs(tmp_path / "t.nii")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import List
 
 DESCRIPTION = """\
 Register the moving image (synthetic CT, CT or MRI) to the fixed image (normally the CT).
@@ -85,117 +83,64 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def bone_transform_path(transform_path: Path, label: int) -> Path:
-    """Where bone ``label``'s transform goes: ``T.tfm`` -> ``T.bone<label>.tfm``."""
-    return transform_path.with_name(f"{transform_path.stem}.bone{int(label)}{transform_path.suffix}")
-
-
 def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.kernel.errors import InvalidParameterError
-    from SyntheticCTLib.kernel.io import atomic_output, check_not_input, read_volume, volume_suffix, write_volume
+    from SyntheticCTLib.kernel.io import read_volume
+    from SyntheticCTLib.kernel.progress import scaled
     from SyntheticCTLib.registration.engine import DEFAULT_SEED
-    from SyntheticCTLib.registration.registration import register, resample_moving
-    from SyntheticCTLib.registration.transforms_io import (
-        TRANSFORM_SUFFIXES,
-        read_transform,
-        transform_suffix,
-        write_transform,
-    )
+    from SyntheticCTLib.registration.output import plan_outputs, write_registration
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.transforms_io import read_transform
 
-    transform_path = Path(args.output)
-    json_path = Path(args.json) if args.json else transform_path.with_name(transform_path.name + ".json")
-    resampled_path = Path(args.resampled) if args.resampled else None
     given = (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.bone_labels, args.initial_transform)
     inputs = [Path(p) for p in given if p]
-    if not transform_suffix(transform_path):
-        raise InvalidParameterError(
-            f"The transform '{transform_path}' must end with one of {', '.join(TRANSFORM_SUFFIXES)}."
-        )
-    if resampled_path is not None and not volume_suffix(resampled_path):
-        raise InvalidParameterError(
-            f"The resampled image '{resampled_path}' needs a volume suffix (.nii.gz, .nrrd, .mha...)."
-        )
-    if json_path.suffix.lower() != ".json":
-        raise InvalidParameterError(f"The JSON summary '{json_path}' must end with .json.")
-    outputs = [transform_path, json_path] + ([resampled_path] if resampled_path else [])
-    if len({p.resolve() for p in outputs}) != len(outputs):
-        raise InvalidParameterError("The transform, JSON and resampled outputs must be different files.")
-    for out in outputs:
-        check_not_input(out, inputs)
+    outputs = plan_outputs(args.output, record=args.json, resampled=args.resampled, inputs=inputs)
+    if args.bone_labels and args.mode != "bone-local":
+        raise InvalidParameterError("--bone-labels is only used with --mode bone-local.")
 
     report(0.0, "reading", "reading images")
     fixed = read_volume(args.fixed)
     moving = read_volume(args.moving)
-    fixed_mask = read_volume(args.fixed_mask) if args.fixed_mask else None
-    moving_mask = read_volume(args.moving_mask) if args.moving_mask else None
-    bone_labels = read_volume(args.bone_labels) if args.bone_labels else None
-    initial_transform = read_transform(args.initial_transform) if args.initial_transform else None
-    if bone_labels is not None and args.mode != "bone-local":
-        raise InvalidParameterError("--bone-labels is only used with --mode bone-local.")
-
-    from SyntheticCTLib.kernel.progress import scaled
-
     result = register(
         fixed,
         moving,
         mode=args.mode,
         metric=args.metric,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
-        bone_labels=bone_labels,
+        fixed_mask=read_volume(args.fixed_mask) if args.fixed_mask else None,
+        moving_mask=read_volume(args.moving_mask) if args.moving_mask else None,
+        bone_labels=read_volume(args.bone_labels) if args.bone_labels else None,
         initialize=args.initialize,
-        initial_transform=initial_transform,
+        initial_transform=read_transform(args.initial_transform) if args.initial_transform else None,
         bone_threshold_hu=args.bone_threshold,
         seed=DEFAULT_SEED if args.seed is None else int(args.seed),
         progress=scaled(report, 0.02, 0.9),
     )
-    resampled = resample_moving(moving, fixed, result.transform) if resampled_path else None
-
-    # Write everything, or nothing: on a failure, remove what this run already wrote.
-    written: List[Path] = []
-    try:
-        report(0.9, "writing", f"transform {transform_path.name}")
-        written.append(write_transform(result.transform, transform_path, inputs=inputs))
-        summary = result.to_dict()
-        for bone, entry in zip(result.per_bone, summary["per_bone"]):
-            path = bone_transform_path(transform_path, bone["label"])
-            check_not_input(path, inputs)
-            written.append(write_transform(bone["transform"], path, inputs=inputs))
-            entry["file"] = path.name
-        if resampled is not None:
-            report(0.95, "writing", f"resampled image {resampled_path.name}")
-            written.append(write_volume(resampled, resampled_path, inputs=inputs))
-        summary.update(
-            fixed=str(args.fixed),
-            moving=str(args.moving),
-            transform_file=str(transform_path),
-            resampled_file=str(resampled_path) if resampled_path else None,
-        )
-        with atomic_output(json_path) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        written.append(json_path)
-    except BaseException:
-        for path in written:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        raise
+    write_registration(
+        result,
+        outputs,
+        fixed=fixed,
+        moving=moving,
+        sources={"fixed": str(args.fixed), "moving": str(args.moving)},
+        inputs=inputs,
+        progress=scaled(report, 0.9, 1.0),
+    )
     report(1.0, "done", f"metric {result.metric_value:.5g}")
-
     if args.progress != "json":
-        out = sys.stdout
-        out.write(f"transform ({result.mode}, fixed -> moving points): {transform_path}\n")
-        out.write(
-            f"metric {result.metric} = {result.metric_value:.6g}, {result.iterations} iterations, "
-            f"{result.elapsed_s:.1f} s{'' if result.converged else ' (check: not converged)'}\n"
-        )
-        if resampled_path:
-            out.write(f"resampled moving image: {resampled_path}\n")
-        for bone in result.per_bone:
-            out.write(
-                f"bone {bone['label']}: {bone['voxels']} voxels, {bone['shift_from_global_mm']:.2f} mm from "
-                f"the global transform\n"
-            )
-        out.write(f"summary: {json_path}\n")
+        _print_summary(result, outputs, sys.stdout)
     return 0
+
+
+def _print_summary(result, outputs, out) -> None:
+    out.write(f"transform ({result.mode}, fixed -> moving points): {outputs.transform}\n")
+    out.write(
+        f"metric {result.metric} = {result.metric_value:.6g}, {result.iterations} iterations, "
+        f"{result.elapsed_s:.1f} s{'' if result.converged else ' (check: not converged)'}\n"
+    )
+    if outputs.resampled:
+        out.write(f"resampled moving image: {outputs.resampled}\n")
+    for bone in result.per_bone:
+        out.write(
+            f"bone {bone['label']}: {bone['voxels']} voxels, {bone['shift_from_global_mm']:.2f} mm from "
+            f"the global transform\n"
+        )
+    out.write(f"summary: {outputs.record}\n")

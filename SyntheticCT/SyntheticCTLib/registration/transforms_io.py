@@ -57,6 +57,18 @@ def transform_suffix(path: PathLike) -> str:
     return suffix if suffix in TRANSFORM_SUFFIXES else ""
 
 
+def record_path(transform_path: PathLike) -> Path:
+    """The JSON record written beside a transform by default: ``T.tfm`` -> ``T.tfm.json``."""
+    path = Path(transform_path)
+    return path.with_name(path.name + ".json")
+
+
+def bone_transform_path(transform_path: PathLike, label: int) -> Path:
+    """Where bone ``label``'s transform (bone-local registration) goes: ``T.tfm`` -> ``T.bone<label>.tfm``."""
+    path = Path(transform_path)
+    return path.with_name(f"{path.stem}.bone{int(label)}{path.suffix}")
+
+
 def write_transform(transform: sitk.Transform, path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
     """Write ``transform`` (fixed -> moving points) to ``path`` (``.tfm``, ``.txt``, ``.h5``), atomically.
 
