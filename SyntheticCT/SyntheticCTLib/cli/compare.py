@@ -60,26 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _read_transform(path: str, what: str):
-    import SimpleITK as sitk
-
-    from SyntheticCTLib.kernel.errors import VolumeReadError
-
-    file = Path(path)
-    if not file.is_file():
-        raise VolumeReadError(f"No {what} file at '{file}'.")
-    try:
-        transform = sitk.ReadTransform(str(file))
-    except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown cause"
-        raise VolumeReadError(f"Could not read the {what} '{file}': not a readable ITK transform ({last}).") from e
-    if transform.GetDimension() != 3:
-        raise VolumeReadError(f"The {what} '{file}' is {transform.GetDimension()}D; a 3D transform is required.")
-    return transform
-
-
 def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
     from SyntheticCTLib.kernel.errors import InvalidParameterError
+    from SyntheticCTLib.registration.transforms_io import read_transform
 
     if items and not has_labels:
         raise InvalidParameterError("--bone-transform needs --bone-labels (the label of each bone).")
@@ -90,7 +73,7 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
             raise InvalidParameterError(
                 f"--bone-transform expects LABEL=FILE with LABEL a positive integer; got '{item}'."
             )
-        result[int(label)] = _read_transform(path, f"transform of bone {int(label)}")
+        result[int(label)] = read_transform(path)
     return result
 
 
@@ -99,6 +82,7 @@ def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.kernel.errors import InvalidParameterError
     from SyntheticCTLib.kernel.io import read_volume
     from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.registration.transforms_io import read_transform
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
@@ -109,7 +93,7 @@ def run(args: argparse.Namespace, report) -> int:
     report(0.0, "reading", "reading images")
     reference = read_volume(args.reference)
     synthetic = read_volume(args.synthetic)
-    transform = _read_transform(args.transform, "transform") if args.transform else None
+    transform = read_transform(args.transform) if args.transform else None
     labels = read_volume(args.bone_labels) if args.bone_labels else None
     bone_transforms = _bone_transforms(args.bone_transform, labels is not None)
 

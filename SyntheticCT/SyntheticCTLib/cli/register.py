@@ -22,6 +22,7 @@ each bone's rigid transform is also written as TRANSFORM_STEM.bone<label><suffix
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from SyntheticCTLib.cli.main import add_command
+    from SyntheticCTLib.registration import INITIALIZATIONS, METRICS, MODES
 
     p = add_command(
         subparsers,
@@ -41,13 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--resampled", metavar="OUT", help="also write the moving image resampled onto the fixed grid")
     p.add_argument(
         "--mode",
-        choices=("rigid", "affine", "deformable", "bone-local"),
+        choices=MODES,
         default="rigid",
         help="rigid (default), affine, deformable (B-spline over affine) or bone-local (rigid per bone)",
     )
     p.add_argument(
         "--metric",
-        choices=("auto", "correlation", "meansquares", "mattes"),
+        choices=METRICS,
         default="auto",
         help="similarity metric; auto: correlation for CT/sCT pairs, Mattes mutual information otherwise",
     )
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument(
         "--initialize",
-        choices=("auto", "geometry", "moments", "none"),
+        choices=INITIALIZATIONS,
         default="auto",
         help="initialization: auto (default), geometry, moments, or none (trust the physical space)",
     )

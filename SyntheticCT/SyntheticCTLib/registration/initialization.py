@@ -20,13 +20,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.registration import INITIALIZATIONS
 from SyntheticCTLib.registration.engine import NonOverlapError, RegistrationError, evaluate_metric, quiet_itk
 
 logger = logging.getLogger(__name__)
 
-INITIALIZATIONS = ("auto", "geometry", "moments", "none")
-"""``auto``: best of as-is, geometry and moments, with the rotation search; ``geometry``/``moments``: that
-translation only, with the rotation search; ``none``: the images as they are (physical space), no search."""
 
 MIN_OVERLAP = 0.10
 """Fraction of the fixed body that must map inside the moving field of view to register at all."""

@@ -15,11 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.registration import METRICS
 
 logger = logging.getLogger(__name__)
-
-METRICS = ("auto", "correlation", "meansquares", "mattes")
-"""Metric names accepted by :func:`choose_metric` (``auto`` picks from the modalities)."""
 
 CT_WINDOW_HU: Tuple[float, float] = (-200.0, 1500.0)
 """HU window that mono-modal metrics see: fat/air and soft tissue stay apart, bone dominates, metal is cut."""

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.io import validate_volume
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
+from SyntheticCTLib.registration import MODES
 from SyntheticCTLib.registration.bone_local import (
     DEFAULT_BONE_THRESHOLD_HU,
     DEFAULT_DILATION_MM,
@@ -109,7 +110,6 @@ __all__ = [
     "TRANSFORM_DIRECTION",
 ]
 
-MODES = ("rigid", "affine", "deformable", "bone-local")
 
 DEFAULT_LEVELS_MM = (8.0, 4.0, 2.0, 1.0)
 """Target voxel spacings of the levels, coarse to fine (never finer than the fixed image)."""
