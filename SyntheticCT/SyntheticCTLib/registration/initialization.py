@@ -1,7 +1,9 @@
 """Automatic initialization of a rigid registration: centres, moments, then a coarse rotation search.
 
 Scans of one patient can start far apart (another position, another field of view, another scanner
-frame). Three translations are tried: the images as they are (only when they overlap), their
+frame), even turned over (prone and supine, head first and feet first). With the pose search, the 24
+right-angle poses (every rotation that maps the axes onto each other) are scored first, each after
+centring; the best few are refined and compete with the local search below. Three translations are tried: the images as they are (only when they overlap), their
 field-of-view centres aligned (geometry), and their body centroids aligned (moments). Around each,
 a grid of Euler rotations is scored on the coarsest level with the registration metric, weighted by
 the fraction of the fixed body that lands inside the moving field of view (a tiny overlap with a good
@@ -43,6 +45,7 @@ class Initialization:
     candidates: int
     score: Optional[float] = None
     refined: List[dict] = field(default_factory=list)
+    pose_search: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -51,6 +54,8 @@ class Initialization:
             "overlap": round(self.overlap, 4),
             "candidates": self.candidates,
             "score": None if self.score is None else float(self.score),
+            "pose_search": self.pose_search,
+            "refined": [{k: v for k, v in r.items() if k != "matrix"} for r in self.refined],
         }
 
 
@@ -165,11 +170,7 @@ def rigid_part(transform: sitk.Transform, centre: Sequence[float]) -> sitk.Euler
     rotation = u @ vt
     if np.linalg.det(rotation) < 0:
         raise InvalidParameterError("The initial transform mirrors the image (its determinant is negative).")
-    rigid = sitk.Euler3DTransform()
-    rigid.SetCenter(tuple(float(v) for v in c))
-    rigid.SetMatrix(tuple(float(v) for v in rotation.ravel()), 1e-6)
-    rigid.SetTranslation(tuple(float(v) for v in image_of_centre - c))
-    return rigid
+    return rigid_from_matrix(c, image_of_centre - c, rotation)
 
 
 def rotation_grid(max_deg: float, step_deg: float) -> List[Tuple[float, float, float]]:
@@ -205,6 +206,71 @@ def translation_candidates(
     return [(method, named[method])]
 
 
+def axis_rotations() -> List[np.ndarray]:
+    """The 24 rotations that map the coordinate axes onto each other (signed permutations, det +1); identity first."""
+    matrices = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            m = np.zeros((3, 3))
+            m[np.arange(3), perm] = signs
+            if np.linalg.det(m) > 0:
+                matrices.append(m)
+    matrices.sort(key=lambda m: not np.allclose(m, np.eye(3)))
+    return matrices
+
+
+def euler_angles_of(matrix: np.ndarray) -> Tuple[float, float, float]:
+    """Euler angles (radians; ITK's ZXY order, ``R = Rz @ Rx @ Ry``) of a rotation ``matrix``.
+
+    ``Euler3DTransform.SetMatrix`` takes ``asin`` of ``matrix[2, 1]`` unclipped: at 90 degrees about x
+    (a right-angle pose), a rounding error of 1e-16 above 1 makes every angle NaN. Here it is clipped.
+    """
+    m = np.asarray(matrix, dtype=float).reshape(3, 3)
+    angle_x = math.asin(float(np.clip(m[2, 1], -1.0, 1.0)))
+    a = math.cos(angle_x)
+    if abs(a) > 5e-5:
+        angle_y = math.atan2(-m[2, 0] / a, m[2, 2] / a)
+        angle_z = math.atan2(-m[0, 1] / a, m[1, 1] / a)
+    else:  # gimbal lock: only the sum (x = +90 deg) or difference (x = -90 deg) of the y and z angles counts
+        angle_z = 0.0
+        angle_y = math.atan2(m[1, 0], m[0, 0]) if m[2, 1] > 0 else math.atan2(-m[1, 0], m[0, 0])
+    return angle_x, angle_y, angle_z
+
+
+def rigid_from_matrix(
+    centre: Sequence[float], translation: Sequence[float], matrix: np.ndarray
+) -> sitk.Euler3DTransform:
+    """An Euler 3D transform about ``centre`` with rotation ``matrix`` and ``translation`` (see :func:`euler_angles_of`).
+
+    Raises
+    ------
+    InvalidParameterError
+        ``matrix`` is not a rotation.
+    """
+    t = euler(centre, translation, euler_angles_of(matrix))
+    if not np.allclose(np.asarray(t.GetMatrix()).reshape(3, 3), np.asarray(matrix, dtype=float), atol=1e-5):
+        raise InvalidParameterError("The matrix is not a rotation (an orthogonal matrix of determinant +1).")
+    return t
+
+
+def rotation_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The rotation of a linear transform (the rotation factor of its matrix)."""
+    a, _ = linear_parts(transform)
+    u, _, vt = np.linalg.svd(a)
+    return u @ vt
+
+
+def rotation_between_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle (degrees) of the rotation that turns rotation matrix ``a`` into ``b``."""
+    cosine = (np.trace(np.asarray(a).T @ np.asarray(b)) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def euler_angles_deg(transform: sitk.Euler3DTransform) -> Tuple[float, float, float]:
+    t = transform.Downcast()
+    return tuple(float(np.degrees(a)) for a in (t.GetAngleX(), t.GetAngleY(), t.GetAngleZ()))
+
+
 def search_rotations(
     metric_factory: Callable[[], sitk.ImageRegistrationMethod],
     fixed: sitk.Image,
@@ -213,19 +279,23 @@ def search_rotations(
     translation: np.ndarray,
     max_deg: float,
     step_deg: float,
+    pose: Optional[np.ndarray] = None,
 ) -> List[Tuple[Tuple[float, float, float], float]]:
     """Metric values of Euler rotations about ``centre`` on the grid of :func:`rotation_grid`, translation fixed.
 
-    All rotations are evaluated in one run of SimpleITK's exhaustive optimizer; if that fails (a rotation
-    without overlap), each rotation is evaluated alone and those without overlap are left out.
+    With ``pose`` (a rotation matrix), the grid is around it: the candidate of angles ``g`` turns by
+    ``pose @ R(g)`` (see :func:`_around_pose`). All rotations are evaluated in one run of SimpleITK's
+    exhaustive optimizer; if that fails (a rotation without overlap), each rotation is evaluated alone and
+    those without overlap are left out.
     """
     n = int(math.floor(max_deg / step_deg + 1e-9)) if max_deg > 0 and step_deg > 0 else 0
+    start = euler(centre, translation) if pose is None else euler(centre, (0.0, 0.0, 0.0))
     records: List[Tuple[Tuple[float, float, float], float]] = []
     if n > 0:
-        method = metric_factory()
+        method = _search_method(metric_factory, centre, translation, pose)
         method.SetOptimizerAsExhaustive([n, n, n, 0, 0, 0], stepLength=math.radians(step_deg))
         method.SetOptimizerScales([1.0] * 6)
-        method.SetInitialTransform(euler(centre, translation), inPlace=False)
+        method.SetInitialTransform(start, inPlace=False)
 
         def record() -> None:
             angles = tuple(float(np.degrees(a)) for a in method.GetOptimizerPosition()[:3])
@@ -238,13 +308,151 @@ def search_rotations(
             return [(a, v) for a, v in records if v == v and abs(v) < 1e30]
         except RuntimeError:
             records = []
-    method = metric_factory()
+    method = _search_method(metric_factory, centre, translation, pose)
     with quiet_itk():
         for angle_deg in rotation_grid(max_deg, step_deg):
-            value = evaluate_metric(method, fixed, moving, euler(centre, translation, np.radians(angle_deg)))
+            candidate = euler(centre, translation if pose is None else (0.0, 0.0, 0.0), np.radians(angle_deg))
+            value = evaluate_metric(method, fixed, moving, candidate)
             if value is not None:
                 records.append((angle_deg, value))
     return records
+
+
+def _search_method(
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    centre: np.ndarray,
+    translation: np.ndarray,
+    pose: Optional[np.ndarray],
+) -> sitk.ImageRegistrationMethod:
+    method = metric_factory()
+    if pose is not None:  # moving_initial(grid(x)) = pose @ R(g) (x - c) + c + t
+        method.SetMovingInitialTransform(rigid_from_matrix(centre, translation, pose))
+    return method
+
+
+def _around_pose(
+    centre: np.ndarray, translation: np.ndarray, angle_deg: Sequence[float], pose: Optional[np.ndarray]
+) -> sitk.Euler3DTransform:
+    """The candidate of grid angles ``angle_deg``: ``pose @ R(angles)`` about ``centre``, then ``translation``."""
+    if pose is None:
+        return euler(centre, translation, np.radians(angle_deg))
+    grid = np.asarray(euler(centre, (0.0, 0.0, 0.0), np.radians(angle_deg)).GetMatrix()).reshape(3, 3)
+    return rigid_from_matrix(centre, translation, np.asarray(pose) @ grid)
+
+
+@dataclass
+class _Candidate:
+    """A starting transform and its score (metric weighted by overlap; lower is better)."""
+
+    score: float
+    method: str
+    transform: sitk.Euler3DTransform
+    overlap: float
+    metric_value: float
+
+    def record(self) -> dict:
+        return {
+            "method": self.method,
+            "rotation_deg": [round(a, 3) for a in euler_angles_deg(self.transform)],
+            "metric_value": float(self.metric_value),
+            "overlap": round(float(self.overlap), 4),
+            "score": float(self.score),
+            "matrix": [float(v) for v in rotation_matrix(self.transform).ravel()],
+        }
+
+
+def _grid_candidates(
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    centre: np.ndarray,
+    translations: Sequence[Tuple[str, np.ndarray]],
+    fixed_points: np.ndarray,
+    max_deg: float,
+    step_deg: float,
+    pose: Optional[np.ndarray] = None,
+    progress: Optional[Callable[[float, str], None]] = None,
+) -> Tuple[List[_Candidate], int]:
+    """Candidates of the rotation grid around each translation (and ``pose``): (those overlapping enough, total)."""
+    scored, total = [], 0
+    for k, (name, translation) in enumerate(translations):
+        if progress is not None:
+            progress(k / len(translations), f"searching rotations about the {name} alignment")
+        if (
+            name == "none"
+            and overlap_fraction(euler(centre, translation), fixed_points, moving) < CANDIDATE_MIN_OVERLAP
+        ):
+            continue  # the images as they are hardly overlap: not worth a search
+        for angle_deg, value in search_rotations(
+            metric_factory, fixed, moving, centre, translation, max_deg, step_deg, pose
+        ):
+            total += 1
+            t = _around_pose(centre, translation, angle_deg, pose)
+            overlap = overlap_fraction(t, fixed_points, moving)
+            if overlap >= CANDIDATE_MIN_OVERLAP:
+                scored.append(_Candidate(_score(value, overlap), name, t, overlap, value))
+    scored.sort(key=lambda c: c.score)
+    return scored, total
+
+
+def score_poses(
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    centre: np.ndarray,
+    translations: Sequence[Tuple[str, np.ndarray]],
+    fixed_points: np.ndarray,
+) -> List[_Candidate]:
+    """Each of the 24 axis-aligned rotations (:func:`axis_rotations`) after each centring, scored; best first."""
+    method = metric_factory()
+    scored = []
+    with quiet_itk():
+        for matrix in axis_rotations():
+            for name, translation in translations:
+                t = rigid_from_matrix(centre, translation, matrix)
+                overlap = overlap_fraction(t, fixed_points, moving)
+                if overlap < CANDIDATE_MIN_OVERLAP:
+                    continue
+                value = evaluate_metric(method, fixed, moving, t)
+                if value is not None:
+                    scored.append(_Candidate(_score(value, overlap), f"pose-{name}", t, overlap, value))
+    scored.sort(key=lambda c: c.score)
+    return scored
+
+
+def best_distinct(candidates: Sequence[_Candidate], count: int, *, min_angle_deg: float = 45.0) -> List[_Candidate]:
+    """The best ``count`` candidates whose rotations are at least ``min_angle_deg`` apart (``candidates`` sorted)."""
+    chosen: List[_Candidate] = []
+    for c in candidates:
+        r = rotation_matrix(c.transform)
+        if all(rotation_between_deg(r, rotation_matrix(o.transform)) >= min_angle_deg for o in chosen):
+            chosen.append(c)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def refine_candidates(
+    candidates: Sequence[_Candidate],
+    refine: Callable[[sitk.Euler3DTransform], Tuple[sitk.Euler3DTransform, float]],
+    fixed_points: np.ndarray,
+    moving: sitk.Image,
+    progress: Optional[Callable[[float, str], None]] = None,
+) -> List[_Candidate]:
+    """Each candidate optimized by ``refine`` and scored again (those that drift out of the overlap dropped)."""
+    refined = []
+    for i, c in enumerate(candidates):
+        if progress is not None:
+            progress(i / max(1, len(candidates)), f"refining candidate {i + 1}/{len(candidates)}")
+        try:
+            with quiet_itk():
+                result, value = refine(c.transform)
+        except RegistrationError as e:  # this candidate drifted out of the overlap: drop it
+            logger.debug("Initialization candidate %s %s dropped: %s", c.method, euler_angles_deg(c.transform), e)
+            continue
+        overlap = overlap_fraction(result, fixed_points, moving)
+        refined.append(_Candidate(_score(value, overlap), c.method, result, overlap, value))
+    return refined
 
 
 def initialize_rigid(
@@ -258,6 +466,8 @@ def initialize_rigid(
     search_max_deg: float = 30.0,
     search_step_deg: float = 15.0,
     top_k: int = 4,
+    pose_search: bool = False,
+    pose_keep: int = 3,
     refine: Optional[Callable[[sitk.Euler3DTransform], Tuple[sitk.Euler3DTransform, float]]] = None,
     progress: Optional[Callable[[float, str], None]] = None,
 ) -> Initialization:
@@ -273,6 +483,10 @@ def initialize_rigid(
         Returns a new configured ``ImageRegistrationMethod`` that scores candidates (lower is better).
     fixed_points, moving_points
         World points of the fixed and moving bodies (or masks), for centroids and overlap.
+    pose_search
+        Also try the 24 axis-aligned poses (:func:`axis_rotations`, each after centring); the best
+        ``pose_keep`` distinct ones are refined and compete with the local search's result; a pose that
+        wins gets the rotation grid around it. Needs ``refine``.
     refine
         Optional ``refine(transform) -> (transform, metric_value)`` run on the best ``top_k`` candidates.
     """
@@ -283,57 +497,65 @@ def initialize_rigid(
         t = euler(centre, (0.0, 0.0, 0.0))
         overlap = check_overlap(t, fixed_points, moving)
         return Initialization(t, "none", (0.0, 0.0, 0.0), overlap, 1)
-
+    report = progress or (lambda f, m: None)
     translations = translation_candidates(method, fixed, moving, fixed_points, moving_points, centre)
-    scored = []
-    total = 0
-    for k, (name, translation) in enumerate(translations):
-        if progress is not None:
-            progress(0.6 * k / len(translations), f"searching rotations about the {name} alignment")
-        if (
-            name == "none"
-            and overlap_fraction(euler(centre, translation), fixed_points, moving) < CANDIDATE_MIN_OVERLAP
-        ):
-            continue  # the images as they are hardly overlap: not worth a search
-        for angle_deg, value in search_rotations(
-            metric_factory, fixed, moving, centre, translation, search_max_deg, search_step_deg
-        ):
-            total += 1
-            t = euler(centre, translation, np.radians(angle_deg))
-            overlap = overlap_fraction(t, fixed_points, moving)
-            if overlap < CANDIDATE_MIN_OVERLAP:
-                continue
-            scored.append((_score(value, overlap), name, angle_deg, t, overlap))
-    if not scored:
+    search = (metric_factory, fixed, moving, centre)
+    poses: List[_Candidate] = []
+    if pose_search and refine is not None:
+        report(0.0, "trying the 24 right-angle poses")
+        ranked = score_poses(*search, [t for t in translations if t[0] != "none"] or translations, fixed_points)
+        distinct = [c for c in best_distinct(ranked, pose_keep + 1) if not _is_identity(c.transform)][:pose_keep]
+        poses = refine_candidates(distinct, refine, fixed_points, moving)
+    grid_report = _part(report, 0.15 if poses else 0.0, 0.6)
+    scored, total = _grid_candidates(
+        *search, translations, fixed_points, search_max_deg, search_step_deg, progress=grid_report
+    )
+    if not scored and not poses:
         # Nothing overlaps enough: report it on the best-aligned candidate (moments/geometry).
         name, translation = translations[-1]
         t = euler(centre, translation)
         check_overlap(t, fixed_points, moving)
         return Initialization(t, name, (0.0, 0.0, 0.0), overlap_fraction(t, fixed_points, moving), total)
-    scored.sort(key=lambda s: s[0])
-    best = scored[0]
-    chosen = Initialization(best[3], best[1], tuple(best[2]), best[4], len(scored), best[0])
     if refine is None:
-        return chosen
-    refined = []
-    best_score = None
-    for i, (_, name, angle_deg, t, _overlap) in enumerate(scored[:top_k]):
-        if progress is not None:
-            progress(0.7 + 0.3 * i / top_k, f"refining candidate {i + 1}/{min(top_k, len(scored))}")
-        try:
-            with quiet_itk():
-                result, value = refine(t)
-        except RegistrationError as e:  # this candidate drifted out of the overlap: drop it
-            logger.debug("Initialization candidate %s %s dropped: %s", name, angle_deg, e)
-            continue
-        overlap = overlap_fraction(result, fixed_points, moving)
-        score = _score(value, overlap)
-        refined.append(
-            {"method": name, "rotation_deg": list(angle_deg), "metric_value": value, "overlap": overlap, "score": score}
+        best = scored[0]
+        return Initialization(
+            best.transform, best.method, euler_angles_deg(best.transform), best.overlap, len(scored), best.score
         )
-        if best_score is None or score < best_score:
-            best_score = score
-            chosen = Initialization(result, name, tuple(angle_deg), overlap, len(scored), score)
-    chosen.refined = refined
-    logger.debug("Initialization candidates after refinement: %s", refined)
+    refined = refine_candidates(scored[:top_k], refine, fixed_points, moving, _part(report, 0.7, 0.9))
+    best_pose = min(poses, key=lambda c: c.score, default=None)
+    local_best = min(refined, key=lambda c: c.score, default=None)
+    if best_pose is not None and (local_best is None or best_pose.score < local_best.score):
+        # A right-angle pose wins: the rotation grid around it, from its refined translation.
+        report(0.9, "searching rotations about the best pose")
+        pose_matrix = rotation_matrix(best_pose.transform)
+        translation = np.asarray(best_pose.transform.GetTranslation(), dtype=float)
+        around, more = _grid_candidates(
+            *search,
+            [(best_pose.method, translation)],
+            fixed_points,
+            search_max_deg,
+            search_step_deg,
+            pose=pose_matrix,
+        )
+        total += more
+        scored += around
+        refined += refine_candidates(around[:top_k], refine, fixed_points, moving)
+    everything = refined + poses
+    if not everything:  # every candidate drifted away: the best unrefined one
+        everything = scored[:1]
+    best = min(everything, key=lambda c: c.score)
+    chosen = Initialization(
+        best.transform, best.method, euler_angles_deg(best.transform), best.overlap, len(scored), best.score
+    )
+    chosen.refined = [c.record() for c in everything]
+    chosen.pose_search = bool(pose_search and refine is not None)
+    logger.debug("Initialization candidates after refinement: %s", chosen.refined)
     return chosen
+
+
+def _is_identity(transform: sitk.Transform) -> bool:
+    return rotation_between_deg(rotation_matrix(transform), np.eye(3)) < 1.0
+
+
+def _part(report: Callable[[float, str], None], start: float, stop: float) -> Callable[[float, str], None]:
+    return lambda f, m: report(start + (stop - start) * f, m)

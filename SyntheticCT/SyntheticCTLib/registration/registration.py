@@ -301,6 +301,10 @@ class RegistrationSettings:
         Target spacings of the resolution levels, coarse to fine.
     search_max_deg, search_step_deg
         The rotation grid of the initial search, about each axis (0 disables the search).
+    pose_search
+        Try the 24 right-angle poses first (turned-over scans: prone and supine, head and feet first);
+        None (default): on when the fixed image is CT-like (MRI -> CT, CT -> CT), off otherwise. Only
+        with the automatic initialization (not ``initialize="none"`` nor an initial transform).
     max_iterations, max_samples, seed
         Optimizer iterations per level, metric samples per level (default: :data:`FINAL_SAMPLES` of the
         metric), and the sampling seed.
@@ -317,6 +321,7 @@ class RegistrationSettings:
     level_spacings_mm: Tuple[float, ...] = DEFAULT_LEVELS_MM
     search_max_deg: float = 30.0
     search_step_deg: float = 15.0
+    pose_search: Optional[bool] = None
     max_iterations: int = 200
     max_samples: Optional[int] = None
     seed: int = DEFAULT_SEED
@@ -490,7 +495,7 @@ def register(
         Scalar 3D images (the fixed one is normally the CT). Any geometry; they need not overlap at first.
     settings
         A :class:`RegistrationSettings`; ``options`` (its field names: ``mode``, ``metric``, ``initialize``,
-        ``level_spacings_mm``, ``search_max_deg``, ``search_step_deg``, ``max_iterations``, ``max_samples``,
+        ``level_spacings_mm``, ``search_max_deg``, ``search_step_deg``, ``pose_search``, ``max_iterations``, ``max_samples``,
         ``seed``, ``bspline_spacing_mm``, ``bone_threshold_hu``, ``bone_dilation_mm``) replace its fields.
     fixed_mask, moving_mask
         Optional masks (nonzero = use); the metric only samples there.
@@ -650,6 +655,7 @@ def _initialise(
             moving_points=p.moving_points,
             search_max_deg=s.search_max_deg,
             search_step_deg=s.search_step_deg,
+            pose_search=s.pose_search if s.pose_search is not None else p.fixed_modality == "ct",
             refine=runner.refine if automatic else None,
             progress=(lambda f, m: report(f, "initialization", m)) if automatic else None,
         )
