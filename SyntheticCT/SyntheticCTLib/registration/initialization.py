@@ -33,6 +33,9 @@ MIN_OVERLAP = 0.10
 
 CANDIDATE_MIN_OVERLAP = 0.25
 
+RIVAL_MIN_ANGLE_DEG = 45.0
+"""Right-angle poses at least this far apart count as different poses (rivals)."""
+
 
 @dataclass
 class Initialization:
@@ -46,6 +49,8 @@ class Initialization:
     score: Optional[float] = None
     refined: List[dict] = field(default_factory=list)
     pose_search: bool = False
+    alternatives: List[sitk.Transform] = field(default_factory=list)
+    """The refined starts (transforms) that competed, for the grade's rival poses."""
 
     def to_dict(self) -> dict:
         return {
@@ -184,7 +189,7 @@ def rotation_grid(max_deg: float, step_deg: float) -> List[Tuple[float, float, f
     return grid
 
 
-def _score(value: float, overlap: float) -> float:
+def overlap_weighted(value: float, overlap: float) -> float:
     """Metric value (lower is better) weighted by overlap: negative metrics shrink, positive ones grow."""
     return value * overlap if value < 0 else value / max(overlap, 1e-6)
 
@@ -390,7 +395,7 @@ def _grid_candidates(
             t = _around_pose(centre, translation, angle_deg, pose)
             overlap = overlap_fraction(t, fixed_points, moving)
             if overlap >= CANDIDATE_MIN_OVERLAP:
-                scored.append(_Candidate(_score(value, overlap), name, t, overlap, value))
+                scored.append(_Candidate(overlap_weighted(value, overlap), name, t, overlap, value))
     scored.sort(key=lambda c: c.score)
     return scored, total
 
@@ -415,7 +420,7 @@ def score_poses(
                     continue
                 value = evaluate_metric(method, fixed, moving, t)
                 if value is not None:
-                    scored.append(_Candidate(_score(value, overlap), f"pose-{name}", t, overlap, value))
+                    scored.append(_Candidate(overlap_weighted(value, overlap), f"pose-{name}", t, overlap, value))
     scored.sort(key=lambda c: c.score)
     return scored
 
@@ -451,7 +456,7 @@ def refine_candidates(
             logger.debug("Initialization candidate %s %s dropped: %s", c.method, euler_angles_deg(c.transform), e)
             continue
         overlap = overlap_fraction(result, fixed_points, moving)
-        refined.append(_Candidate(_score(value, overlap), c.method, result, overlap, value))
+        refined.append(_Candidate(overlap_weighted(value, overlap), c.method, result, overlap, value))
     return refined
 
 
@@ -503,9 +508,9 @@ def initialize_rigid(
     poses: List[_Candidate] = []
     if pose_search and refine is not None:
         report(0.0, "trying the 24 right-angle poses")
-        ranked = score_poses(*search, [t for t in translations if t[0] != "none"] or translations, fixed_points)
-        distinct = [c for c in best_distinct(ranked, pose_keep + 1) if not _is_identity(c.transform)][:pose_keep]
-        poses = refine_candidates(distinct, refine, fixed_points, moving)
+        poses = refined_poses(
+            metric_factory, fixed, moving, fixed_points, moving_points, refine, keep=pose_keep, centre=centre
+        )
     grid_report = _part(report, 0.15 if poses else 0.0, 0.6)
     scored, total = _grid_candidates(
         *search, translations, fixed_points, search_max_deg, search_step_deg, progress=grid_report
@@ -548,13 +553,40 @@ def initialize_rigid(
         best.transform, best.method, euler_angles_deg(best.transform), best.overlap, len(scored), best.score
     )
     chosen.refined = [c.record() for c in everything]
+    chosen.alternatives = [c.transform for c in everything]
     chosen.pose_search = bool(pose_search and refine is not None)
     logger.debug("Initialization candidates after refinement: %s", chosen.refined)
     return chosen
 
 
-def _is_identity(transform: sitk.Transform) -> bool:
-    return rotation_between_deg(rotation_matrix(transform), np.eye(3)) < 1.0
+def refined_poses(
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_points: np.ndarray,
+    moving_points: np.ndarray,
+    refine: Callable[[sitk.Euler3DTransform], Tuple[sitk.Euler3DTransform, float]],
+    *,
+    keep: int = 3,
+    centre: Optional[np.ndarray] = None,
+    away_from: Optional[np.ndarray] = None,
+) -> List[_Candidate]:
+    """The best ``keep`` right-angle poses (each after centring, at least 45 deg apart), refined.
+
+    The pose at 0 deg from ``away_from`` (a rotation matrix; default the identity, which the local search
+    covers) is left out.
+    """
+    if centre is None:
+        centre = fixed_points.mean(axis=0) if len(fixed_points) else physical_centre(fixed)
+    translations = translation_candidates("auto", fixed, moving, fixed_points, moving_points, centre)[1:]
+    ranked = score_poses(metric_factory, fixed, moving, centre, translations, fixed_points)
+    reference = np.eye(3) if away_from is None else np.asarray(away_from)
+    distinct = [
+        c
+        for c in best_distinct(ranked, keep + 1)
+        if rotation_between_deg(rotation_matrix(c.transform), reference) >= RIVAL_MIN_ANGLE_DEG
+    ]
+    return refine_candidates(distinct[:keep], refine, fixed_points, moving)
 
 
 def _part(report: Callable[[float, str], None], start: float, stop: float) -> Callable[[float, str], None]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,18 +50,26 @@ from SyntheticCTLib.registration.engine import (
     LevelResult,
     NonOverlapError,
     RegistrationError,
+    evaluate_metric,
     make_method,
     optimize,
+    quiet_itk,
     sampling_fraction,
 )
 from SyntheticCTLib.registration.initialization import (
     INITIALIZATIONS,
+    RIVAL_MIN_ANGLE_DEG,
     Initialization,
     check_overlap,
     initialize_rigid,
     mask_points,
+    overlap_fraction,
+    overlap_weighted,
     physical_centre,
+    refined_poses,
     rigid_part,
+    rotation_between_deg,
+    rotation_matrix,
     transform_points,
 )
 from SyntheticCTLib.registration.modality import (
@@ -80,6 +88,13 @@ from SyntheticCTLib.registration.pyramid import (
     mask_on_grid,
     plan_levels,
     shrink,
+)
+from SyntheticCTLib.registration.quality import (
+    Quality,
+    grade,
+    inverse_residual,
+    overlaps,
+    pose_margin,
 )
 from SyntheticCTLib.registration.transforms_io import (
     TRANSFORM_DIRECTION,
@@ -132,12 +147,12 @@ EDGE_MASK_MAX_VOXELS = 2_000_000
 FINEST_SMOOTHING = {"correlation": 1.0, "meansquares": 1.0, "mattes": 0.0}
 FINAL_SAMPLES = {"correlation": 10_000, "meansquares": 10_000, "mattes": 30_000}
 """Metric samples of the finest level (smoothed mono-modal metrics need few; a joint histogram needs more)."""
+RIVAL_POSES = 2  # right-angle poses refined for the grade when the pose search did not run
 LEVEL_MIN_STEP = 0.005  # last step of the coarser levels, in voxels
 LEVEL_RELAXATION = 0.6
 FINAL_STEP = 0.5  # first step of the finest level, in voxels
 FINAL_MIN_STEP = 0.0003  # last step of the finest level, in voxels
 FINAL_RELAXATION = 0.7  # slower step decrease than the coarse levels: converges along the rotation/translation valley
-POOR_CORRELATION = -0.25  # correlation metric = -NCC^2: above this, the images hardly agree
 
 
 @dataclass
@@ -161,6 +176,7 @@ class RegistrationResult:
     moving_modality: str = ""
     initialization: Optional[dict] = None
     levels: List[dict] = field(default_factory=list)
+    quality: Optional[Quality] = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary (transform parameters included for linear transforms)."""
@@ -192,6 +208,7 @@ class RegistrationResult:
             "transform": transform,
             "initialization": self.initialization,
             "levels": self.levels,
+            "quality": None if self.quality is None else self.quality.to_dict(),
             "per_bone": [
                 {**{k: v for k, v in b.items() if k != "transform"}, "transform": transform_to_dict(b["transform"])}
                 for b in self.per_bone
@@ -313,6 +330,12 @@ class RegistrationSettings:
     bone_threshold_hu, bone_dilation_mm
         ``bone-local``: the HU threshold of the bone components (without a label map) and the margin
         around each bone that its metric samples.
+    grade
+        Grade the result (:mod:`.quality`: rival poses, body and bone overlap, convergence) into
+        ``RegistrationResult.quality``.
+    inverse_check
+        Also register the other way from the inverse (rigid and affine modes) and measure how far the
+        composition is from the identity over the fixed body (about doubles the time).
     """
 
     mode: str = "rigid"
@@ -328,6 +351,8 @@ class RegistrationSettings:
     bspline_spacing_mm: float = DEFAULT_BSPLINE_SPACING_MM
     bone_threshold_hu: float = DEFAULT_BONE_THRESHOLD_HU
     bone_dilation_mm: float = DEFAULT_DILATION_MM
+    grade: bool = True
+    inverse_check: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_spacings_mm", tuple(float(s) for s in self.level_spacings_mm))
@@ -496,7 +521,8 @@ def register(
     settings
         A :class:`RegistrationSettings`; ``options`` (its field names: ``mode``, ``metric``, ``initialize``,
         ``level_spacings_mm``, ``search_max_deg``, ``search_step_deg``, ``pose_search``, ``max_iterations``, ``max_samples``,
-        ``seed``, ``bspline_spacing_mm``, ``bone_threshold_hu``, ``bone_dilation_mm``) replace its fields.
+        ``seed``, ``bspline_spacing_mm``, ``bone_threshold_hu``, ``bone_dilation_mm``, ``grade``,
+        ``inverse_check``) replace its fields.
     fixed_mask, moving_mask
         Optional masks (nonzero = use); the metric only samples there.
     bone_labels
@@ -523,11 +549,12 @@ def register(
     settings = RegistrationSettings.from_options(settings, **options)
     prepared = _prepare(fixed, moving, settings, fixed_mask, moving_mask, bone_labels, report)
     runner = _LevelRunner(prepared, settings)
-    bounds = _progress_bounds(settings.mode)
+    bounds = _progress_bounds(settings.mode, settings.inverse_check)
 
     init, first_level_done = _initialise(runner, initial_transform, scaled(report, *bounds["initialization"]))
     result = _rigid_stage(runner, init.transform, first_level_done, scaled(report, *bounds["rigid"]))
-    transform, per_bone = result.transform, []
+    rigid = transform = result.transform
+    per_bone: List[dict] = []
     if settings.mode in ("affine", "deformable"):
         result = _affine_stage(runner, transform, scaled(report, *bounds["affine"]))
         transform = result.transform
@@ -540,7 +567,23 @@ def register(
             fixed, moving, prepared, settings, transform, bone_labels, scaled(report, *bounds["bone-local"])
         )
         runner.iterations += sum(b["iterations"] for b in per_bone)
-    return _assemble(runner, init, transform, result, per_bone, time.perf_counter() - started, report)
+    converged = _check_convergence(runner, result)
+    quality = None
+    if settings.grade:
+        quality = _quality_stage(
+            fixed,
+            moving,
+            fixed_mask,
+            moving_mask,
+            runner,
+            init,
+            rigid,
+            transform,
+            result,
+            converged,
+            scaled(report, *bounds["quality"]),
+        )
+    return _assemble(runner, init, transform, result, per_bone, converged, quality, started, report)
 
 
 def _prepare(
@@ -615,7 +658,7 @@ def _prepare(
     )
 
 
-def _progress_bounds(mode: str) -> dict:
+def _progress_bounds(mode: str, inverse_check: bool = False) -> dict:
     """The share of the progress bar of each stage: ``{stage: (start, stop)}``."""
     shares = {"initialization": 0.2, "rigid": 0.45}
     if mode == "affine":
@@ -624,6 +667,7 @@ def _progress_bounds(mode: str) -> dict:
         shares.update(affine=0.2, deformable=0.3)
     elif mode == "bone-local":
         shares["bone-local"] = 0.3
+    shares["quality"] = 0.3 if inverse_check else 0.02
     total_share = sum(shares.values())
     bounds, position = {}, 0.0
     for stage, share in shares.items():
@@ -744,12 +788,14 @@ def _assemble(
     transform: sitk.Transform,
     result: LevelResult,
     per_bone: List[dict],
-    elapsed: float,
+    converged: bool,
+    quality: Optional[Quality],
+    started: float,
     report: ProgressCallback,
 ) -> RegistrationResult:
-    """The :class:`RegistrationResult` of the stages, with the convergence check."""
+    """The :class:`RegistrationResult` of the stages."""
     p, mode = runner.prepared, runner.settings.mode
-    converged = _check_convergence(result, p.metric, bounded=mode == "deformable")
+    elapsed = time.perf_counter() - started
     report(1.0, "done", f"metric {result.metric_value:.5g}, {runner.iterations} iterations, {elapsed:.1f} s")
     logger.info(
         "Registration (%s, %s) finished in %.1f s: metric %.6g after %d iterations.",
@@ -772,6 +818,7 @@ def _assemble(
         moving_modality=p.moving_modality,
         initialization=init.to_dict(),
         levels=runner.levels,
+        quality=quality,
     )
 
 
@@ -808,6 +855,93 @@ def _deformable(
     return composite, result
 
 
+def _quality_stage(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: Optional[sitk.Image],
+    moving_mask: Optional[sitk.Image],
+    runner: _LevelRunner,
+    init: Initialization,
+    rigid: sitk.Transform,
+    transform: sitk.Transform,
+    result: LevelResult,
+    converged: bool,
+    report: ProgressCallback,
+) -> Quality:
+    """Grade the result (:mod:`.quality`); the measures and the verdict are logged."""
+    p, s = runner.prepared, runner.settings
+    report(0.0, "grading", "overlap of bodies and bones after alignment")
+    measures: Dict[str, object] = dict(
+        overlaps(fixed, moving, transform, fixed_modality=p.fixed_modality, moving_modality=p.moving_modality)
+    )
+    measures.update(_rival_poses(runner, init, rigid))
+    measures["inverse_residual_mm"] = None
+    if s.inverse_check and s.mode in ("rigid", "affine"):
+        report(0.05, "grading", "registering the other way")
+        backward = register(
+            moving,
+            fixed,
+            settings=replace(s, pose_search=False, inverse_check=False, grade=False),
+            fixed_mask=moving_mask,
+            moving_mask=fixed_mask,
+            initial_transform=transform.GetInverse(),
+            progress=scaled(report, 0.05, 1.0),
+        )
+        mean, worst = inverse_residual(transform, backward.transform, p.fixed_points)
+        measures["inverse_residual_mm"] = round(mean, 3)
+        measures["inverse_residual_max_mm"] = round(worst, 3)
+    quality = grade(measures, converged=converged, metric=p.metric, metric_value=result.metric_value)
+    log = logger.info if quality.verdict == "good" else logger.warning
+    log("Registration graded %s%s", quality.verdict, (": " + "; ".join(quality.reasons)) if quality.reasons else ".")
+    report(1.0, "grading", quality.verdict)
+    return quality
+
+
+def _rival_poses(runner: _LevelRunner, init: Initialization, rigid: sitk.Transform) -> Dict[str, object]:
+    """The rigid result and the initialization's refined starts turned by more than
+    :data:`.quality.RIVAL_MIN_ANGLE_DEG` from it, scored alike on the coarsest level."""
+    p = runner.prepared
+    fixed_coarse, moving_coarse = p.pyramid.level(0)
+    method = runner.search_method()
+
+    def score(t: sitk.Transform) -> Optional[float]:
+        with quiet_itk():
+            value = evaluate_metric(method, fixed_coarse, moving_coarse, t)
+        return None if value is None else overlap_weighted(value, overlap_fraction(t, p.fixed_points, moving_coarse))
+
+    final = score(rigid)
+    rotation = rotation_matrix(rigid)
+    alternatives = init.alternatives
+    if not init.pose_search:  # the best right-angle poses away from the result, refined for the grade
+        alternatives = [
+            c.transform
+            for c in refined_poses(
+                runner.search_method,
+                fixed_coarse,
+                moving_coarse,
+                p.fixed_points,
+                p.moving_points,
+                runner.refine,
+                keep=RIVAL_POSES,
+                away_from=rotation,
+            )
+        ]
+    rivals = []
+    for t in alternatives:
+        angle = rotation_between_deg(rotation, rotation_matrix(t))
+        value = score(t) if angle > RIVAL_MIN_ANGLE_DEG else None
+        if value is not None:
+            rivals.append((value, angle))
+    best = min(rivals, default=None)
+    return {
+        "coarse_score": None if final is None else round(final, 5),
+        "rival_score": None if best is None else round(best[0], 5),
+        "rival_rotation_deg": None if best is None else round(best[1], 1),
+        "pose_margin": pose_margin(final, [r[0] for r in rivals]),
+        "poses_compared": len(rivals),
+    }
+
+
 def _log_initialization(init: Initialization) -> None:
     logger.info(
         "Initialization: %s translation, rotation (%.0f, %.0f, %.0f) deg, %.0f %% overlap, %d candidates.",
@@ -818,29 +952,25 @@ def _log_initialization(init: Initialization) -> None:
     )
 
 
-def _check_convergence(result: LevelResult, metric: str, *, bounded: bool = False) -> bool:
-    """Warn (and return False) when the finest level ran out of iterations or the similarity is poor.
-
-    ``bounded``: the iteration limit is part of the method (the B-spline stage), not a failure to converge.
-    """
-    converged = True
-    if result.hit_iteration_limit and bounded:
+def _check_convergence(runner: _LevelRunner, result: LevelResult) -> bool:
+    """Whether the optimizer really converged: the finest level of the rigid and of the affine stage stopped
+    on its step criterion, not on its iteration limit (the B-spline stage's bounded iterations are part of
+    the method and do not count). Warns when not."""
+    if result.hit_iteration_limit and result.stop_condition.startswith("LBFGSB"):
         logger.info(
             "The B-spline stage used its %d iterations (metric %.6g).", result.max_iterations, result.metric_value
         )
-    elif result.hit_iteration_limit:
+    last: Dict[str, dict] = {}
+    for level in runner.levels:
+        if level["stage"] in ("rigid", "affine"):
+            last[level["stage"]] = level
+    limited = [stage for stage, level in last.items() if "Maximum number of iterations" in str(level["stop"])]
+    if limited:
         logger.warning(
-            "The registration did not converge within %d iterations at the finest level "
-            "(final metric value %.6g); the result may be imprecise.",
-            result.max_iterations,
+            "The registration did not converge within %d iterations at the finest level (%s stage; final metric "
+            "value %.6g); the result may be imprecise.",
+            runner.settings.max_iterations,
+            " and ".join(limited),
             result.metric_value,
         )
-        converged = False
-    if metric == "correlation" and result.metric_value > POOR_CORRELATION:
-        logger.warning(
-            "The registration ended with a poor similarity (correlation metric %.4f, where -1 is a "
-            "perfect match); the images may not show the same anatomy.",
-            result.metric_value,
-        )
-        converged = False
-    return converged
+    return not limited
