@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from SyntheticCTLib.cli.main import main
@@ -81,3 +82,138 @@ def test_real_padded_ct_with_a_right_angle_start_is_not_refused(real_data_dir, t
     assert errors.max() < 0.5, (errors.mean(), errors.max())
     record = json.loads((tmp_path / "reg.tfm.json").read_text())
     assert record["initialization"]["method"] == "user" and record["initialization"]["overlap"] > 0.9
+
+
+# -- turned-over scans found without a start --------------------------------------------------------------
+
+TURNS = [
+    ((180.0, 0.0, 0.0), (25.0, -20.0, 22.0)),
+    ((0.0, 180.0, 0.0), (-18.0, 30.0, 20.0)),
+    ((0.0, 0.0, 180.0), (30.0, 15.0, -22.0)),
+    ((90.0, 0.0, 0.0), (-22.0, -25.0, 18.0)),
+]
+TURN_IDS = ["180-about-x", "180-about-y", "180-about-z", "90-about-x"]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from SyntheticCTLib.phantom import make_phantom
+
+    return make_phantom(3, size=(64, 64, 48), spacing=2.0)
+
+
+@pytest.fixture(scope="module")
+def bone_points(phantom):
+    return mask_points(sitk.Cast(phantom.bone_labels > 0, sitk.sitkUInt8), max_points=50_000)
+
+
+@pytest.mark.parametrize("angles, shift", TURNS, ids=TURN_IDS)
+def test_turned_ct_is_found_without_a_start(phantom, bone_points, angles, shift):
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), angles, shift)
+    result = register(phantom.ct, rescanned(phantom.ct, truth))
+    errors = target_registration_error(result.transform, truth, bone_points)
+    assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert result.initialization["pose_search"] is True
+    assert result.quality.verdict == "good", result.quality.to_dict()
+    assert result.converged and result.quality.measures["pose_margin"] > 0
+
+
+@pytest.mark.parametrize("angles, shift", TURNS, ids=TURN_IDS)
+def test_turned_mri_is_found_without_a_start(phantom, bone_points, angles, shift):
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), angles, shift)
+    result = register(phantom.ct, rescanned(phantom.mri[0], truth))
+    errors = target_registration_error(result.transform, truth, bone_points)
+    assert result.metric == "mattes"
+    assert errors.max() < 1.0, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert result.quality.verdict == "good", result.quality.to_dict()
+
+
+def test_without_the_pose_search_a_turned_scan_is_graded_failed(phantom, bone_points):
+    """The reported bug: turned over, the local search ends ~50 mm off; the grade must say so."""
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), (0.0, 180.0, 0.0), (-18.0, 30.0, 20.0))
+    result = register(phantom.ct, rescanned(phantom.ct, truth), pose_search=False)
+    assert target_registration_error(result.transform, truth, bone_points).mean() > 10.0
+    quality = result.to_dict()["quality"]
+    assert quality["verdict"] == "failed", quality
+    assert quality["pose_margin"] < 0 and abs(quality["rival_rotation_deg"] - 180.0) < 10.0
+    assert any("fits better" in r for r in quality["reasons"])
+
+
+def test_a_wrong_start_stopped_early_is_not_graded_good(phantom, bone_points):
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    centre = physical_centre(phantom.ct)
+    truth = turn(centre, (8.0, -5.0, 6.0), (10.0, -12.0, 8.0))
+    wrong = turn(centre, (8.0, -5.0, 186.0), (10.0, -12.0, 8.0))  # turned the wrong way round
+    result = register(phantom.ct, rescanned(phantom.ct, truth), initial_transform=wrong, max_iterations=3)
+    assert target_registration_error(result.transform, truth, bone_points).mean() > 10.0
+    assert not result.converged
+    assert result.quality.verdict in ("failed", "doubtful"), result.quality.to_dict()
+    assert any("iteration limit" in r for r in result.quality.reasons)
+
+
+def test_inverse_consistency_is_measured(phantom):
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), (6.0, -4.0, 5.0), (8.0, -6.0, 4.0))
+    result = register(phantom.ct, rescanned(phantom.ct, truth), inverse_check=True)
+    assert result.quality.measures["inverse_residual_mm"] < 0.2
+    assert result.quality.verdict == "good"
+
+
+REAL_TURNS = [pytest.param(*TURNS[0], id=TURN_IDS[0])] + [
+    pytest.param(*t, id=i, marks=pytest.mark.slow) for t, i in zip(TURNS[1:], TURN_IDS[1:])
+]
+
+
+@pytest.mark.parametrize("angles, shift", REAL_TURNS)
+def test_turned_real_ct_is_found_without_a_start(real_data_dir, angles, shift):
+    from SyntheticCTLib.registration.registration import register
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    ct = read_volume(real_data_dir / REAL_CT)
+    truth = turn(physical_centre(ct), angles, shift)
+    result = register(ct, rescanned(ct, truth, crop_voxels=(4, 4, 4)))
+    bone = mask_points(sitk.Cast(ct > 200, sitk.sitkUInt8), max_points=50_000)
+    errors = target_registration_error(result.transform, truth, bone)
+    # 3 mm voxels: the TRE left is the B-spline resampling of the "rescanned" copy (as unturned, see test_registration).
+    assert errors.mean() < 0.3 and errors.max() < 0.5, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
+    assert result.quality.verdict == "good", result.quality.to_dict()
+
+
+# -- the grade in the record and on the command line --------------------------------------------------------
+
+
+def test_cli_grades_and_strict_exit(phantom, tmp_path, capsys):
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), (0.0, 180.0, 0.0), (-18.0, 30.0, 20.0))
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    write_volume(rescanned(phantom.ct, truth), tmp_path / "turned.nii.gz")
+    base = ["register", "--fixed", str(tmp_path / "ct.nii.gz"), "--moving", str(tmp_path / "turned.nii.gz")]
+    base += ["--progress", "none"]
+
+    assert main(base + ["-o", str(tmp_path / "good.tfm")]) == 0
+    captured = capsys.readouterr()
+    assert "quality: good" in captured.out and "syntheticct register:" not in captured.err
+    assert json.loads((tmp_path / "good.tfm.json").read_text())["quality"]["verdict"] == "good"
+
+    assert main(base + ["-o", str(tmp_path / "bad.tfm"), "--no-pose-search"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("syntheticct register:")]
+    assert len(err) == 1 and "error" in err[0] and "FAILED" in err[0], err
+    assert json.loads((tmp_path / "bad.tfm.json").read_text())["quality"]["verdict"] == "failed"
+    assert (tmp_path / "bad.tfm").exists()  # written all the same: the grade is a judgement, not an error
+
+    assert main(base + ["-o", str(tmp_path / "strict.tfm"), "--no-pose-search", "--strict"]) == 3
+    assert "FAILED" in capsys.readouterr().err

@@ -14,8 +14,13 @@ resampling convention). In 3D Slicer, load it and make it the parent transform o
 the moving volume then appears aligned with the fixed one (Slicer keeps the file as the "from parent"
 transform; its "to parent" transform, moving -> fixed points, is the inverse).
 
-A JSON summary (metric value, iterations, time, mode, metric, initialization, per-bone results) is
-written beside the transform as TRANSFORM.json unless --json names another file. In bone-local mode
+A JSON summary (metric value, iterations, time, mode, metric, initialization, per-bone results and
+the grade) is written beside the transform as TRANSFORM.json unless --json names another file.
+
+Every registration is graded "good", "doubtful" or "failed" ("quality" in the JSON): the result is
+compared with the best right-angle poses turned away from it, and the body and (CT to CT) bone
+overlaps after alignment are measured. A doubtful grade prints a warning line, a failed one an error
+line; the exit status stays 0 unless --strict. In bone-local mode
 each bone's rigid transform is also written as TRANSFORM_STEM.bone<label><suffix>.
 """
 
@@ -78,6 +83,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="start from this linear transform (fixed -> moving points, as the output; e.g. a rough manual "
         "alignment saved from Slicer) instead of --initialize; its rigid part is used",
     )
+    p.add_argument(
+        "--no-pose-search",
+        action="store_true",
+        help="do not try the 24 right-angle poses first (by default they are tried when the fixed image is a CT: "
+        "scans turned over between them, prone/supine or head/feet first, need no manual start)",
+    )
+    p.add_argument(
+        "--inverse-check",
+        action="store_true",
+        help="grade also by registering the other way from the inverse (rigid/affine; about doubles the time)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 3 when the registration is graded 'doubtful' or 'failed' (files are still written)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the metric's random samples")
     p.add_argument("--json", metavar="OUT", help="JSON summary file (default: TRANSFORM.json)")
     p.set_defaults(run=run)
@@ -113,6 +134,8 @@ def run(args: argparse.Namespace, report) -> int:
         initialize=args.initialize,
         initial_transform=read_transform(args.initial_transform) if args.initial_transform else None,
         bone_threshold_hu=args.bone_threshold,
+        pose_search=False if args.no_pose_search else None,
+        inverse_check=args.inverse_check,
         seed=DEFAULT_SEED if args.seed is None else int(args.seed),
         progress=scaled(report, 0.02, 0.9),
     )
@@ -128,7 +151,24 @@ def run(args: argparse.Namespace, report) -> int:
     report(1.0, "done", f"metric {result.metric_value:.5g}")
     if args.progress != "json":
         _print_summary(result, outputs, sys.stdout)
-    return 0
+    verdict = _print_grade(result.quality, sys.stderr)
+    return STRICT_EXIT if args.strict and verdict in ("doubtful", "failed") else 0
+
+
+STRICT_EXIT = 3
+"""Exit status of ``--strict`` when the registration is graded doubtful or failed (1 is an error, 2 a usage error)."""
+
+
+def _print_grade(quality, err) -> str:
+    """A warning line for "doubtful", an error line for "failed" (on stderr); returns the verdict."""
+    if quality is None:
+        return "not graded"
+    reasons = "; ".join(quality.reasons)
+    if quality.verdict == "failed":
+        err.write(f"syntheticct register: error: the registration is graded FAILED: {reasons}. Do not use it.\n")
+    elif quality.verdict == "doubtful":
+        err.write(f"syntheticct register: warning: the registration is graded doubtful: {reasons}. Check it.\n")
+    return quality.verdict
 
 
 def _print_summary(result, outputs, out) -> None:
@@ -137,6 +177,20 @@ def _print_summary(result, outputs, out) -> None:
         f"metric {result.metric} = {result.metric_value:.6g}, {result.iterations} iterations, "
         f"{result.elapsed_s:.1f} s{'' if result.converged else ' (check: not converged)'}\n"
     )
+    if result.quality is not None:
+        m = result.quality.measures
+        numbers = [
+            f"{label} {m[key]:.{digits}f}"
+            for key, label, digits in (("body_dice", "body Dice", 3), ("bone_dice", "bone Dice", 3))
+            if m.get(key) is not None
+        ]
+        if m.get("pose_margin") is not None:
+            numbers.append(
+                f"{100 * m['pose_margin']:.0f} % better than a pose turned by {m['rival_rotation_deg']:.0f} deg"
+            )
+        if m.get("inverse_residual_mm") is not None:
+            numbers.append(f"inverse residual {m['inverse_residual_mm']:.2f} mm")
+        out.write(f"quality: {result.quality.verdict} ({', '.join(numbers) or 'no measure'})\n")
     if outputs.resampled:
         out.write(f"resampled moving image: {outputs.resampled}\n")
     for bone in result.per_bone:

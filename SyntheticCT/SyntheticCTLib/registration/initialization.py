@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -408,21 +408,24 @@ def score_poses(
     translations: Sequence[Tuple[str, np.ndarray]],
     fixed_points: np.ndarray,
 ) -> List[_Candidate]:
-    """Each of the 24 axis-aligned rotations (:func:`axis_rotations`) after each centring, scored; best first."""
-    method = metric_factory()
-    scored = []
-    with quiet_itk():
-        for matrix in axis_rotations():
-            for name, translation in translations:
-                t = rigid_from_matrix(centre, translation, matrix)
-                overlap = overlap_fraction(t, fixed_points, moving)
-                if overlap < CANDIDATE_MIN_OVERLAP:
-                    continue
-                value = evaluate_metric(method, fixed, moving, t)
-                if value is not None:
-                    scored.append(_Candidate(overlap_weighted(value, overlap), f"pose-{name}", t, overlap, value))
-    scored.sort(key=lambda c: c.score)
-    return scored
+    """Each of the 24 axis-aligned rotations (:func:`axis_rotations`) after each centring, scored; best first.
+
+    The Euler angles of a right-angle rotation are multiples of 90 degrees: one exhaustive run over the
+    grid of 90-degree steps (125 angle triples, ~10x cheaper each than evaluating a pose alone) scores
+    all 24 per translation; duplicates of one rotation keep their best value.
+    """
+    scored: Dict[Tuple[str, Tuple[int, ...]], _Candidate] = {}
+    for name, translation in translations:
+        for angle_deg, value in search_rotations(metric_factory, fixed, moving, centre, translation, 180.0, 90.0):
+            t = euler(centre, translation, np.radians(angle_deg))
+            key = (name, tuple(int(v) for v in np.rint(np.asarray(t.GetMatrix()))))
+            if key in scored and scored[key].metric_value <= value:
+                continue
+            overlap = overlap_fraction(t, fixed_points, moving)
+            if overlap >= CANDIDATE_MIN_OVERLAP:
+                t = rigid_from_matrix(centre, translation, np.rint(np.asarray(t.GetMatrix()).reshape(3, 3)))
+                scored[key] = _Candidate(overlap_weighted(value, overlap), f"pose-{name}", t, overlap, value)
+    return sorted(scored.values(), key=lambda c: c.score)
 
 
 def best_distinct(candidates: Sequence[_Candidate], count: int, *, min_angle_deg: float = 45.0) -> List[_Candidate]:

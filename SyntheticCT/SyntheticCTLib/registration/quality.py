@@ -40,7 +40,7 @@ BODY_DICE_DOUBTFUL, BODY_DICE_FAILED = 0.85, 0.6
 BONE_DICE_DOUBTFUL, BONE_DICE_FAILED = 0.6, 0.3
 MIN_REGION_FRACTION = 0.1
 """Below this fraction of the fixed grid inside the moving field of view, the overlaps are not measured."""
-POSE_MARGIN_DOUBTFUL = 0.1
+POSE_MARGIN_DOUBTFUL = 0.05
 INVERSE_DOUBTFUL_MM, INVERSE_FAILED_MM = 1.0, 5.0
 POOR_CORRELATION = -0.25  # correlation metric = -NCC^2: above this, the images hardly agree
 
