@@ -217,3 +217,38 @@ def test_cli_grades_and_strict_exit(phantom, tmp_path, capsys):
 
     assert main(base + ["-o", str(tmp_path / "strict.tfm"), "--no-pose-search", "--strict"]) == 3
     assert "FAILED" in capsys.readouterr().err
+
+
+# -- bone-local transforms found by compare ------------------------------------------------------------------
+
+
+def test_compare_picks_up_the_bone_local_transforms(phantom, tmp_path, capsys):
+    """Issue 13 item 6: `compare --transform T` uses T.bone<k>.tfm and the labels the registration used,
+    exactly as if they were given with --bone-labels and --bone-transform."""
+    from SyntheticCTLib.registration.bone_local import bone_components
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), (3.0, -2.0, 4.0), (4.0, -3.0, 2.0))
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    write_volume(rescanned(phantom.ct, truth), tmp_path / "moved.nii.gz")
+    code = main(
+        ["register", "--fixed", str(tmp_path / "ct.nii.gz"), "--moving", str(tmp_path / "moved.nii.gz")]
+        + ["-o", str(tmp_path / "reg.tfm"), "--mode", "bone-local", "--progress", "none"]
+    )
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "reg.tfm.json").read_text())
+    assert record["bone_labels"] is None and record["bone_threshold_hu"] == 200.0 and record["per_bone"]
+    compare = ["compare", "--reference", str(tmp_path / "ct.nii.gz"), "--synthetic", str(tmp_path / "moved.nii.gz")]
+    compare += ["--transform", str(tmp_path / "reg.tfm"), "--progress", "none"]
+    assert main(compare + ["-o", str(tmp_path / "auto")]) == 0
+    assert f"per-bone transforms of {len(record['per_bone'])} bones" in capsys.readouterr().out
+
+    write_volume(bone_components(phantom.ct), tmp_path / "components.nii.gz")
+    explicit = ["--bone-labels", str(tmp_path / "components.nii.gz")]
+    for entry in record["per_bone"]:
+        explicit += ["--bone-transform", f"{entry['label']}={tmp_path / entry['file']}"]
+    assert main(compare + explicit + ["-o", str(tmp_path / "explicit")]) == 0
+    auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())["per_bone"]
+    given = json.loads((tmp_path / "explicit" / "metrics.json").read_text())["per_bone"]
+    assert len(auto) == len(record["per_bone"]) and all(row["transform"] == "bone-local" for row in auto)
+    assert auto == given

@@ -11,6 +11,8 @@ Compare a synthetic CT with a reference CT of the same patient.
 
 The synthetic CT is resampled onto the reference grid, through --transform when given (an ITK
 transform file mapping reference points to synthetic points, as `syntheticct register` writes it).
+The per-bone transforms that `syntheticct register --mode bone-local` writes beside it
+(T.bone<label>.tfm, listed in T.tfm.json) are picked up too, with the bone labels it used.
 Measured: MAE, ME, PSNR and SSIM inside the body (SynthRAD 2023 definitions), the bone Dice, and
 the signed point-wise distances between the two bone surfaces (positive: outside the other bone),
 per direction, symmetric, and per bone with --bone-labels.
@@ -77,6 +79,30 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
     return result
 
 
+def _bone_local_beside(transform_path: Path, reference, labels):
+    """The per-bone transforms written beside ``transform_path`` by bone-local registration, with their labels.
+
+    The labels are ``labels`` when given, else the label map the registration was given (its record's
+    ``bone_labels``), else the reference CT's bone components above the record's threshold, as the
+    registration made them from the same CT.
+    """
+    from SyntheticCTLib.kernel.io import read_volume
+    from SyntheticCTLib.registration.bone_local import DEFAULT_BONE_THRESHOLD_HU, bone_components
+    from SyntheticCTLib.registration.transforms_io import read_bone_transforms, read_record
+
+    bones = read_bone_transforms(transform_path)
+    if not bones or labels is not None:
+        return bones, labels
+    record = read_record(transform_path) or {}
+    if record.get("bone_labels"):
+        labels = read_volume(record["bone_labels"])
+    else:
+        threshold = float(record.get("bone_threshold_hu") or DEFAULT_BONE_THRESHOLD_HU)
+        labels = bone_components(reference, threshold_hu=threshold)
+    print(f"per-bone transforms of {len(bones)} bones found beside {transform_path.name}")
+    return bones, labels
+
+
 def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.comparison.compare import compare, write_comparison
     from SyntheticCTLib.kernel.errors import InvalidParameterError
@@ -96,6 +122,8 @@ def run(args: argparse.Namespace, report) -> int:
     transform = read_transform(args.transform) if args.transform else None
     labels = read_volume(args.bone_labels) if args.bone_labels else None
     bone_transforms = _bone_transforms(args.bone_transform, labels is not None)
+    if args.transform and not bone_transforms:
+        bone_transforms, labels = _bone_local_beside(Path(args.transform), reference, labels)
 
     result = compare(
         reference,

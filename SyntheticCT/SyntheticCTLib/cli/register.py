@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, report) -> int:
         outputs,
         fixed=fixed,
         moving=moving,
-        sources={"fixed": str(args.fixed), "moving": str(args.moving)},
+        sources=_sources(args),
         inputs=inputs,
         progress=scaled(report, 0.9, 1.0),
     )
@@ -169,6 +169,15 @@ def _print_grade(quality, err) -> str:
     elif quality.verdict == "doubtful":
         err.write(f"syntheticct register: warning: the registration is graded doubtful: {reasons}. Check it.\n")
     return quality.verdict
+
+
+def _sources(args: argparse.Namespace) -> dict:
+    """What the record says about the inputs (for bone-local: where its bone labels came from)."""
+    sources = {"fixed": str(args.fixed), "moving": str(args.moving)}
+    if args.mode == "bone-local":
+        sources["bone_labels"] = str(Path(args.bone_labels).resolve()) if args.bone_labels else None
+        sources["bone_threshold_hu"] = float(args.bone_threshold)
+    return sources
 
 
 def _print_summary(result, outputs, out) -> None:

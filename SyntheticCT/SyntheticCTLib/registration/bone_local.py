@@ -121,55 +121,22 @@ def refine_bones(
     for i, label in enumerate(values):
         bone_report = scaled(report, i / len(values), (i + 1) / len(values))
         mask = local_mask(labels, label, dilation_mm)
-        fixed_crop = crop_to_mask(fixed, mask, margin_mm=2.0 * max(fixed.GetSpacing()))
-        mask_crop = mask_on_grid(mask, fixed_crop)
-        levels = plan_levels(fixed_crop, level_spacings_mm, min_size=4)
-        transform = copy_transform(global_transform)
-        result = None
-        iterations = 0
-        for j, factors in enumerate(levels):
-            fixed_level = shrink(fixed_crop, factors)
-            moving_factors = [
-                max(1, int(round(f * sf / sm)))
-                for f, sf, sm in zip(factors, fixed_crop.GetSpacing(), moving.GetSpacing())
-            ]
-            moving_level = shrink(moving, moving_factors)
-            eligible = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask_crop))) // int(np.prod(factors))
-            method = make_method(
-                metric,
-                sampling=sampling_fraction(eligible, max_samples),
-                seed=seed,
-                fixed_mask=mask_crop,
-                moving_mask=moving_mask,
-            )
-            spacing = level_spacing(fixed_crop, factors)
-            final = j == len(levels) - 1
-            result = optimize(
-                method,
-                fixed_level,
-                moving_level,
-                transform,
-                max_iterations=max_iterations,
-                step=0.5 * spacing,
-                min_step=spacing * (0.002 if final else 0.02),
-                report=scaled(bone_report, j / len(levels), (j + 1) / len(levels)),
-                stage="bone-local registration",
-                label=f"bone {label}: ",
-            )
-            transform = result.transform
-            iterations += result.iterations
-        points = mask_points(mask_on_grid(labels == label, fixed), max_points=5000, seed=label)
-        shift = (
-            float(
-                np.mean(
-                    np.linalg.norm(
-                        transform_points(transform, points) - transform_points(global_transform, points), axis=1
-                    )
-                )
-            )
-            if len(points)
-            else 0.0
+        transform, result, iterations = _refine_one_bone(
+            fixed,
+            moving,
+            mask,
+            global_transform,
+            label,
+            metric,
+            level_spacings_mm,
+            max_iterations,
+            max_samples,
+            seed,
+            moving_mask,
+            bone_report,
         )
+        points = mask_points(mask_on_grid(labels == label, fixed), max_points=5000, seed=label)
+        shift = _mean_shift(transform, global_transform, points)
         if shift > LARGE_SHIFT_MM:
             logger.warning(
                 "Bone %d moved %.1f mm away from the global registration; check its local result.", label, shift
@@ -192,3 +159,66 @@ def refine_bones(
             shift,
         )
     return results
+
+
+def _refine_one_bone(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    mask: sitk.Image,
+    global_transform: sitk.Transform,
+    label: int,
+    metric: str,
+    level_spacings_mm: Sequence[float],
+    max_iterations: int,
+    max_samples: int,
+    seed: int,
+    moving_mask: Optional[sitk.Image],
+    report: ProgressCallback,
+):
+    """The rigid transform of one bone (its dilated ``mask``), level by level: (transform, last result, iterations)."""
+    fixed_crop = crop_to_mask(fixed, mask, margin_mm=2.0 * max(fixed.GetSpacing()))
+    mask_crop = mask_on_grid(mask, fixed_crop)
+    levels = plan_levels(fixed_crop, level_spacings_mm, min_size=4)
+    transform = copy_transform(global_transform)
+    result = None
+    iterations = 0
+    for j, factors in enumerate(levels):
+        fixed_level = shrink(fixed_crop, factors)
+        moving_factors = [
+            max(1, int(round(f * sf / sm))) for f, sf, sm in zip(factors, fixed_crop.GetSpacing(), moving.GetSpacing())
+        ]
+        moving_level = shrink(moving, moving_factors)
+        eligible = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask_crop))) // int(np.prod(factors))
+        method = make_method(
+            metric,
+            sampling=sampling_fraction(eligible, max_samples),
+            seed=seed,
+            fixed_mask=mask_crop,
+            moving_mask=moving_mask,
+        )
+        spacing = level_spacing(fixed_crop, factors)
+        final = j == len(levels) - 1
+        result = optimize(
+            method,
+            fixed_level,
+            moving_level,
+            transform,
+            max_iterations=max_iterations,
+            step=0.5 * spacing,
+            min_step=spacing * (0.002 if final else 0.02),
+            report=scaled(report, j / len(levels), (j + 1) / len(levels)),
+            stage="bone-local registration",
+            label=f"bone {label}: ",
+        )
+        transform = result.transform
+        iterations += result.iterations
+    return transform, result, iterations
+
+
+def _mean_shift(transform: sitk.Transform, reference: sitk.Transform, points: np.ndarray) -> float:
+    """Mean distance (mm) between where ``transform`` and ``reference`` map ``points`` (0 without points)."""
+    if not len(points):
+        return 0.0
+    return float(
+        np.mean(np.linalg.norm(transform_points(transform, points) - transform_points(reference, points), axis=1))
+    )

@@ -147,6 +147,37 @@ def evaluate_metric(
     return value
 
 
+def _set_optimizer(
+    method: sitk.ImageRegistrationMethod,
+    optimizer: str,
+    max_iterations: int,
+    step: float,
+    min_step: float,
+    relaxation: float,
+) -> None:
+    """Configure ``method``'s optimizer (see :func:`optimize`)."""
+    if optimizer == "rsgd":
+        method.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=float(step),
+            minStep=float(min_step),
+            numberOfIterations=int(max_iterations),
+            relaxationFactor=float(relaxation),
+            gradientMagnitudeTolerance=1e-12,
+            estimateLearningRate=method.Never,
+        )
+        method.SetOptimizerScalesFromPhysicalShift()
+    elif optimizer == "lbfgsb":
+        method.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-6,
+            numberOfIterations=int(max_iterations),
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=4 * int(max_iterations),
+            costFunctionConvergenceFactor=1e7,
+        )
+    else:
+        raise InvalidParameterError(f"Unknown optimizer '{optimizer}'.")
+
+
 def optimize(
     method: sitk.ImageRegistrationMethod,
     fixed: sitk.Image,
@@ -172,26 +203,7 @@ def optimize(
     one (``moving_initial(transform(x))``).
     """
     report = report or no_progress
-    if optimizer == "rsgd":
-        method.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=float(step),
-            minStep=float(min_step),
-            numberOfIterations=int(max_iterations),
-            relaxationFactor=float(relaxation),
-            gradientMagnitudeTolerance=1e-12,
-            estimateLearningRate=method.Never,
-        )
-        method.SetOptimizerScalesFromPhysicalShift()
-    elif optimizer == "lbfgsb":
-        method.SetOptimizerAsLBFGSB(
-            gradientConvergenceTolerance=1e-6,
-            numberOfIterations=int(max_iterations),
-            maximumNumberOfCorrections=5,
-            maximumNumberOfFunctionEvaluations=4 * int(max_iterations),
-            costFunctionConvergenceFactor=1e7,
-        )
-    else:
-        raise InvalidParameterError(f"Unknown optimizer '{optimizer}'.")
+    _set_optimizer(method, optimizer, max_iterations, step, min_step, relaxation)
     if moving_initial is not None:
         method.SetMovingInitialTransform(moving_initial)
     start = copy_transform(transform)

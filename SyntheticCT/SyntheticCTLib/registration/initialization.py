@@ -477,6 +477,7 @@ def initialize_rigid(
     pose_search: bool = False,
     pose_keep: int = 3,
     refine: Optional[Callable[[sitk.Euler3DTransform], Tuple[sitk.Euler3DTransform, float]]] = None,
+    pose_refine: Optional[Callable[[sitk.Euler3DTransform], Tuple[sitk.Euler3DTransform, float]]] = None,
     progress: Optional[Callable[[float, str], None]] = None,
 ) -> Initialization:
     """Find a starting rigid transform (fixed -> moving points) on coarse level images.
@@ -497,6 +498,8 @@ def initialize_rigid(
         wins gets the rotation grid around it. Needs ``refine``.
     refine
         Optional ``refine(transform) -> (transform, metric_value)`` run on the best ``top_k`` candidates.
+    pose_refine
+        The same for the right-angle poses (default: ``refine``).
     """
     if method not in INITIALIZATIONS:
         raise InvalidParameterError(f"Unknown initialization '{method}'; choose one of {', '.join(INITIALIZATIONS)}.")
@@ -512,7 +515,14 @@ def initialize_rigid(
     if pose_search and refine is not None:
         report(0.0, "trying the 24 right-angle poses")
         poses = refined_poses(
-            metric_factory, fixed, moving, fixed_points, moving_points, refine, keep=pose_keep, centre=centre
+            metric_factory,
+            fixed,
+            moving,
+            fixed_points,
+            moving_points,
+            pose_refine or refine,
+            keep=pose_keep,
+            centre=centre,
         )
     grid_report = _part(report, 0.15 if poses else 0.0, 0.6)
     scored, total = _grid_candidates(
@@ -581,7 +591,8 @@ def refined_poses(
     """
     if centre is None:
         centre = fixed_points.mean(axis=0) if len(fixed_points) else physical_centre(fixed)
-    translations = translation_candidates("auto", fixed, moving, fixed_points, moving_points, centre)[1:]
+    # One centring: the body centroids (the refinement corrects the rest); geometry centres without a body.
+    translations = translation_candidates("moments", fixed, moving, fixed_points, moving_points, centre)
     ranked = score_poses(metric_factory, fixed, moving, centre, translations, fixed_points)
     reference = np.eye(3) if away_from is None else np.asarray(away_from)
     distinct = [

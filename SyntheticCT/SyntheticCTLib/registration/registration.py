@@ -148,6 +148,8 @@ FINEST_SMOOTHING = {"correlation": 1.0, "meansquares": 1.0, "mattes": 0.0}
 FINAL_SAMPLES = {"correlation": 10_000, "meansquares": 10_000, "mattes": 30_000}
 """Metric samples of the finest level (smoothed mono-modal metrics need few; a joint histogram needs more)."""
 RIVAL_POSES = 2  # right-angle poses refined for the grade when the pose search did not run
+POSE_REFINE_ITERATIONS = 50  # a right-angle pose is refined on the coarsest level; the winner is searched again
+POSE_REFINE_SAMPLES = 5_000
 LEVEL_MIN_STEP = 0.005  # last step of the coarser levels, in voxels
 LEVEL_RELAXATION = 0.6
 FINAL_STEP = 0.5  # first step of the finest level, in voxels
@@ -493,11 +495,18 @@ class _LevelRunner:
             moving_mask=p.moving_mask,
         )
 
-    def refine(self, transform: sitk.Transform) -> Tuple[sitk.Transform, float]:
+    def refine(
+        self, transform: sitk.Transform, cap: int = 100, samples: Optional[int] = None
+    ) -> Tuple[sitk.Transform, float]:
         """A candidate start optimized on the coarsest level (not logged): (transform, metric value)."""
-        cap = min(self.settings.max_iterations, 100)
-        r = self.run(0, transform, "initialization", no_progress, iteration_cap=cap, log=False)
+        cap = min(self.settings.max_iterations, cap)
+        r = self.run(0, transform, "initialization", no_progress, iteration_cap=cap, samples=samples, log=False)
         return r.transform, r.metric_value
+
+    def refine_pose(self, transform: sitk.Transform) -> Tuple[sitk.Transform, float]:
+        """:meth:`refine` with fewer iterations and samples (:data:`POSE_REFINE_ITERATIONS`,
+        :data:`POSE_REFINE_SAMPLES`), for the right-angle poses."""
+        return self.refine(transform, POSE_REFINE_ITERATIONS, POSE_REFINE_SAMPLES)
 
 
 def register(
@@ -701,6 +710,7 @@ def _initialise(
             search_step_deg=s.search_step_deg,
             pose_search=s.pose_search if s.pose_search is not None else p.fixed_modality == "ct",
             refine=runner.refine if automatic else None,
+            pose_refine=runner.refine_pose,
             progress=(lambda f, m: report(f, "initialization", m)) if automatic else None,
         )
         first_level_done = automatic
@@ -921,7 +931,7 @@ def _rival_poses(runner: _LevelRunner, init: Initialization, rigid: sitk.Transfo
                 moving_coarse,
                 p.fixed_points,
                 p.moving_points,
-                runner.refine,
+                runner.refine_pose,
                 keep=RIVAL_POSES,
                 away_from=rotation,
             )

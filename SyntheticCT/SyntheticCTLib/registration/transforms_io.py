@@ -18,16 +18,26 @@ models and markups under the node), is the inverse. To move points of the moving
 fixed image outside Slicer, use ``transform.GetInverse()`` (linear transforms) or an inverted
 displacement field (deformable transforms).
 
+Files beside a transform ``T.tfm``
+--------------------------------
+``T.tfm.json`` is the registration's record (:func:`record_path`: mode, metric, grade, per-bone
+results...). Bone-local registration writes each bone's rigid transform as ``T.bone<label>.tfm``
+(:func:`bone_transform_path`) and lists the files in the record's ``per_bone``; with the record's
+``bone_labels`` (the label map given, or None: the fixed CT's bone components above
+``bone_threshold_hu``), :func:`read_bone_transforms` finds them again from ``T.tfm`` alone.
+
 Formats: ``.tfm`` / ``.txt`` (ITK text) and ``.h5`` / ``.hdf5`` (ITK HDF5; the compact choice for
 B-spline and composite transforms). Writing is atomic; a failed write leaves no file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Dict, Iterable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -67,6 +77,47 @@ def bone_transform_path(transform_path: PathLike, label: int) -> Path:
     """Where bone ``label``'s transform (bone-local registration) goes: ``T.tfm`` -> ``T.bone<label>.tfm``."""
     path = Path(transform_path)
     return path.with_name(f"{path.stem}.bone{int(label)}{path.suffix}")
+
+
+def read_record(transform_path: PathLike) -> Optional[dict]:
+    """The JSON record written beside ``transform_path`` (:func:`record_path`), or None when there is none.
+
+    Raises
+    ------
+    TransformIOError
+        The record exists but is not a JSON object.
+    """
+    path = record_path(transform_path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TransformIOError(f"Could not read the registration record '{path}': {e}.") from e
+    if not isinstance(record, dict):
+        raise TransformIOError(f"The registration record '{path}' is not a JSON object.")
+    return record
+
+
+def read_bone_transforms(transform_path: PathLike) -> Dict[int, sitk.Transform]:
+    """The per-bone transforms that bone-local registration wrote beside ``transform_path``: ``{label: transform}``.
+
+    They are the files its record lists (``per_bone[*].file``), else the files named
+    :func:`bone_transform_path` beside it; empty when there are none.
+    """
+    path = Path(transform_path)
+    record = read_record(path) or {}
+    files: Dict[int, Path] = {}
+    for entry in record.get("per_bone") or []:
+        if isinstance(entry, dict) and entry.get("file") and entry.get("label") is not None:
+            files[int(entry["label"])] = path.with_name(str(entry["file"]))
+    if not files:
+        pattern = re.compile(re.escape(path.stem) + r"\.bone(\d+)" + re.escape(path.suffix) + "$")
+        for candidate in sorted(path.parent.glob(f"{path.stem}.bone*{path.suffix}")):
+            match = pattern.match(candidate.name)
+            if match:
+                files[int(match.group(1))] = candidate
+    return {label: read_transform(file) for label, file in sorted(files.items())}
 
 
 def write_transform(transform: sitk.Transform, path: PathLike, *, inputs: Iterable[PathLike] = ()) -> Path:
