@@ -543,31 +543,30 @@ def initialize_rigid(
     best_pose = min(poses, key=lambda c: c.score, default=None)
     local_best = min(refined, key=lambda c: c.score, default=None)
     if best_pose is not None and (local_best is None or best_pose.score < local_best.score):
-        # A right-angle pose wins: the rotation grid around it, from its refined translation.
         report(0.9, "searching rotations about the best pose")
-        pose_matrix = rotation_matrix(best_pose.transform)
-        translation = np.asarray(best_pose.transform.GetTranslation(), dtype=float)
         around, more = _grid_candidates(
             *search,
-            [(best_pose.method, translation)],
+            [(best_pose.method, np.asarray(best_pose.transform.GetTranslation(), dtype=float))],
             fixed_points,
             search_max_deg,
             search_step_deg,
-            pose=pose_matrix,
+            pose=rotation_matrix(best_pose.transform),
         )
         total += more
         scored += around
         refined += refine_candidates(around[:top_k], refine, fixed_points, moving)
-    everything = refined + poses
-    if not everything:  # every candidate drifted away: the best unrefined one
-        everything = scored[:1]
-    best = min(everything, key=lambda c: c.score)
+    return _choose(refined + poses or scored[:1], len(scored), bool(pose_search))
+
+
+def _choose(candidates: Sequence[_Candidate], scored: int, pose_search: bool) -> Initialization:
+    """The best of the refined ``candidates`` (all kept as the grade's alternatives)."""
+    best = min(candidates, key=lambda c: c.score)
     chosen = Initialization(
-        best.transform, best.method, euler_angles_deg(best.transform), best.overlap, len(scored), best.score
+        best.transform, best.method, euler_angles_deg(best.transform), best.overlap, scored, best.score
     )
-    chosen.refined = [c.record() for c in everything]
-    chosen.alternatives = [c.transform for c in everything]
-    chosen.pose_search = bool(pose_search and refine is not None)
+    chosen.refined = [c.record() for c in candidates]
+    chosen.alternatives = [c.transform for c in candidates]
+    chosen.pose_search = pose_search
     logger.debug("Initialization candidates after refinement: %s", chosen.refined)
     return chosen
 
