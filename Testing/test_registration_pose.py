@@ -252,3 +252,48 @@ def test_compare_picks_up_the_bone_local_transforms(phantom, tmp_path, capsys):
     given = json.loads((tmp_path / "explicit" / "metrics.json").read_text())["per_bone"]
     assert len(auto) == len(record["per_bone"]) and all(row["transform"] == "bone-local" for row in auto)
     assert auto == given
+
+
+# -- the grade's rules ------------------------------------------------------------------------------------------
+
+
+def test_grade_rules_on_hand_made_measures():
+    from SyntheticCTLib.registration.quality import grade, pose_margin
+
+    assert pose_margin(-0.8, [-0.6, -0.7]) == pytest.approx(0.125)  # (-0.7 - -0.8) / 0.8
+    assert pose_margin(-0.6, [-0.8]) == pytest.approx(-0.25)
+    assert pose_margin(-0.8, []) is None
+    good = {"body_dice": 0.98, "bone_dice": 0.9, "pose_margin": 0.2, "rival_rotation_deg": 180.0}
+    assert grade(good, converged=True, metric="correlation", metric_value=-0.95).verdict == "good"
+    assert grade(good, converged=False, metric="correlation", metric_value=-0.95).verdict == "doubtful"
+    assert grade(good, converged=True, metric="correlation", metric_value=-0.1).verdict == "doubtful"
+    assert (
+        grade({**good, "pose_margin": 0.03}, converged=True, metric="mattes", metric_value=-0.5).verdict == "doubtful"
+    )
+    failed = grade({**good, "pose_margin": -0.1}, converged=True, metric="mattes", metric_value=-0.5)
+    assert failed.verdict == "failed" and "turned by 180 deg fits better" in failed.reasons[0]
+    assert grade({**good, "bone_dice": 0.2}, converged=True, metric="mattes", metric_value=-0.5).verdict == "failed"
+    assert grade({**good, "body_dice": 0.7}, converged=True, metric="mattes", metric_value=-0.5).verdict == "doubtful"
+    assert (
+        grade({**good, "inverse_residual_mm": 6.0}, converged=True, metric="mattes", metric_value=-0.5).verdict
+        == "failed"
+    )
+    assert grade({}, converged=True, metric="mattes", metric_value=-0.5).to_dict() == {"verdict": "good", "reasons": []}
+
+
+def test_overlaps_of_an_image_with_itself_and_shifted(phantom):
+    from SyntheticCTLib.registration.quality import overlaps
+
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    same = overlaps(phantom.ct, phantom.ct, identity, fixed_modality="ct", moving_modality="ct")
+    assert same["body_dice"] == 1.0 and same["bone_dice"] == 1.0 and same["fov_fraction"] == 1.0
+    shifted = overlaps(
+        phantom.ct,
+        phantom.ct,
+        sitk.TranslationTransform(3, (0.0, 0.0, 12.0)),
+        fixed_modality="ct",
+        moving_modality="ct",
+    )
+    assert shifted["bone_dice"] < 0.6 and shifted["fov_fraction"] < 0.9
+    mri = overlaps(phantom.ct, phantom.mri[0], identity, fixed_modality="ct", moving_modality="mr")
+    assert mri["bone_dice"] is None and mri["body_dice"] > 0.9

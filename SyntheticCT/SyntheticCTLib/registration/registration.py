@@ -400,8 +400,6 @@ class _Prepared:
     moving_window: Tuple[float, float]
     fixed_points: np.ndarray
     moving_points: np.ndarray
-    fixed_body: sitk.Image
-    moving_body: sitk.Image
     level_mask: Optional[sitk.Image]
     moving_mask: Optional[sitk.Image]
     pyramid: _Pyramid
@@ -658,8 +656,6 @@ def _prepare(
         moving_window=moving_window,
         fixed_points=fixed_points,
         moving_points=moving_points,
-        fixed_body=fixed_body,
-        moving_body=moving_body,
         level_mask=level_mask,
         moving_mask=moving_mask,
         pyramid=pyramid,
