@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 from SyntheticCTLib.kernel.geometry import check_same_grid
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def fill_small_holes(mask: sitk.Image, *, max_hole_mm3: Optional[float] = MARROW
 def segment_bone(
     ct: sitk.Image,
     *,
-    threshold: float = 200.0,
+    threshold: float = BONE_THRESHOLD_HU,
     keep_largest: Optional[int] = None,
     min_size_mm3: float = 100.0,
     fill_holes: bool = True,
