@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 from SyntheticCTLib.kernel.geometry import check_same_grid
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+from SyntheticCTLib.kernel.masks import above
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def segment_bone(
     """
     if ct.GetDimension() != 3:
         raise InvalidParameterError(f"A 3D CT is required; got a {ct.GetDimension()}D image.")
-    mask = sitk.BinaryThreshold(ct, lowerThreshold=float(threshold), upperThreshold=1e30, insideValue=1, outsideValue=0)
+    mask = _from_array(above(ct, float(threshold)), ct)
     mask = keep_components(mask, keep_largest=keep_largest, min_size_mm3=min_size_mm3)
     if fill_holes:
         mask = fill_small_holes(mask, max_hole_mm3=max_hole_mm3)

@@ -164,7 +164,9 @@ def compare(
         With ``bone_labels``: a transform per label (from a bone-local registration); each bone's
         per-bone statistics then use the synthetic CT resampled through its own transform.
     body_threshold
-        The body mask of the image metrics: reference voxels above this HU (see :func:`.metrics.body_mask`).
+        The patient's body in the reference: objects above this HU without the table, holders or
+        devices (see :func:`SyntheticCTLib.kernel.masks.ct_body_mask`). The image metrics are measured
+        inside it, and only bone inside it is compared.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -211,7 +213,7 @@ def compare(
 
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
     labels = _labels_on_grid(bone_labels, reference) if bone_labels is not None else None
-    region = valid.copy()
+    region = valid & body_array  # the patient's bone only: not the table, holders or devices
     if labels is not None:
         region &= _near_labels(labels, label_margin_mm)
     reference_bone = _restrict(segment_bone(reference, threshold=bone_threshold), region)

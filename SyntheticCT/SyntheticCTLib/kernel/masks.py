@@ -155,24 +155,81 @@ def mri_body_mask(
     return fill_holes(mask)
 
 
-def ct_body_mask(ct: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
-    """The body in a CT: voxels above ``threshold`` HU, largest 3D component, holes filled.
+def above(image: sitk.Image, threshold: float) -> np.ndarray:
+    """Boolean ``(z, y, x)`` array of the voxels of ``image`` at or above ``threshold``, for any pixel type.
 
-    Holes are filled in 3D and then slice by slice along the image's third axis (so air in the
-    bowel or lungs that touches the slice edge of the 3D hole still counts as body). Returns a
-    uint8 image (1 = body) on the grid of ``ct``.
+    (SimpleITK's BinaryThreshold refuses an upper bound beyond an integer image's range, so an int32
+    CT cannot be thresholded there with an open upper end.)
     """
-    above = sitk.BinaryThreshold(
-        ct, lowerThreshold=float(threshold), upperThreshold=1e30, insideValue=1, outsideValue=0
-    )
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(above), sortByObjectSize=True)
-    array = sitk.GetArrayViewFromImage(components) == 1
-    if not array.any():
+    return sitk.GetArrayViewFromImage(image) >= threshold
+
+
+def ct_body_mask(
+    ct: sitk.Image,
+    *,
+    threshold: float = -500.0,
+    separation_mm: float = 6.0,
+    min_part_fraction: float = 0.05,
+    min_part_ml: float = 20.0,
+) -> sitk.Image:
+    """The patient in a CT: the objects above ``threshold`` HU, without the table and what only touches it.
+
+    A CT also holds the table, head holders, immobilisation devices or a specimen's container: thin
+    shells that lie apart from the patient or touch it over a small area. The voxels above
+    ``threshold`` are opened with a ball of diameter about ``separation_mm`` (thin shells and thin
+    contacts vanish), the largest object is kept with every other object of at least
+    ``min_part_fraction`` of its volume and ``min_part_ml`` (an arm beside the trunk), these are grown
+    back by the same radius inside the voxels above ``threshold`` (so the skin surface is kept), and
+    their holes are filled in 3D and then slice by slice along the image's third axis (air in the
+    bowel or lungs that touches the slice edge still counts as body). ``separation_mm=0`` keeps the
+    plain largest component.
+
+    Returns a uint8 image (1 = body) on the grid of ``ct``.
+    """
+    tissue = above(ct, threshold)
+    if not tissue.any():
         raise InvalidParameterError(f"The CT has no voxel above {threshold:g} HU: no body found.")
-    filled = fill_holes(array)
+    spacing_zyx = np.asarray(ct.GetSpacing()[::-1], dtype=float)
+    radius = np.maximum(0, np.floor(separation_mm / 2.0 / spacing_zyx)).astype(int)
+    if radius.any():
+        ball = _ellipsoid(radius)
+        core = ndimage.binary_opening(np.pad(tissue, radius[:, None]), structure=ball)
+        core = core[tuple(slice(r, core.shape[i] - r) for i, r in enumerate(radius))]
+        if not core.any():  # the whole object is thinner than the separation: keep it as it is
+            core = tissue
+        voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+        core = _large_components(core, min_part_fraction, min_part_ml / voxel_ml)
+        body = ndimage.binary_dilation(core, structure=ball) & tissue
+    else:
+        body = _largest_component(tissue)
+    filled = fill_holes(body)
     result = sitk.GetImageFromArray(filled.astype(np.uint8))
     result.CopyInformation(ct)
     return result
 
 
-__all__ = ["ct_body_mask", "fill_holes", "mri_body_mask", "otsu_threshold"]
+def _large_components(mask: np.ndarray, fraction: float, min_voxels: float) -> np.ndarray:
+    """The largest component of ``mask``, and every other of at least ``fraction`` of it and ``min_voxels``."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    largest = counts.max()
+    keep = (counts >= max(fraction * largest, min_voxels)) | (counts == largest)
+    keep[0] = False
+    return keep[labels]
+
+
+def _ellipsoid(radius: np.ndarray) -> np.ndarray:
+    """A boolean ellipsoid structuring element with semi-axes ``radius`` voxels (z, y, x)."""
+    r = np.maximum(radius, 0)
+    grid = np.ogrid[tuple(slice(-int(k), int(k) + 1) for k in r)]
+    total = np.zeros([2 * int(k) + 1 for k in r], dtype=float)
+    for g, k in zip(grid, r):
+        if k > 0:
+            total = total + (g / float(k)) ** 2
+    return total <= 1.0
+
+
+__all__ = ["above", "ct_body_mask", "fill_holes", "mri_body_mask", "otsu_threshold"]
