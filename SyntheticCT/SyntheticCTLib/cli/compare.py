@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Dict
 
+from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+
 DESCRIPTION = """\
 Compare a synthetic CT with a reference CT of the same patient.
 
@@ -23,8 +26,6 @@ SignedDistance_mm), distance_histogram.csv, PNG pictures and report.html (self-c
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "compare",
@@ -41,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--bone-threshold",
         type=float,
-        default=200.0,
+        default=BONE_THRESHOLD_HU,
         metavar="HU",
         help="bone threshold in HU for both images (default: 200)",
     )
@@ -87,7 +88,7 @@ def _bone_local_beside(transform_path: Path, reference, labels):
     registration made them from the same CT.
     """
     from SyntheticCTLib.kernel.io import read_volume
-    from SyntheticCTLib.registration.bone_local import DEFAULT_BONE_THRESHOLD_HU, bone_components
+    from SyntheticCTLib.registration.bone_local import bone_components
     from SyntheticCTLib.registration.transforms_io import read_bone_transforms, read_record
 
     bones = read_bone_transforms(transform_path)
@@ -97,7 +98,7 @@ def _bone_local_beside(transform_path: Path, reference, labels):
     if record.get("bone_labels"):
         labels = read_volume(record["bone_labels"])
     else:
-        threshold = float(record.get("bone_threshold_hu") or DEFAULT_BONE_THRESHOLD_HU)
+        threshold = float(record.get("bone_threshold_hu") or BONE_THRESHOLD_HU)
         labels = bone_components(reference, threshold_hu=threshold)
     print(f"per-bone transforms of {len(bones)} bones found beside {transform_path.name}")
     return bones, labels

@@ -6,6 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+from SyntheticCTLib.registration import INITIALIZATIONS, METRICS, MODES
+
 DESCRIPTION = """\
 Register the moving image (synthetic CT, CT or MRI) to the fixed image (normally the CT).
 
@@ -26,9 +30,6 @@ each bone's rigid transform is also written as TRANSFORM_STEM.bone<label><suffix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-    from SyntheticCTLib.registration import INITIALIZATIONS, METRICS, MODES
-
     p = add_command(
         subparsers,
         "register",
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--bone-threshold",
         type=float,
-        default=200.0,
+        default=BONE_THRESHOLD_HU,
         metavar="HU",
         help="HU threshold of the bone components in bone-local mode (default: 200)",
     )

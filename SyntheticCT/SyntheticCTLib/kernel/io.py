@@ -16,14 +16,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +175,6 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
             ".nrrd, .mha, .mhd, or a folder with a DICOM series."
         ) from e
     return validate_volume(image, path)
-
-
-def read_volumes(paths: Iterable[PathLike]) -> list:
-    """Read several volumes (e.g. the echoes of a multi-echo MRI) with :func:`read_volume`."""
-    return [read_volume(p) for p in paths]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
 from SyntheticCTLib.registration.initialization import transform_points
 from SyntheticCTLib.registration.modality import foreground_threshold
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 VERDICTS = ("good", "doubtful", "failed")
 
-BONE_HU = 200.0
+BONE_HU = BONE_THRESHOLD_HU
 GRID_VOXELS = 1_000_000
 """The overlap masks are compared on a grid over the fixed image of at most about this many voxels."""
 BODY_DICE_DOUBTFUL, BODY_DICE_FAILED = 0.85, 0.6

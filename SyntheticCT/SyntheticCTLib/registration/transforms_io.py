@@ -34,20 +34,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output, check_not_input
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5")
 
