@@ -104,8 +104,8 @@ def test_rigid_recovers_a_move_resampled_on_the_same_grid(phantom, bone_points):
     assert errors.max() < 0.3, f"TRE mean {errors.mean():.3f} max {errors.max():.3f} mm"
 
 
-def test_a_user_initial_transform_reaches_poses_the_search_cannot(phantom, bone_points):
-    """Turned over (180 degrees about the long axis, prone to supine): a rough manual start makes it work."""
+def test_a_user_initial_transform_starts_a_turned_over_pair(phantom, bone_points):
+    """Turned over (180 degrees about the long axis, prone to supine), from a rough manual start (an affine)."""
     centre = physical_centre(phantom.ct)
     truth = euler(centre, (0.0, 0.0, 180.0), (12.0, -8.0, 6.0))
     moving = rescanned(phantom.ct, truth)

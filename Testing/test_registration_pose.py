@@ -172,12 +172,7 @@ def test_inverse_consistency_is_measured(phantom):
     assert result.quality.verdict == "good"
 
 
-REAL_TURNS = [pytest.param(*TURNS[0], id=TURN_IDS[0])] + [
-    pytest.param(*t, id=i, marks=pytest.mark.slow) for t, i in zip(TURNS[1:], TURN_IDS[1:])
-]
-
-
-@pytest.mark.parametrize("angles, shift", REAL_TURNS)
+@pytest.mark.parametrize("angles, shift", TURNS, ids=TURN_IDS)
 def test_turned_real_ct_is_found_without_a_start(real_data_dir, angles, shift):
     from SyntheticCTLib.registration.registration import register
     from SyntheticCTLib.registration.simulate import rescanned
@@ -297,3 +292,25 @@ def test_overlaps_of_an_image_with_itself_and_shifted(phantom):
     assert shifted["bone_dice"] < 0.6 and shifted["fov_fraction"] < 0.9
     mri = overlaps(phantom.ct, phantom.mri[0], identity, fixed_modality="ct", moving_modality="mr")
     assert mri["bone_dice"] is None and mri["body_dice"] > 0.9
+
+
+def test_compare_says_when_its_transform_is_graded_failed(phantom, tmp_path, capsys):
+    from SyntheticCTLib.registration.simulate import rescanned
+
+    truth = turn(physical_centre(phantom.ct), (0.0, 180.0, 0.0), (-18.0, 30.0, 20.0))
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    write_volume(rescanned(phantom.ct, truth), tmp_path / "turned.nii.gz")
+    images = ["--fixed", str(tmp_path / "ct.nii.gz"), "--moving", str(tmp_path / "turned.nii.gz")]
+    assert main(["register", *images, "-o", str(tmp_path / "bad.tfm"), "--no-pose-search", "--progress", "none"]) == 0
+    capsys.readouterr()
+    compare = ["compare", "--reference", str(tmp_path / "ct.nii.gz"), "--synthetic", str(tmp_path / "turned.nii.gz")]
+    assert (
+        main(compare + ["--transform", str(tmp_path / "bad.tfm"), "-o", str(tmp_path / "cmp"), "--progress", "none"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "(registration graded failed)" in captured.out
+    assert any(
+        ln.startswith("syntheticct compare: error:") and "bad.tfm is graded failed" in ln
+        for ln in captured.err.splitlines()
+    ), captured.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -80,6 +81,23 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
     return result
 
 
+def _registration_grade(transform_path: Path):
+    """The grade of the registration that wrote ``transform_path`` (its record's ``quality``), said on stderr
+    when it is not good: every figure below depends on that transform."""
+    from SyntheticCTLib.registration.transforms_io import read_record
+
+    quality = (read_record(transform_path) or {}).get("quality") or {}
+    verdict = quality.get("verdict")
+    if verdict in ("doubtful", "failed"):
+        reasons = "; ".join(quality.get("reasons") or [])
+        kind = "error" if verdict == "failed" else "warning"
+        sys.stderr.write(
+            f"syntheticct compare: {kind}: the registration {transform_path.name} is graded {verdict} ({reasons}); "
+            "the figures that depend on it (surface distances, Dice, MAE) may be meaningless.\n"
+        )
+    return verdict
+
+
 def _bone_local_beside(transform_path: Path, reference, labels):
     """The per-bone transforms written beside ``transform_path`` by bone-local registration, with their labels.
 
@@ -121,6 +139,7 @@ def run(args: argparse.Namespace, report) -> int:
     reference = read_volume(args.reference)
     synthetic = read_volume(args.synthetic)
     transform = read_transform(args.transform) if args.transform else None
+    grade = _registration_grade(Path(args.transform)) if args.transform else None
     labels = read_volume(args.bone_labels) if args.bone_labels else None
     bone_transforms = _bone_transforms(args.bone_transform, labels is not None)
     if args.transform and not bone_transforms:
@@ -146,5 +165,6 @@ def run(args: argparse.Namespace, report) -> int:
         f"SSIM {fmt(m['ssim'], 4)}, bone Dice {fmt(m['bone_dice'], 4)}; bone surface: mean "
         f"{fmt(m['surface_mean_mm'], 2)} mm, p95 {fmt(m['surface_p95_mm'], 2)} mm, max {fmt(m['surface_max_mm'], 2)} mm, "
         f"{100 * (m['surface_within_1mm'] or 0):.1f}% within 1 mm. Report: {written['report']}"
+        + (f" (registration graded {grade})" if grade else "")
     )
     return 0
