@@ -363,3 +363,67 @@ def test_convert_without_a_volume_id_lists_them(real, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "holds 4 volumes" in err and "2001_phase_e2" in err and not (tmp_path / "x.nii.gz").exists()
+
+
+# -- multi-echo straight into a model --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_echo_model(tmp_path_factory):
+    """A tiny untrained 2-echo model whose card gives TE 2 and 5 ms (the real set has 5.19 and 7.65 ms)."""
+    torch = pytest.importorskip("torch")
+    from SyntheticCTLib.models.architectures import build_network
+    from SyntheticCTLib.models.package import write_model_package
+
+    kwargs = {"depth": 2, "width": 4, "norm": "instance"}
+    torch.manual_seed(0)
+    net = build_network("unet3d", in_channels=2, **kwargs)
+    card = {
+        "name": "tiny-echoes",
+        "version": "0.0.1",
+        "architecture": {"name": "unet3d", "kwargs": dict(kwargs, in_channels=2)},
+        "inputs": [{"name": "echo1", "echo_time_ms": 2.0}, {"name": "echo2", "echo_time_ms": 5.0}],
+        "spacing_mm": [3.25, 3.25, 3.6],
+        "normalization": [{"method": "percentile", "lower": 0.5, "upper": 99.5}] * 2,
+        "output": {"scale": 1000.0, "offset": 0.0, "clip": [-1024, 3071]},
+        "patch_size": [16, 16, 16],
+        "overlap": 0.25,
+    }
+    return write_model_package(tmp_path_factory.mktemp("pkg") / "tiny", card, net.state_dict())
+
+
+def test_synthesize_from_a_multi_echo_dicom_folder_feeds_echoes_in_te_order(real, two_echo_model, tmp_path, capsys):
+    folder = real / "mri_dicom/fmap_siemens/2_gre_field_magph"
+    base = ["--model", str(two_echo_model), "--device", "cpu", "--progress", "none"]
+    assert main(["synthesize", "-i", str(folder), "-o", str(tmp_path / "dir.nii.gz")] + base) == 0
+    err = capsys.readouterr().err
+    assert "2_e1 (TE 5.19 ms), 2_e2 (TE 7.65 ms)" in err  # the order used, said once
+    assert "Echo 1 has TE 5.19 ms where the model was trained with TE 2 ms" in err
+    for vid in ("2_e1", "2_e2"):
+        assert main(["convert", str(folder), "--volume", vid, "-o", str(tmp_path / f"{vid}.nii.gz")]) == 0
+    echoes = [str(tmp_path / "2_e1.nii.gz"), str(tmp_path / "2_e2.nii.gz")]
+    assert main(["synthesize", "-i", echoes[0], "-i", echoes[1], "-o", str(tmp_path / "files.nii.gz")] + base) == 0
+    assert main(["synthesize", "-i", echoes[1], "-i", echoes[0], "-o", str(tmp_path / "swapped.nii.gz")] + base) == 0
+    capsys.readouterr()
+    from_dir = sitk.GetArrayFromImage(read_volume(tmp_path / "dir.nii.gz"))
+    np.testing.assert_array_equal(from_dir, sitk.GetArrayFromImage(read_volume(tmp_path / "files.nii.gz")))
+    assert np.any(from_dir != sitk.GetArrayFromImage(read_volume(tmp_path / "swapped.nii.gz")))
+    assert from_dir.shape == (36, 64, 64)
+
+
+def test_synthesize_refuses_a_folder_with_several_echo_sets_or_the_wrong_echo_count(
+    real, two_echo_model, tmp_path, capsys
+):
+    base = ["--model", str(two_echo_model), "--device", "cpu", "--progress", "none"]
+    out = tmp_path / "sct.nii.gz"
+    assert main(["synthesize", "-i", str(real / "mri_dicom/fmap_siemens"), "-o", str(out)] + base) == 1
+    err = capsys.readouterr().err
+    assert "2 candidate echo sets: [2_e1, 2_e2]" in err and "[5_e1, 5_e2]" in err
+    assert (
+        main(["synthesize", "-i", str(real / "mri_dicom/fmap_siemens/3_gre_field_magph"), "-o", str(out)] + base) == 1
+    )
+    assert "holds no readable magnitude volume" in capsys.readouterr().err
+    hfs = real / "mri_dicom/decubitus_siemens/HFS"
+    assert main(["synthesize", "-i", str(hfs), "-o", str(out)] + base) == 1
+    assert "holds a 1-echo set (3 (TE 2.46 ms)) but the model takes 2 input(s) (TE 2, 5 ms)" in capsys.readouterr().err
+    assert not out.exists()

@@ -886,6 +886,38 @@ def read_echoes(path: PathLike) -> Tuple[List[sitk.Image], List[Optional[float]]
     return chosen.read(), chosen.echo_times_ms, chosen.ids
 
 
+def echo_time_warnings(echo_times: Sequence[Optional[float]], expected: Sequence[Optional[float]]) -> List[str]:
+    """One line per echo whose TE differs from the model card's (by over 20 % and 0.5 ms)."""
+    out = []
+    for k, (te, want) in enumerate(zip(echo_times, expected)):
+        if te is None or want is None:
+            continue
+        if abs(te - want) > max(0.5, 0.2 * want):
+            out.append(f"Echo {k + 1} has TE {te:g} ms where the model was trained with TE {want:g} ms.")
+    return out
+
+
+def read_model_echoes(path: PathLike, expected_echo_times: Sequence[Optional[float]]) -> List[sitk.Image]:
+    """The echoes of the one multi-echo magnitude set in ``path``, in echo-time order, for a model.
+
+    ``expected_echo_times`` are the model card's echo times, one per input (None where not given): a set
+    with another number of echoes is a :class:`VolumeReadError`; echo times far from the card's are
+    logged as warnings.
+    """
+    images, echo_times, ids = read_echoes(path)
+    listed = ", ".join(f"{i} (TE {t:g} ms)" if t is not None else i for i, t in zip(ids, echo_times))
+    if len(images) != len(expected_echo_times):
+        wanted = ", ".join(f"{t:g}" if t is not None else "?" for t in expected_echo_times)
+        raise VolumeReadError(
+            f"'{path}' holds a {len(images)}-echo set ({listed}) but the model takes {len(expected_echo_times)} "
+            f"input(s) (TE {wanted} ms)."
+        )
+    logger.info("'%s': model inputs in echo-time order: %s.", path, listed)
+    for message in echo_time_warnings(echo_times, expected_echo_times):
+        logger.warning("'%s': %s", path, message)
+    return images
+
+
 def describe_path(path: PathLike) -> List[Dict[str, Any]]:
     """What ``path`` holds, one ``inspect --json`` entry per volume: a DICOM file or folder, or a volume file."""
     from SyntheticCTLib.kernel.io import read_volume, volume_suffix
@@ -948,6 +980,8 @@ __all__ = [
     "describe_path",
     "read_any",
     "echo_sets",
+    "echo_time_warnings",
+    "read_model_echoes",
     "find_volumes",
     "is_dicom_file",
     "read_dicom_volume",
