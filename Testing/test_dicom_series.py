@@ -427,3 +427,17 @@ def test_synthesize_refuses_a_folder_with_several_echo_sets_or_the_wrong_echo_co
     assert main(["synthesize", "-i", str(hfs), "-o", str(out)] + base) == 1
     assert "holds a 1-echo set (3 (TE 2.46 ms)) but the model takes 2 input(s) (TE 2, 5 ms)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_dicom_file_given_directly_is_read_by_its_frames_not_as_a_stack(real):
+    """The enhanced Philips file read naively is an 80x80x212 stack at 3 mm (a 633 mm head); here, 4 volumes."""
+    (enhanced,) = sorted((real / "mri_dicom/philips_fmap_enh").iterdir())
+    with pytest.raises(VolumeReadError, match="holds 4 volumes: 2001_mag_e1"):
+        read_volume(enhanced)
+    image = read_volume(enhanced, volume="2001_mag_e1")
+    assert image.GetSize() == (80, 80, 53)
+    extent = image.GetSpacing()[2] * (image.GetSize()[2] - 1)
+    assert extent == pytest.approx(156.0, abs=0.05)  # 52 steps of 3 mm
+    single = sorted((real / "mri_dicom/canon_oblique_b0/8000").iterdir())[0]
+    with pytest.raises(VolumeReadError, match="is a single slice, not a 3D volume"):
+        read_volume(single)

@@ -161,7 +161,10 @@ def _run_one(args: argparse.Namespace, report) -> int:
         check_dicom_target(Path(args.dicom_out), inputs + [output], overwrite=False)
 
     model = _resolve_model(args.model, report)
-    dicom_dir = len(inputs) == 1 and inputs[0].is_dir()  # one DICOM folder: its echoes, in echo-time order
+    from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+
+    # One DICOM folder or multi-frame file: its echoes, in echo-time order.
+    dicom_dir = len(inputs) == 1 and (inputs[0].is_dir() or is_dicom_file(inputs[0]))
     if len(inputs) != model.in_channels and not dicom_dir:  # fail before reading anything
         from SyntheticCTLib.synthesis.inference import check_inputs
 

@@ -665,7 +665,7 @@ def select_volume(volumes: List[DicomVolume], path: PathLike, volume_id: Optiona
         raise VolumeReadError(" ".join(v.error or "" for v in volumes[:3]).strip())
     raise VolumeReadError(
         f"'{path}' holds {len(readable)} volumes: {'; '.join(describe(v) for v in readable)}. "
-        "Choose one by its id (syntheticct inspect lists them)."
+        "Choose one by its id (`syntheticct inspect` lists them; --volume ID, or read_volume(path, volume=ID))."
     )
 
 

@@ -93,6 +93,12 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str], volume: Optional
     return dicom_series.read_dicom_volume(folder, volume, series_uid=series_uid)
 
 
+def _is_dicom_file(path: Path) -> bool:
+    from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+
+    return is_dicom_file(path)
+
+
 def validate_volume(image: sitk.Image, source: PathLike = "<image>", *, check_finite: bool = True) -> sitk.Image:
     """Check that ``image`` is a usable scalar 3D volume; raise :class:`VolumeReadError` naming ``source``."""
     name = str(source)
@@ -151,7 +157,7 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None, volume: Opt
     if not path.exists():
         raise VolumeReadError(f"No file or folder at '{path}'.")
     try:
-        if path.is_dir():
+        if path.is_dir() or _is_dicom_file(path):
             image = _read_dicom_series(path, series_uid, volume)
         else:
             image = sitk.ReadImage(str(path))
