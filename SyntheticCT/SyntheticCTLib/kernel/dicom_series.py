@@ -711,9 +711,12 @@ def _file_pixels(path: Path) -> Tuple[np.ndarray, bool]:
 
 
 def _read_pixels(volume: DicomVolume) -> sitk.Image:
+    """Each frame's stored values times its own slope plus intercept: integers stay integers (the smallest
+    of int16, uint16, int32 that holds them), anything else is float32."""
     cache: Dict[Path, Tuple[np.ndarray, bool]] = {}
-    slices = []
+    planes = []
     integral = True
+    lo, hi = math.inf, -math.inf
     for f in volume.frames:
         if f.path not in cache:
             cache.clear()
@@ -724,21 +727,28 @@ def _read_pixels(volume: DicomVolume) -> sitk.Image:
             raise VolumeReadError(f"'{f.name()}': the pixel data does not match Rows x Columns x frames.")
         plane = array[k]
         if not rescaled and (f.slope != 1.0 or f.intercept != 0.0):
-            if f.slope != 1.0 or f.intercept != round(f.intercept):
-                integral = False
             plane = plane.astype(np.float64) * f.slope + f.intercept
         if plane.dtype.kind == "f":
-            integral = integral and bool(np.all(plane == np.rint(plane)))
-        slices.append(plane)
-    stack = np.stack(slices).astype(np.float64) if not integral else np.stack([s.astype(np.int64) for s in slices])
+            if integral and bool(np.all(plane == np.rint(plane))):
+                plane = plane.astype(np.int64)
+            else:
+                integral = False
+                plane = plane.astype(np.float32)
+        if plane.dtype.kind in "iu" and plane.dtype.itemsize > 4:
+            plane = plane.astype(np.int32) if abs(plane).max(initial=0) < 2**31 - 1 else plane
+        lo, hi = min(lo, float(plane.min())), max(hi, float(plane.max()))
+        planes.append(plane)
+    dtype = np.dtype(np.float32)
     if integral:
-        lo, hi = int(stack.min()), int(stack.max())
-        for dtype in (np.int16, np.uint16, np.int32):
-            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
-                stack = stack.astype(dtype)
+        dtype = np.dtype(np.int64)
+        for candidate in (np.int16, np.uint16, np.int32):
+            if np.iinfo(candidate).min <= lo and hi <= np.iinfo(candidate).max:
+                dtype = np.dtype(candidate)
                 break
-    else:
-        stack = stack.astype(np.float32)
+    stack = np.empty((len(planes),) + planes[0].shape, dtype=dtype)
+    for k, plane in enumerate(planes):
+        stack[k] = plane
+    del planes
     if volume.regularized:
         stack = _regularize(volume, stack)
     image = sitk.GetImageFromArray(stack)
