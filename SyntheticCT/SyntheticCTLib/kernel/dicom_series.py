@@ -690,8 +690,8 @@ def read_dicom_volume(path: PathLike, volume_id: Optional[str] = None, *, series
 # -- pixels ----------------------------------------------------------------------------------------------
 
 
-def _file_pixels(path: Path) -> Tuple[np.ndarray, bool]:
-    """(frames x rows x cols, already_rescaled) for one file."""
+def _file_pixels(path: Path) -> Tuple[np.ndarray, bool, Any]:
+    """(frames x rows x cols, already_rescaled, the pydicom dataset or None) for one file."""
     import pydicom
 
     try:
@@ -699,6 +699,7 @@ def _file_pixels(path: Path) -> Tuple[np.ndarray, bool]:
         array = np.asarray(ds.pixel_array)
         rescaled = False
     except Exception:  # no decoder for this transfer syntax in pydicom: SimpleITK (GDCM) decodes it
+        ds = None
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as e:
@@ -707,13 +708,14 @@ def _file_pixels(path: Path) -> Tuple[np.ndarray, bool]:
         rescaled = True
     if array.ndim == 2:
         array = array[None]
-    return array, rescaled
+    return array, rescaled, ds
 
 
 def _read_pixels(volume: DicomVolume) -> sitk.Image:
     """Each frame's stored values times its own slope plus intercept: integers stay integers (the smallest
     of int16, uint16, int32 that holds them), anything else is float32."""
-    cache: Dict[Path, Tuple[np.ndarray, bool]] = {}
+    cache: Dict[Path, Tuple[np.ndarray, bool, Any]] = {}
+    first_ds = None
     planes = []
     integral = True
     lo, hi = math.inf, -math.inf
@@ -721,7 +723,9 @@ def _read_pixels(volume: DicomVolume) -> sitk.Image:
         if f.path not in cache:
             cache.clear()
             cache[f.path] = _file_pixels(f.path)
-        array, rescaled = cache[f.path]
+        array, rescaled, ds = cache[f.path]
+        if not planes:
+            first_ds = ds
         k = f.frame or 0
         if k >= array.shape[0] or array.shape[1:] != (f.rows, f.cols):
             raise VolumeReadError(f"'{f.name()}': the pixel data does not match Rows x Columns x frames.")
@@ -755,7 +759,7 @@ def _read_pixels(volume: DicomVolume) -> sitk.Image:
     image.SetSpacing(volume.spacing)
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
-    _copy_tags(image, volume.frames[0].path)
+    _copy_tags(image, volume.frames[0].path, first_ds)
     return image
 
 
@@ -803,14 +807,15 @@ def _regularize(volume: DicomVolume, stack: np.ndarray) -> np.ndarray:
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UT", "US", "SS"}
 
 
-def _copy_tags(image: sitk.Image, path: Path) -> None:
+def _copy_tags(image: sitk.Image, path: Path, ds: Any = None) -> None:
     """Keep the first file's public, plain tags on the image as ``gggg|eeee`` metadata (as SimpleITK does)."""
     import pydicom
 
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except Exception:  # the pixels were read; tags are a courtesy
-        return
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception:  # the pixels were read; tags are a courtesy
+            return
     for elem in ds:
         if elem.tag.is_private or elem.VR not in _TEXT_VRS or elem.tag.group in (0x0002, 0x7FE0):
             continue
