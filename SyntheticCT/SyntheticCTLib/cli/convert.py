@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from SyntheticCTLib.cli.options import add_command
+
 EPILOG = """\
 examples:
   syntheticct convert MRI_DICOM_DIR -o echo1.nii.gz --volume 2_e1
@@ -16,8 +18,6 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "convert",

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any, Dict, List
 
+from SyntheticCTLib.cli.options import add_command
+
 EPILOG = """\
 examples:
   syntheticct inspect MRI_DICOM_DIR
@@ -19,8 +21,6 @@ orientation and time point; `syntheticct convert DIR --volume ID -o out.nii.gz` 
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "inspect",

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import VolumeReadError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
