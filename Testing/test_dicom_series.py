@@ -52,7 +52,7 @@ EXPECTED = {
         "8_e1": ("magnitude", 10.0, 33, 3.4),
         "8_e2": ("magnitude", 12.46, 33, 3.4),
     },
-    "mri_dicom/xa30_fmap_enh/9_gre_field_mapping": {"9_phase": ("phase", 12.46, 33, 3.4)},
+    "mri_dicom/xa30_fmap_enh/9_gre_field_mapping": {"9_phase": ("phase", 12.46, 33, 3.4)},  # no EchoNumbers
     "mri_dicom/decubitus_siemens/HFS": {"3": ("magnitude", 2.46, 35, 4.8)},
     "mri_dicom/decubitus_siemens/HFP": {"2": ("magnitude", 2.46, 35, 4.8)},
     "mri_dicom/canon_oblique_b0/8000": {"8000": ("other", 79.0, 40, 3.0)},
@@ -441,3 +441,79 @@ def test_a_dicom_file_given_directly_is_read_by_its_frames_not_as_a_stack(real):
     single = sorted((real / "mri_dicom/canon_oblique_b0/8000").iterdir())[0]
     with pytest.raises(VolumeReadError, match="is a single slice, not a 3D volume"):
         read_volume(single)
+
+
+# -- regularisation against a known truth ----------------------------------------------------------------
+
+
+def write_linear_series(folder: Path, positions, *, rows=32, cols=20, slope=0.1):
+    """An axial MR series whose every pixel holds f(x, y, z) = x + 2y + 3z at its own patient position (LPS mm),
+    stored as round(f / slope) with RescaleSlope ``slope``; files written in a shuffled InstanceNumber order."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True)
+    series, frame = generate_uid(), generate_uid()
+    order = np.random.default_rng(0).permutation(len(positions))
+    for k, position in enumerate(positions):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, sop, "MR"
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.FrameOfReferenceUID = series, 7, frame
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.EchoTime, ds.EchoNumbers = 3.0, 1
+        ds.InstanceNumber = int(order[k]) + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.PixelSpacing = [1.0, 1.0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = slope, 0
+        y, x = np.mgrid[:rows, :cols].astype(float)
+        f = (position[0] + x) + 2 * (position[1] + y) + 3 * position[2]
+        ds.PixelData = np.rint(f / slope).astype("<i2").tobytes()
+        ds.save_as(str(folder / f"im{int(order[k]):03d}.dcm"), enforce_file_format=True)
+
+
+def _check_linear(image: sitk.Image, rows_from: int) -> float:
+    """Largest |voxel - f(voxel position)| over the voxels whose source rows exist in every slice."""
+    array = sitk.GetArrayFromImage(image).astype(float)
+    nz, ny, nx = array.shape
+    k, j, i = np.mgrid[:nz, :ny, :nx]
+    points = np.array(image.GetOrigin()) + np.stack([i, j, k], -1) * np.array(image.GetSpacing())
+    assert np.allclose(image.GetDirection(), np.eye(3).ravel())
+    truth = points[..., 0] + 2 * points[..., 1] + 3 * points[..., 2]
+    return float(np.max(np.abs(array - truth)[:, rows_from:, :]))
+
+
+def test_tilted_uneven_synthetic_stack_is_resampled_exactly(tmp_path, caplog):
+    """2 mm then 3 mm steps and an in-plane drift of 0.35 mm per mm (a 19.3 degree tilt): every voxel of the
+    regular grid holds f at its own position (linear f: linear interpolation is exact) to the storage step."""
+    d = [0, 2, 4, 6, 8, 11, 14, 17, 20]
+    write_linear_series(tmp_path / "s", [(-5.0, 3.0 + 0.35 * z, 10.0 + z) for z in d])
+    with caplog.at_level(logging.WARNING):
+        image = read_volume(tmp_path / "s")
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "Gantry tilt 19.3 degrees and uneven slice steps (2.00 to 3.00 mm)" in message and "11 slices" in message
+    assert image.GetSize() == (20, 32, 11)
+    np.testing.assert_allclose(image.GetSpacing(), (1.0, 1.0, 2.0), atol=1e-9)
+    np.testing.assert_allclose(image.GetOrigin(), (-5.0, 3.0, 10.0), atol=1e-9)
+    assert _check_linear(image, rows_from=8) <= 0.05 + 1e-6  # the 0.1 storage step, rounded
+
+
+def test_jittered_steps_keep_the_slice_count_and_regular_steps_are_untouched(tmp_path):
+    jitter = [0.0, 0.04, -0.03, 0.05, 0.0, -0.05, 0.02, 0.0]
+    write_linear_series(tmp_path / "j", [(0.0, 0.0, 3.0 * k + e) for k, e in enumerate(jitter)])
+    (volume,) = dicom_series.find_volumes(tmp_path / "j")
+    assert volume.regularized and volume.size == (20, 32, 8) and "uneven slice steps" in volume.warnings[0].lower()
+    assert _check_linear(volume.read(), rows_from=0) <= 0.05 + 1e-6
+    write_linear_series(tmp_path / "r", [(0.0, 0.0, -2.5 * k) for k in range(6)])  # written top-down
+    (volume,) = dicom_series.find_volumes(tmp_path / "r")
+    assert not volume.regularized and volume.warnings == [] and volume.size == (20, 32, 6)
+    image = volume.read()
+    np.testing.assert_allclose(image.GetOrigin(), (0.0, 0.0, -12.5))  # sorted along the normal, not by instance
+    assert _check_linear(image, rows_from=0) <= 0.05 + 1e-6

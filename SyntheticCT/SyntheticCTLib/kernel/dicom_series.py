@@ -435,11 +435,11 @@ def _group(frames: List[FrameRecord]) -> List[Dict[str, Any]]:
     for f in frames:
         if f.echo_time is not None:
             tes.setdefault(f.series_uid, set()).add(round(f.echo_time, 4))
-    for f in frames:
-        if f.echo_number is None and f.echo_time is not None:
+    for f in frames:  # (a single echo time says nothing about the echo number)
+        if f.echo_number is None and f.echo_time is not None and len(tes[f.series_uid]) > 1:
             f.echo_number = sorted(tes[f.series_uid]).index(round(f.echo_time, 4)) + 1
 
-    groups: List[Dict[str, Any]] = []
+    groups: Dict[Tuple, Dict[str, Any]] = {}
     orientations: Dict[str, List[np.ndarray]] = {}
     for f in frames:
         iops = orientations.setdefault(f.series_uid, [])
@@ -459,14 +459,12 @@ def _group(frames: List[FrameRecord]) -> List[Dict[str, Any]]:
             round(f.pixel_spacing[0], 4),
             round(f.pixel_spacing[1], 4),
         )
-        for g in groups:
-            if g["key"] == key:
-                g["frames"].append(f)
-                break
+        if key in groups:
+            groups[key]["frames"].append(f)
         else:
-            groups.append({"key": key, "frames": [f], "orientation": o_index})
+            groups[key] = {"key": key, "frames": [f], "orientation": o_index}
     out = []
-    for g in groups:
+    for g in groups.values():
         parts, problem = _split_repeats(g["frames"])
         for split_key, split_value, part in parts:
             out.append({**g, "frames": part, "split": (split_key, split_value), "problem": problem})
@@ -536,8 +534,12 @@ def _geometry(volume: DicomVolume) -> None:
         if volume.error:
             volume.size, volume.spacing = (f0.cols, f0.rows, n), (dx, dy, median)
             return
-    step = median if uneven else regular_step
-    nz = int(round(span / step)) + 1 if uneven else n
+    if uneven and np.max(residual) > 0.1 * regular_step:
+        # Steps of different sizes (e.g. 4 mm, then 7 mm): the finest usual step, so that no part loses detail.
+        step = float(np.min(steps[steps >= 0.5 * median]))
+        nz = int(round(span / step)) + 1
+    else:  # jitter around one step, or a tilt alone: the same number of slices
+        nz = n
     step = span / (nz - 1)
     volume.size = (f0.cols, f0.rows, nz)
     volume.spacing = (dx, dy, step)
@@ -793,7 +795,7 @@ def _regularize(volume: DicomVolume, stack: np.ndarray) -> np.ndarray:
         t = z * dz
         b = int(np.searchsorted(d, t - 1e-6))
         b = min(max(b, 0), len(d) - 1)
-        if abs(d[b] - t) <= POSITION_TOL_MM or b == 0:
+        if abs(d[b] - t) <= 1e-3 or b == 0:  # on a source plane (or before the first: clamp)
             out[z] = source(b)
             continue
         a = b - 1
