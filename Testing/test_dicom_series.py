@@ -517,3 +517,16 @@ def test_jittered_steps_keep_the_slice_count_and_regular_steps_are_untouched(tmp
     image = volume.read()
     np.testing.assert_allclose(image.GetOrigin(), (0.0, 0.0, -12.5))  # sorted along the normal, not by instance
     assert _check_linear(image, rows_from=0) <= 0.05 + 1e-6
+
+
+def test_one_series_exported_both_classic_and_enhanced_is_told_apart_by_format(real, tmp_path):
+    """philips_fmap_cl and philips_fmap_enh are one series (one SeriesInstanceUID) exported twice."""
+    both = tmp_path / "both"
+    shutil.copytree(real / "mri_dicom/philips_fmap_cl", both / "cl")
+    shutil.copytree(real / "mri_dicom/philips_fmap_enh", both / "enh")
+    volumes = dicom_series.find_volumes(both)
+    ids = sorted(v.id for v in volumes)
+    assert ids == sorted(
+        f"2001_{t}_e{e}_{f}" for t in ("mag", "phase") for e in (1, 2) for f in ("classic", "enhanced")
+    )
+    assert all(v.readable and v.size == (80, 80, 53) for v in volumes)

@@ -54,8 +54,17 @@ ORIENTATION_TOL = 1e-3
 MAX_GAP_RATIO = 3.0
 """A step over this many times the usual step is a gap that cannot be made regular."""
 
-# Keys that tell apart frames at the same position, tried in this order.
-_SPLIT_KEYS = ("temporal position", "acquisition number", "trigger time", "b-value", "acquisition time", "stack")
+# Keys that tell apart frames at the same position, tried in this order ("format": one series exported
+# both as classic single-frame files and as an enhanced multi-frame file).
+_SPLIT_KEYS = (
+    "format",
+    "temporal position",
+    "acquisition number",
+    "trigger time",
+    "b-value",
+    "acquisition time",
+    "stack",
+)
 
 
 # -- records ---------------------------------------------------------------------------------------------
@@ -267,6 +276,7 @@ def _classic_frames(ds, path: Path) -> List[FrameRecord]:
     where = str(path)
     row, col = _orientation(ds.get("ImageOrientationPatient"), where)
     split = {
+        "format": "classic",
         "temporal position": _int(ds.get("TemporalPositionIdentifier")),
         "acquisition number": _int(ds.get("AcquisitionNumber")),
         "trigger time": _float(ds.get("TriggerTime")),
@@ -326,6 +336,7 @@ def _enhanced_frames(ds, path: Path) -> List[FrameRecord]:
         if echo_time is None:
             echo_time = _float(ds.get("EchoTime"))
         split = {
+            "format": "enhanced",
             "temporal position": _int(content.get("TemporalPositionIndex")) if content is not None else None,
             "acquisition number": _int(content.get("FrameAcquisitionNumber")) if content is not None else None,
             "trigger time": _float(cardiac.get("NominalCardiacTriggerDelayTime")) if cardiac is not None else None,
@@ -592,7 +603,9 @@ def _build_volumes(groups: List[Dict[str, Any]]) -> List[DicomVolume]:
                 tokens.append(f"e{g['key'][2]}")
             if len(orients) > 1:
                 tokens.append(f"o{g['orientation'] + 1}")
-            if split_key is not None:
+            if split_key == "format":  # the same slices exported both as classic and as enhanced files
+                tokens.append(str(split_value))
+            elif split_key is not None:
                 tokens.append(f"t{values.index(split_value) + 1}")
             fr = g["frames"][0]
             volume = DicomVolume(
