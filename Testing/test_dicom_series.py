@@ -530,3 +530,16 @@ def test_one_series_exported_both_classic_and_enhanced_is_told_apart_by_format(r
         f"2001_{t}_e{e}_{f}" for t in ("mag", "phase") for e in (1, 2) for f in ("classic", "enhanced")
     )
     assert all(v.readable and v.size == (80, 80, 53) for v in volumes)
+
+
+def test_images_without_patient_geometry_are_named_in_the_error(tmp_path):
+    write_linear_series(tmp_path / "s", [(0.0, 0.0, 3.0 * k) for k in range(3)])
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(path))
+        del ds.ImageOrientationPatient
+        ds.save_as(str(path))
+    (tmp_path / "s" / "notes.txt").write_text("not an image")
+    with pytest.raises(
+        VolumeReadError, match=r"holds no DICOM series \(.*im00\d.dcm' has no valid ImageOrientationPatient"
+    ):
+        read_volume(tmp_path / "s")

@@ -650,7 +650,8 @@ def find_volumes(path: PathLike) -> List[DicomVolume]:
     for reason in skipped:
         logger.debug("Skipped %s", reason)
     if not frames:
-        extra = f" ({skipped[0]})" if skipped and not path.is_dir() else ""
+        reasons = [r for r in skipped if not r.endswith(": not DICOM")] or skipped
+        extra = f" ({reasons[0]})" if reasons and (reasons is not skipped or not path.is_dir()) else ""
         raise VolumeReadError(f"'{path}' holds no DICOM series{extra}.")
     return _build_volumes(_group(frames))
 
