@@ -273,7 +273,11 @@ def test_missing_slice_single_slice_and_repeats_are_refused(real, tmp_path):
     twice.mkdir()
     for p in by_position[:6]:
         shutil.copy(p, twice / p.name)
-    shutil.copy(by_position[2], twice / "copy.dcm")
+    shutil.copy(by_position[2], twice / "same_instance.dcm")  # a copied file: read once
+    assert read_volume(twice).GetSize() == (64, 64, 6)
+    repeat = pydicom.dcmread(str(by_position[2]))
+    repeat.SOPInstanceUID = repeat.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    repeat.save_as(str(twice / "repeat.dcm"))  # another instance at the same position, nothing to tell it apart
     with pytest.raises(VolumeReadError, match="at the same position"):
         read_volume(twice)
 

@@ -382,6 +382,7 @@ def scan_frames(path: PathLike) -> Tuple[List[FrameRecord], List[str]]:
         files = [path]
     frames: List[FrameRecord] = []
     skipped: List[str] = []
+    seen: Dict[str, Path] = {}
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
@@ -390,6 +391,12 @@ def scan_frames(path: PathLike) -> Tuple[List[FrameRecord], List[str]]:
             continue
         if "Rows" not in ds or "Columns" not in ds:
             continue  # a DICOMDIR, a structured report, a presentation state: not an image
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        if sop and sop in seen:  # the same instance twice (a copied file): one is enough
+            skipped.append(f"{f}: the same SOPInstanceUID as '{seen[sop]}'")
+            continue
+        if sop:
+            seen[sop] = f
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             skipped.append(f"{f}: a colour image ({ds.get('PhotometricInterpretation', '?')}), not a scalar volume")
             continue
