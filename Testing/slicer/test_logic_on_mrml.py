@@ -321,6 +321,7 @@ def test_finding6_closing_the_scene_cancels_the_job_and_drops_its_result(scene, 
     assert finished, "the job must end after the scene closed"
     result, outcome = finished[0]
     assert result.cancelled and not result.ok and outcome == {}
+    assert job.runner.cancelled and job.runner.returncode != 0, "the child itself was stopped, not left to finish"
     assert not logic.isRunning()
     assert scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") <= transforms_before
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
@@ -395,12 +396,19 @@ def test_finding7_device_setting_dicom_default_and_work_folders(scene, slicer_mo
     logic.cleanup()
 
 
-def test_finding5_packages_are_not_installed_without_a_confirmation(scene, slicer_modules):
+def test_finding5_packages_are_not_installed_without_a_confirmation(scene, slicer_modules, monkeypatch):
+    """Without a confirmation (self-tests, the extension factory) nothing is installed: the test can skip."""
+    import sys
+
     _app, sct_module, _reg = slicer_modules
     logic = sct_module.SyntheticCTLogic()
     assert logic.ensurePythonPackages({"no_such_module_for_test": "no-such-module-for-test"}) is False
     assert logic.ensurePythonPackages({"json": "json"}) is True
-    assert logic.ensureTorch() is logic.torchAvailable()  # no confirm: never installs, so a self-test can skip
+    monkeypatch.setitem(sys.modules, "torch", None)  # Python's own way to make a module unimportable
+    assert not logic.torchAvailable()
+    assert logic.ensureTorch() is False  # the self-tests' skip: no install attempt, no exception
+    with pytest.raises(RuntimeError, match="needs the PyTorch extension"):
+        logic.ensureTorch(confirm=lambda text, title: True)  # the GUI path asks PyTorchUtils, absent here
     logic.cleanup()
 
 
