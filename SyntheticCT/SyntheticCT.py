@@ -987,8 +987,13 @@ class SyntheticCTLogic(SyntheticCTJobLogic):
     def startAddModel(self, source: str, sha256: Optional[str], onEvent=None, onFinished=None, wait: bool = False):
         """Add a model from a URL (with its SHA-256), a .zip file or a folder, in a child process.
 
-        The child checks the package's architecture with torch, so call :meth:`ensureTorch` first.
+        The child checks the package's architecture with torch, so call :meth:`ensureTorch` first:
+        without torch this raises instead of starting a child that would fail.
         """
+        if not self.torchAvailable():
+            raise RuntimeError(
+                _("Adding a model checks it with PyTorch, which is not installed yet: install PyTorch first.")
+            )
         args = models_add_args(source, sha256=sha256, python=self.pythonExecutable())
         work = self.workDirectory("SyntheticCT")
         return self.runJob(

@@ -396,7 +396,9 @@ def test_finding7_device_setting_dicom_default_and_work_folders(scene, slicer_mo
     logic.cleanup()
 
 
-def test_finding5_packages_are_not_installed_without_a_confirmation(scene, slicer_modules, monkeypatch):
+def test_findings4_5_nothing_installed_without_a_confirmation_and_add_model_needs_torch(
+    scene, slicer_modules, monkeypatch
+):
     """Without a confirmation (self-tests, the extension factory) nothing is installed: the test can skip."""
     import sys
 
@@ -409,6 +411,11 @@ def test_finding5_packages_are_not_installed_without_a_confirmation(scene, slice
     assert logic.ensureTorch() is False  # the self-tests' skip: no install attempt, no exception
     with pytest.raises(RuntimeError, match="needs the PyTorch extension"):
         logic.ensureTorch(confirm=lambda text, title: True)  # the GUI path asks PyTorchUtils, absent here
+    # finding 4: "Add model" before the first Apply: the child's package check imports torch, so without torch
+    # the logic refuses at once (the widget first offers to install it) instead of starting a child that fails.
+    with pytest.raises(RuntimeError, match="install PyTorch first"):
+        logic.startAddModel(str(Path(sct_module.__file__).parent / "SyntheticCTLib"), None, wait=True)
+    assert not logic.isRunning() and logic.jobs.job is None
     logic.cleanup()
 
 
@@ -445,4 +452,17 @@ def test_synthesis_with_the_bundled_model_through_the_logic(scene, slicer_module
     bone = sitk.GetArrayFromImage(phantom.bone_mask) > 0
     assert float(np.median(hu[sitk.GetArrayFromImage(phantom.labels) == 0])) < -800.0
     assert float(hu[bone].mean()) > 300.0
+    logic.cleanup()
+
+
+def test_a_synthetic_ct_on_another_grid_is_refused_and_leaves_nothing(scene, slicer_modules, case, tmp_path):
+    _app, sct_module, _reg = slicer_modules
+    logic = sct_module.SyntheticCTLogic()
+    mri = _load(case["paths"]["mri"], "MRI")
+    cropped = tmp_path / "cropped.nrrd"
+    sitk.WriteImage(case["moved"][2:-2, :, :], str(cropped))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(RuntimeError, match="does not have the input's geometry"):
+        logic.loadSynthesis(mri, None, cropped)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
     logic.cleanup()
