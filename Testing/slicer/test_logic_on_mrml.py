@@ -466,3 +466,28 @@ def test_a_synthetic_ct_on_another_grid_is_refused_and_leaves_nothing(scene, sli
         logic.loadSynthesis(mri, None, cropped)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == before
     logic.cleanup()
+
+
+def test_volume_as_simpleitk_image_matches_what_mrml_writes(scene, slicer_modules, case, tmp_path):
+    """sitkImage (checkInputs, the trajectory, DICOM export) gives the grid MRML's own writer gives, rotated too."""
+    import vtk
+
+    _app, sct_module, reg_module = slicer_modules
+    logic = reg_module.SyntheticCTRegistrationLogic()
+    node = _load(case["paths"]["sct"], "sCT")
+    rotation = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "rotation")
+    matrix = vtk.vtkMatrix4x4()
+    c, s = np.cos(0.3), np.sin(0.3)
+    for (r, k), v in {(1, 1): c, (1, 2): -s, (2, 1): s, (2, 2): c, (0, 3): 5.0, (2, 3): -7.0}.items():
+        matrix.SetElement(r, k, v)
+    rotation.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(rotation.GetID())
+    logic.hardenTransform(node)  # an oblique grid
+    image = logic.sitkImage(node)
+    written = sitk.ReadImage(str(logic.writeVolume(node, tmp_path / "written.nrrd")))
+    np.testing.assert_allclose(image.GetOrigin(), written.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(image.GetDirection(), written.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(image.GetSpacing(), written.GetSpacing(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(written))
+    assert abs(written.GetDirection()[4] - c) < 1e-6  # the rotation is in the grid
+    logic.cleanup()
