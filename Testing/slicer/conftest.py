@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SLICER_CORE = importlib.util.find_spec("slicer_core") is not None
 SKIP_REASON = (
-    "slicer-core is not installed (it has wheels for Python 3.11/3.12 on Linux, macOS and Windows): "
+    "slicer-core is not installed (its wheels are for Python 3.11 and 3.12): "
     'pip install -e ".[slicer]" to run the Slicer logic tests on a real MRML scene'
 )
 

@@ -228,6 +228,16 @@ def test_scenario_register_invert_reregister_views_harden_compare_trajectory(sce
     counts = slicer.util.arrayFromTableColumn(p.histogramTable, "Surface points")
     assert int(counts.sum()) == len(distances)
     assert p.histogramChart.GetNumberOfPlotSeriesNodes() == 1
+    # Side by side in two 3D views with linked cameras, then back together with the histogram shown.
+    views = [scene.AddNewNodeByClass("vtkMRMLViewNode", f"View{i + 1}") for i in range(2)]
+    logic.showComparison(p, views)
+    assert p.referenceSurface.GetDisplayNode().GetViewNodeIDs() == (views[0].GetID(),)
+    assert model.GetDisplayNode().GetViewNodeIDs() == (views[1].GetID(),)
+    assert all(view.GetLinkedControl() for view in views)
+    logic.showComparison(p)
+    assert model.GetDisplayNode().GetNumberOfViewNodeIDs() == 0
+    selection = slicer.app.applicationLogic().GetSelectionNode()
+    assert selection.GetActivePlotChartID() == p.histogramChart.GetID()
     assert Path(p.comparisonFolder, "report.html").is_file()
     work = Path(p.comparisonFolder).parent
     assert not (work / "reference.nrrd").exists() and not (work / "synthetic.nrrd").exists()  # no volume copies kept
@@ -255,6 +265,7 @@ def test_scenario_register_invert_reregister_views_harden_compare_trajectory(sce
     assert result["comparison"].mae_hu < 60.0
     assert p.profileTable.GetNumberOfRows() == len(profile.distance_mm)
     assert p.profileChart.GetNumberOfPlotSeriesNodes() == 4
+    assert selection.GetActivePlotChartID() == p.profileChart.GetID()
     # The same line on the pair as loaded (neither transformed) disagrees far more: the check sees the placement
     raw_ct = _load(paths["ct"], "CT as loaded")
     raw_sct = _load(paths["sct"], "sCT as loaded")
@@ -430,6 +441,14 @@ def test_the_logic_classes_use_no_qt(slicer_modules):
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert "qt" not in names and "ctk" not in names, f"{cls.__name__} uses Qt"
+        app_uses = {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "app"
+        }
+        assert app_uses <= {"userSettings", "temporaryPath", "processEvents", "applicationLogic"}, (
+            f"{cls.__name__} reaches into the application's GUI: {sorted(app_uses)}"
+        )
 
 
 @pytest.mark.slow
