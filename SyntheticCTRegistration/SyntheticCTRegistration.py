@@ -391,8 +391,21 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         if result.ok and not outcome.get("error"):
             self.ui.statisticsTableView.setMRMLTableNode(p.statisticsTable)
             self._observeProbe(p.probePoints)
-            self.logic.showComparison(p, dual3D=p.dual3D)
+            self._showComparison()
         self._jobEnded(result, outcome, self.ui.compareProgressBar, _("Bone-surface comparison failed:"))
+
+    def _showComparison(self) -> None:
+        """The layout (Qt), then the logic places the surfaces in its views."""
+        p = self._parameterNode
+        layoutManager = slicer.app.layoutManager()
+        if p.dual3D:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
+            self.logic.showComparison(p, [layoutManager.threeDWidget(i).mrmlViewNode() for i in range(2)])
+        else:
+            if p.histogramChart is not None:
+                layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
+            self.logic.showComparison(p)
+        slicer.util.resetThreeDViews()
 
     def _observeProbe(self, probe) -> None:
         if self._observedProbe is not None:
@@ -443,6 +456,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 parameterNode=p,
             )
             self.ui.trajectoryReportLabel.text = result["report"].replace("\n", "<br>")
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
 
 
 #
@@ -940,17 +954,16 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
         ct.SetColor(0.93, 0.87, 0.75)
         ct.SetOpacity(0.35)
 
-    def showComparison(self, p, dual3D: bool = False) -> None:
-        """Show the surfaces in one 3D view, or side by side in two views with linked cameras."""
-        layoutManager = slicer.app.layoutManager()
+    def showComparison(self, p, views: Optional[list] = None) -> None:
+        """The surfaces together in every 3D view, or side by side: the CT's in ``views[0]``, the sCT's (and
+        its legend) in ``views[1]``, with linked cameras. The widget picks the layout and passes its view nodes.
+        """
         synthetic, reference = p.syntheticSurface, p.referenceSurface
-        if synthetic is None or reference is None or layoutManager is None:
+        if synthetic is None or reference is None:
             return
         displays = [synthetic.GetDisplayNode(), reference.GetDisplayNode()]
         legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(synthetic)
-        if dual3D:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
-            views = [layoutManager.threeDWidget(i).mrmlViewNode() for i in range(2)]
+        if views:
             reference.GetDisplayNode().SetViewNodeIDs([views[0].GetID()])
             synthetic.GetDisplayNode().SetViewNodeIDs([views[1].GetID()])
             if legend is not None:
@@ -963,11 +976,14 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
                 display.RemoveAllViewNodeIDs()
             reference.GetDisplayNode().SetOpacity(0.35)
             if p.histogramChart is not None:
-                layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-                appLogic = slicer.app.applicationLogic()
-                appLogic.GetSelectionNode().SetActivePlotChartID(p.histogramChart.GetID())
-                appLogic.PropagatePlotChartSelection()
-        slicer.util.resetThreeDViews()
+                self.showChart(p.histogramChart)
+
+    @staticmethod
+    def showChart(chart) -> None:
+        """Make ``chart`` the one the plot views show (the selection node)."""
+        appLogic = slicer.app.applicationLogic()
+        appLogic.GetSelectionNode().SetActivePlotChartID(chart.GetID())
+        appLogic.PropagatePlotChartSelection()
 
     @staticmethod
     def statisticsTable(metrics: dict, table=None):
@@ -1198,12 +1214,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
                 points.SetNthControlPointDescription(index, breach.describe())
                 points.SetNthControlPointLocked(index, True)
 
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-            appLogic = slicer.app.applicationLogic()
-            appLogic.GetSelectionNode().SetActivePlotChartID(chart.GetID())
-            appLogic.PropagatePlotChartSelection()
+        self.showChart(chart)
         return {"report": report, "profiles": profiles, "breaches": breaches, "comparison": comparison}
 
 
