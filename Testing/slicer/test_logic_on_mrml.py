@@ -487,3 +487,26 @@ def test_volume_as_simpleitk_image_matches_what_mrml_writes(scene, slicer_module
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(written))
     assert abs(written.GetDirection()[4] - c) < 1e-6  # the rotation is in the grid
     logic.cleanup()
+
+
+@pytest.mark.slow
+def test_synthesis_with_the_bundled_model_through_the_logic(scene, slicer_modules, case):
+    """The synthesis child (torch, the bundled model) through the Logic: ~40 s on 2 busy CPU cores, so marked slow."""
+    import slicer
+
+    _app, sct_module, _reg = slicer_modules
+    logic = sct_module.SyntheticCTLogic()
+    phantom = case["phantom"]
+    nodes = []
+    for i, image in enumerate(phantom.mri):
+        path = Path(case["paths"]["mri"]).with_name(f"echo{i}.nrrd")
+        sitk.WriteImage(image, str(path))
+        nodes.append(_load(path, f"echo {i + 1}"))
+    outcome = {}
+    job = logic.startSynthesis(nodes, None, device="cpu", onFinished=lambda r, o: outcome.update(o), wait=True)
+    assert job.result.ok and "error" not in outcome, (job.result.describe(), outcome)
+    hu = slicer.util.arrayFromVolume(outcome["volume"])
+    bone = sitk.GetArrayFromImage(phantom.bone_mask) > 0
+    assert float(np.median(hu[sitk.GetArrayFromImage(phantom.labels) == 0])) < -800.0
+    assert float(hu[bone].mean()) > 300.0
+    logic.cleanup()
