@@ -575,8 +575,8 @@ def _run(
             "tre_bone": tre,
             "file": "transform_registration.tfm",
         },
-        "metrics": _jsonable(comparison.metrics),
-        "baselines": {name: _jsonable(r.metrics) for name, r in baseline_results.items()},
+        "metrics": _jsonable(comparison.metrics.to_dict()),
+        "baselines": {name: _jsonable(r.metrics.to_dict()) for name, r in baseline_results.items()},
         "versions": _library_versions(),
     }
 
