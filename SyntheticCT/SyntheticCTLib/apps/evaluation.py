@@ -31,15 +31,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
-from SyntheticCTLib.comparison.compare import SUMMARY_KEYS
+from SyntheticCTLib.comparison.compare import AIR_HU, DEFAULT_BONE_THRESHOLD_HU
+from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.training.validation import score
 
 logger = logging.getLogger(__name__)
 
 MODEL_METHOD = "model"
-METRIC_KEYS = SUMMARY_KEYS
+METRIC_KEYS = EVALUATION_KEYS
 ALIGN_MODES = ("none", "rigid", "affine")
 
 
@@ -101,18 +103,6 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
     return cases
 
 
-def _metrics_of(result: Any) -> Dict[str, float]:
-    metrics = getattr(result, "metrics", result)
-    out = {}
-    for key in METRIC_KEYS:
-        value = metrics.get(key)
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            out[key] = math.nan
-    return out
-
-
 def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Mean, standard deviation (population), median, min, max and count of each metric per method."""
     methods: List[str] = []
@@ -152,58 +142,21 @@ def compare_images(
     sct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, float]:
-    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points).
+    """The evaluation metrics (:data:`METRIC_KEYS`) of one sCT against its CT (``transform``: CT points -> sCT points).
 
-    :func:`SyntheticCTLib.comparison.compare.compare` does the work. When the sCT (or the CT) holds no
-    bone at all, the bone metrics cannot be measured: the image metrics are still returned, with a bone
-    Dice of 0 and NaN surface distances (a model that finds no bone scores as such, and the run goes on).
+    :func:`SyntheticCTLib.training.validation.score` does the work, through
+    :func:`SyntheticCTLib.comparison.compare.compare`. When the sCT (or the CT) holds no bone at all, the
+    bone metrics cannot be measured: compare's image metrics are still returned, with a bone Dice of 0 and
+    NaN surface distances (a model that finds no bone scores as such, and the run goes on).
     """
-    from SyntheticCTLib.comparison.compare import compare
-
-    try:
-        result = compare(
-            ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
-        )
-    except InvalidParameterError as e:
-        # compare() has no dedicated error type for "no bone": recognise it by its message, or by the images.
-        no_bone = "no bone" in str(e).lower() or not (_has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold))
-        if not no_bone:
-            raise
-        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold, reason=str(e))
-    return _metrics_of(result)
-
-
-def _has_bone(image: sitk.Image, threshold: float) -> bool:
-    return bool((sitk.GetArrayViewFromImage(image) >= threshold).any())
-
-
-def image_metrics_only(
-    ct: sitk.Image,
-    sct: sitk.Image,
-    *,
-    transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
-    reason: str = "",
-) -> Dict[str, float]:
-    """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
-    from SyntheticCTLib.comparison.metrics import body_mask, image_metrics
-    from SyntheticCTLib.kernel.geometry import resample_like
-
-    logger.warning(
-        "Bone metrics not measurable (%s): bone Dice 0, no surface distances.",
-        reason or f"no bone at {bone_threshold:g} HU",
+    metrics = score(
+        ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
     )
-    reference = sitk.Cast(ct, sitk.sitkFloat32)
-    moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
-    body = sitk.GetArrayFromImage(body_mask(reference)).astype(bool)
-    metrics = {k: math.nan for k in METRIC_KEYS}
-    metrics.update(image_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(moved), mask=body))
-    metrics["bone_dice"] = 0.0
-    return {k: float(v) for k, v in metrics.items()}
+    return metrics.scalars(METRIC_KEYS)
 
 
 def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallback) -> Optional[sitk.Transform]:
@@ -283,7 +236,7 @@ def _case_png(
     from SyntheticCTLib.kernel.geometry import resample_like
 
     mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
-    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
     png = slices_png(mri_on_ct, sct_on_ct, sitk.Cast(ct, sitk.sitkFloat32))
     with atomic_output(path) as tmp:
         tmp.write_bytes(png)
@@ -296,7 +249,7 @@ def evaluate(
     *,
     baselines: bool = True,
     align: str = "none",
-    bone_threshold: float = 200.0,
+    bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
     use_bone_labels: bool = False,
     device: str = "auto",
     images: bool = True,

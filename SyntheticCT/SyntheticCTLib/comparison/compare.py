@@ -26,7 +26,7 @@ import vtk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.comparison.bone import dice, segment_bone
-from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS, REQUIRED_KEYS, ComparisonMetrics
+from SyntheticCTLib.comparison.metric_registry import REQUIRED_KEYS, ComparisonMetrics
 from SyntheticCTLib.comparison.metrics import HU_RANGE, body_mask, image_metrics
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
@@ -54,9 +54,6 @@ from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_KEYS = EVALUATION_KEYS
-"""The scalar metrics of a comparison: the columns of evaluation tables and summaries (from the registry)."""
-
 DEFAULT_BONE_THRESHOLD_HU = 200.0
 """Bone is segmented at this HU by default, in the reference CT and the synthetic CT alike."""
 DEFAULT_BODY_THRESHOLD_HU = -500.0
@@ -74,7 +71,6 @@ __all__ = [
     "ImageComparison",
     "NoBoneError",
     "REQUIRED_KEYS",
-    "SUMMARY_KEYS",
     "compare",
     "distance_histogram",
     "image_comparison",

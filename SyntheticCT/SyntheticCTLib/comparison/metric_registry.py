@@ -168,23 +168,7 @@ REPORT_KEYS: Tuple[str, ...] = (
     "psnr_db",
     "ssim",
 )
-"""The rows of the demo report's metrics table: bone surfaces first (what the product is for)."""
-
-SLICER_KEYS: Tuple[str, ...] = (
-    "surface_mean_mm",
-    "surface_median_mm",
-    "surface_rms_mm",
-    "surface_p95_mm",
-    "surface_max_mm",
-    "surface_within_1mm",
-    "surface_within_2mm",
-    "bone_dice",
-    "mae_hu",
-    "me_hu",
-    "psnr_db",
-    "ssim",
-)
-"""The rows of the Slicer module's statistics table."""
+"""The rows of the demo report's metrics table and the Slicer statistics table: bone surfaces first."""
 
 
 def spec_of(key: str) -> MetricSpec:
@@ -294,7 +278,6 @@ __all__ = [
     "MetricSpec",
     "REPORT_KEYS",
     "REQUIRED_KEYS",
-    "SLICER_KEYS",
     "VALIDATION_KEYS",
     "format_number",
     "json_safe",
