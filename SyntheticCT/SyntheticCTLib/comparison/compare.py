@@ -212,20 +212,9 @@ def compare(
         A bad label map or transform; no surface point left to measure.
     """
     report = progress or no_progress
-    _check_transform(transform, "transform")
-    if bone_transforms and bone_labels is None:
-        raise InvalidParameterError("bone_transforms needs bone_labels: the label of each bone's transform.")
-    for label, bone_transform in (bone_transforms or {}).items():
-        _check_transform(bone_transform, f"the transform of bone {label}")
-
-    images = image_comparison(
-        reference_ct,
-        synthetic_ct,
-        transform=transform,
-        body_threshold=body_threshold,
-        hu_range=hu_range,
-        progress=report,
-    )
+    _check_transforms(transform, bone_labels, bone_transforms)
+    options = dict(transform=transform, body_threshold=body_threshold, hu_range=hu_range, progress=report)
+    images = image_comparison(reference_ct, synthetic_ct, **options)
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
     labels = _labels_on_grid(bone_labels, images.reference) if bone_labels is not None else None
     region = images.valid.copy()
@@ -233,26 +222,63 @@ def compare(
         region &= _near_labels(labels, label_margin_mm)
     reference_bone, synthetic_bone = _bone_masks(images.reference, images.synthetic, region, bone_threshold)
     surfaces = _surface_distances(reference_bone, synthetic_bone, region, report)
-
     per_bone: List[dict] = []
     if labels is not None:
         report(0.8, "per bone", "Per-bone statistics")
         per_bone = _per_bone_rows(surfaces, labels, label_margin_mm)
-        if bone_transforms:
-            per_bone = _bone_local_rows(
-                per_bone,
-                images.reference,
-                synthetic_ct,
-                labels,
-                bone_transforms,
-                reference_bone=reference_bone,
-                valid_region=region,
-                bone_threshold=bone_threshold,
-                margin_mm=label_margin_mm,
-                progress=scaled(report, 0.85, 0.99),
-            )
+    if labels is not None and bone_transforms:
+        per_bone = _bone_local_rows(
+            per_bone,
+            images,
+            synthetic_ct,
+            labels,
+            bone_transforms,
+            reference_bone=reference_bone,
+            valid_region=region,
+            bone_threshold=bone_threshold,
+            margin_mm=label_margin_mm,
+            progress=scaled(report, 0.85, 0.99),
+        )
+    settings = _settings(transform, bone_threshold, body_threshold, hu_range, labels, bone_transforms, label_margin_mm)
+    metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
+    report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
+    return _result(metrics, images, (reference_bone, synthetic_bone), surfaces, labels, per_bone)
 
-    settings = {
+
+def _result(
+    metrics: ComparisonMetrics,
+    images: ImageComparison,
+    bones: Tuple[sitk.Image, sitk.Image],
+    surfaces: _Surfaces,
+    labels: Optional[sitk.Image],
+    per_bone: List[dict],
+) -> ComparisonResult:
+    return ComparisonResult(
+        metrics=metrics,
+        reference=images.reference,
+        synthetic=images.synthetic,
+        body_mask=images.body_mask,
+        reference_bone=bones[0],
+        synthetic_bone=bones[1],
+        reference_surface=surfaces.reference,
+        synthetic_surface=surfaces.synthetic,
+        distances=surfaces.distances,
+        bone_labels=labels,
+        per_bone=per_bone,
+    )
+
+
+def _settings(
+    transform: Optional[sitk.Transform],
+    bone_threshold: float,
+    body_threshold: float,
+    hu_range: Sequence[float],
+    labels: Optional[sitk.Image],
+    bone_transforms: Optional[Mapping[int, sitk.Transform]],
+    label_margin_mm: float,
+) -> Dict[str, object]:
+    """The settings a comparison records in ``metrics.json``."""
+    return {
         "bone_threshold_hu": float(bone_threshold),
         "body_threshold_hu": float(body_threshold),
         "hu_range": [float(hu_range[0]), float(hu_range[1])],
@@ -261,21 +287,18 @@ def compare(
         "label_margin_mm": float(label_margin_mm) if labels is not None else None,
         "transform": None if transform is None else transform.GetName(),
     }
-    metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
-    report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
-    return ComparisonResult(
-        metrics=metrics,
-        reference=images.reference,
-        synthetic=images.synthetic,
-        body_mask=images.body_mask,
-        reference_bone=reference_bone,
-        synthetic_bone=synthetic_bone,
-        reference_surface=surfaces.reference,
-        synthetic_surface=surfaces.synthetic,
-        distances=surfaces.distances,
-        bone_labels=labels,
-        per_bone=per_bone,
-    )
+
+
+def _check_transforms(
+    transform: Optional[sitk.Transform],
+    bone_labels: Optional[sitk.Image],
+    bone_transforms: Optional[Mapping[int, sitk.Transform]],
+) -> None:
+    _check_transform(transform, "transform")
+    if bone_transforms and bone_labels is None:
+        raise InvalidParameterError("bone_transforms needs bone_labels: the label of each bone's transform.")
+    for label, bone_transform in (bone_transforms or {}).items():
+        _check_transform(bone_transform, f"the transform of bone {label}")
 
 
 def image_comparison(
@@ -442,7 +465,7 @@ def _coverage(synthetic_ct: sitk.Image, reference: sitk.Image, transform: Option
 
 def _bone_local_rows(
     rows: List[dict],
-    reference: sitk.Image,
+    images: ImageComparison,
     synthetic_ct: sitk.Image,
     labels: sitk.Image,
     bone_transforms: Mapping[int, sitk.Transform],
@@ -455,6 +478,8 @@ def _bone_local_rows(
 ) -> List[dict]:
     """Replace the rows of bones that have their own transform with bone-local measurements."""
     from scipy import ndimage
+
+    reference = images.reference
 
     label_array = sitk.GetArrayViewFromImage(labels)
     spacing_zyx = np.asarray(reference.GetSpacing())[::-1]
