@@ -361,6 +361,23 @@ def write_demo_report(
             ),
         ),
     ]
+    sections += _picture_sections(pictures)
+    sections.append(_steps_section(metrics))
+    page = _page(
+        "SyntheticCT demo report",
+        sections,
+        f"Phantom case, seed {metrics.get('seed')}: synthetic CT from MRI, registration to a CT and bone-surface "
+        "deviation",
+    )
+    _write_text(path, page)
+    report(1.0, "report", "written")
+    return path
+
+
+def _picture_sections(pictures: Mapping[str, bytes]) -> List[str]:
+    """The sections of the comparison's pictures that are there: checkerboard, surfaces, histogram, difference."""
+    h = _html()
+    sections: List[str] = []
     if "checkerboard" in pictures:
         sections.append(
             h.section("Checkerboard overlay", h.figure(pictures["checkerboard"], COMPARISON_PICTURES["checkerboard"]))
@@ -392,16 +409,7 @@ def write_demo_report(
         sections.append(
             h.section("Difference map", h.figure(pictures["difference"], COMPARISON_PICTURES["difference"]))
         )
-    sections.append(_steps_section(metrics))
-    page = _page(
-        "SyntheticCT demo report",
-        sections,
-        f"Phantom case, seed {metrics.get('seed')}: synthetic CT from MRI, registration to a CT and bone-surface "
-        "deviation",
-    )
-    _write_text(path, page)
-    report(1.0, "report", "written")
-    return path
+    return sections
 
 
 def _summary_section(metrics: Mapping[str, Any]) -> str:
@@ -599,6 +607,39 @@ def _href(target: Optional[PathLike], base: Path) -> Optional[str]:
     return p.as_posix()
 
 
+def _summary_table(
+    values: Mapping[str, Mapping[str, Sequence[float]]], methods: Sequence[str], metric_keys: Sequence[str]
+) -> str:
+    """The index's summary: mean ± SD (median, n) of each metric per method; the best mean in bold."""
+    h = _html()
+    parts = [
+        "<table>",
+        "<tr><th>Metric</th><th>Unit</th>" + "".join(f"<th>{h.escape(m)}</th>" for m in methods) + "</tr>",
+    ]
+    for k in metric_keys:
+        spec = spec_of(k)
+        label, unit = spec.label, spec.unit
+        means = [float(np.mean(values[m][k])) if values[m][k] else None for m in methods]
+        best = _best(means, spec.better)
+        cells = []
+        for i, m in enumerate(methods):
+            v = values[m][k]
+            if not v:
+                cells.append('<td class="num">\u2014</td>')
+                continue
+            text = (
+                f"{metric_text(k, float(np.mean(v)))} \u00b1 {metric_text(k, float(np.std(v)))} "
+                f"(median {metric_text(k, float(np.median(v)))}, n = {len(v)})"
+            )
+            cells.append(
+                f'<td class="num{" best" if i == best else ""}" data-key="{h.escape(k)}" '
+                f'data-method="{h.escape(m)}">{h.escape(text)}</td>'
+            )
+        parts.append(f"<tr><td>{h.escape(label)}</td><td>{h.escape(unit)}</td>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
 def write_index(
     path: PathLike,
     cases: Sequence[Mapping[str, Any]],
@@ -641,35 +682,10 @@ def write_index(
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     values[m][k].append(float(v))
 
-    # Summary: mean ± SD (median) per method; the best mean in bold.
-    parts = [
-        "<table>",
-        "<tr><th>Metric</th><th>Unit</th>" + "".join(f"<th>{h.escape(m)}</th>" for m in methods) + "</tr>",
-    ]
-    for k in metric_keys:
-        spec = spec_of(k)
-        label, unit = spec.label, spec.unit
-        means = [float(np.mean(values[m][k])) if values[m][k] else None for m in methods]
-        best = _best(means, spec.better)
-        cells = []
-        for i, m in enumerate(methods):
-            v = values[m][k]
-            if not v:
-                cells.append('<td class="num">\u2014</td>')
-                continue
-            text = (
-                f"{metric_text(k, float(np.mean(v)))} \u00b1 {metric_text(k, float(np.std(v)))} "
-                f"(median {metric_text(k, float(np.median(v)))}, n = {len(v)})"
-            )
-            cells.append(
-                f'<td class="num{" best" if i == best else ""}" data-key="{h.escape(k)}" '
-                f'data-method="{h.escape(m)}">{h.escape(text)}</td>'
-            )
-        parts.append(f"<tr><td>{h.escape(label)}</td><td>{h.escape(unit)}</td>{''.join(cells)}</tr>")
-    parts.append("</table>")
-    summary = h.paragraph(
-        f"{len(cases)} cases; mean \u00b1 SD (median, number of cases). Best mean in bold."
-    ) + "".join(parts)
+    summary_table = _summary_table(values, methods, metric_keys)
+    summary = (
+        h.paragraph(f"{len(cases)} cases; mean \u00b1 SD (median, number of cases). Best mean in bold.") + summary_table
+    )
 
     # One row per case, linked to its report or picture.
     head = ["Case"] + [f"{m}: {spec_of(k).label}" for m in methods for k in metric_keys]
