@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,10 +44,11 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
+from SyntheticCTLib.kernel.hu import CT_MIN_HU
 from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, write_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ MAX_ROTATION_DEG = 10.0
 MAX_SHIFT_MM = 15.0
 CT_SPACING_FACTOR = (1.0, 1.0, 1.25)
 """The moved CT's grid: the phantom's spacing times this (thicker slices, as a clinical CT often has)."""
-CT_AIR_HU = -1024.0
 TRE_MAX_POINTS = 20000
 
 STEPS = ("phantom", "move CT", "synthesize", "register", "compare", "baselines", "report")
@@ -88,7 +88,7 @@ class StepRecord:
             "seconds": round(self.seconds, 3),
             "component": self.component,
             "version": self.version,
-            "parameters": _jsonable(self.parameters),
+            "parameters": json_safe(self.parameters),
         }
 
 
@@ -229,23 +229,6 @@ def bone_tre(
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, paths and tuples inside ``value`` to plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _publish(work: Path, out_dir: Path) -> None:
     """Move everything from ``work`` into ``out_dir``, replacing files and folders of the same name."""
     for item in sorted(work.iterdir(), key=lambda p: (p.name in (REPORT_FILE, METRICS_FILE), p.name)):
@@ -261,7 +244,7 @@ def _publish(work: Path, out_dir: Path) -> None:
 
 def _write_json(data: Dict[str, Any], path: Path) -> Path:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -441,7 +424,7 @@ def _run(
         centre = grid_centre(case.ct)
         true = random_rigid_transform(seed, centre, max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
         grid = moved_ct_grid(case.ct, true)
-        ct = resample_like(case.ct, grid, transform=true, interpolator=sitk.sitkLinear, default_value=CT_AIR_HU)
+        ct = resample_like(case.ct, grid, transform=true, interpolator=sitk.sitkLinear, default_value=CT_MIN_HU)
         progress(0.4, "", "resampled the CT")
         bones = resample_like(case.bone_labels, grid, transform=true, interpolator=sitk.sitkNearestNeighbor)
         write_volume(ct, work / "ct_moved.nii.gz")
@@ -569,14 +552,14 @@ def _run(
             "file": "transform_true.tfm",
         },
         "registration": {
-            **_jsonable(registration.to_dict()),
+            **json_safe(registration.to_dict()),
             "recovered": {k: v for k, v in recovered_params.items() if k != "matrix"},
             **difference,
             "tre_bone": tre,
             "file": "transform_registration.tfm",
         },
-        "metrics": _jsonable(comparison.metrics.to_dict()),
-        "baselines": {name: _jsonable(r.metrics.to_dict()) for name, r in baseline_results.items()},
+        "metrics": json_safe(comparison.metrics.to_dict()),
+        "baselines": {name: json_safe(r.metrics.to_dict()) for name, r in baseline_results.items()},
         "versions": _library_versions(),
     }
 
@@ -613,7 +596,7 @@ def _run(
         out_dir=out,
         report_path=out / REPORT_FILE,
         metrics_path=out / METRICS_FILE,
-        metrics=_jsonable(metrics),
+        metrics=json_safe(metrics),
         steps=steps.records,
     )
 

@@ -31,10 +31,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
-from SyntheticCTLib.comparison.compare import AIR_HU, DEFAULT_BONE_THRESHOLD_HU
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.training.validation import score
 
@@ -142,7 +143,7 @@ def compare_images(
     sct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, float]:
@@ -217,18 +218,6 @@ def _write_csvs(
     return {"metrics_csv": metrics_csv, "summary_csv": summary_csv}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _case_png(
     path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
 ) -> None:
@@ -249,7 +238,7 @@ def evaluate(
     *,
     baselines: bool = True,
     align: str = "none",
-    bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     use_bone_labels: bool = False,
     device: str = "auto",
     images: bool = True,
@@ -416,7 +405,7 @@ def _write_outputs(
     files: Dict[str, Path] = {}
     metrics_json = out_dir / "metrics.json"
     with atomic_output(metrics_json) as tmp:
-        tmp.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(document), indent=2) + "\n", encoding="utf-8")
     files["metrics_json"] = metrics_json
     files.update(_write_csvs(out_dir, per_case, times, summary))
     index_cases = [{"name": c.name, "report": None, "metrics": per_case[c.name]} for c in cases]
@@ -485,7 +474,7 @@ def record_in_card(
     evaluations = card.get("held_out_evaluation")
     if not isinstance(evaluations, dict):
         evaluations = {}
-    evaluations[str(label)] = _json_safe(block)
+    evaluations[str(label)] = json_safe(block)
     card["held_out_evaluation"] = evaluations
     with atomic_output(folder / MODEL_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

@@ -27,7 +27,7 @@ import vtk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.comparison.bone import dice, segment_bone
 from SyntheticCTLib.comparison.metric_registry import REQUIRED_KEYS, ComparisonMetrics
-from SyntheticCTLib.comparison.metrics import HU_RANGE, body_mask, image_metrics
+from SyntheticCTLib.comparison.metrics import HU_RANGE, image_metrics
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
@@ -49,16 +49,18 @@ from SyntheticCTLib.kernel.errors import (
     VolumeWriteError,
 )
 from SyntheticCTLib.kernel.geometry import resample_like, same_grid
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MIN_HU
 from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.masks import ct_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BONE_THRESHOLD_HU = 200.0
-"""Bone is segmented at this HU by default, in the reference CT and the synthetic CT alike."""
+DEFAULT_BONE_THRESHOLD_HU = BONE_THRESHOLD_HU
+"""Bone is segmented at this HU by default, in the reference CT and the synthetic CT alike (200 HU)."""
 DEFAULT_BODY_THRESHOLD_HU = -500.0
-"""The body mask of the image metrics: reference voxels above this HU."""
-AIR_HU = -1024.0
+"""The patient's body in the reference CT: objects above this HU (see :func:`~SyntheticCTLib.kernel.masks.ct_body_mask`)."""
+AIR_HU = CT_MIN_HU
 """The synthetic CT's value outside its field of view once on the reference grid (those voxels are not measured)."""
 MIN_OVERLAP = 0.01
 
@@ -198,7 +200,9 @@ def compare(
         With ``bone_labels``: a transform per label (from a bone-local registration); each bone's
         per-bone statistics then use the synthetic CT resampled through its own transform.
     body_threshold
-        The body mask of the image metrics: reference voxels above this HU (see :func:`.metrics.body_mask`).
+        The patient's body in the reference: objects above this HU without the table, holders or
+        devices (see :func:`SyntheticCTLib.kernel.masks.ct_body_mask`). The image metrics are measured
+        inside it, and only bone inside it is compared.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -217,7 +221,8 @@ def compare(
     images = image_comparison(reference_ct, synthetic_ct, **options)
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
     labels = _labels_on_grid(bone_labels, images.reference) if bone_labels is not None else None
-    region = images.valid.copy()
+    # The patient's bone only (not the table, holders or devices), where the synthetic CT covers it.
+    region = sitk.GetArrayFromImage(images.body_mask) > 0
     if labels is not None:
         region &= _near_labels(labels, label_margin_mm)
     reference_bone, synthetic_bone = _bone_masks(images.reference, images.synthetic, region, bone_threshold)
@@ -314,7 +319,8 @@ def image_comparison(
 
     The synthetic CT is resampled linearly onto the reference grid through ``transform`` (reference
     points to synthetic points), :data:`AIR_HU` outside its field of view; MAE, ME, PSNR and SSIM are
-    measured in the reference's body (above ``body_threshold`` HU) where the synthetic CT covers it.
+    measured in the reference's body (:func:`~SyntheticCTLib.kernel.masks.ct_body_mask` at ``body_threshold``
+    HU) where the synthetic CT covers it.
     This is the one definition of a comparison's image metrics, with or without bone.
 
     Raises
@@ -329,13 +335,13 @@ def image_comparison(
     report(0.0, "resample", "Bringing the synthetic CT onto the reference grid")
     reference = sitk.Cast(reference_ct, sitk.sitkFloat32)
     synthetic = resample_like(
-        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=AIR_HU
+        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=CT_MIN_HU
     )
     coverage = _coverage(synthetic_ct, reference, transform)  # named: an array view does not keep its image alive
     valid = sitk.GetArrayFromImage(coverage) > 0
 
     report(0.05, "image metrics", "Body mask and SynthRAD 2023 image metrics")
-    body_array = sitk.GetArrayFromImage(body_mask(reference, threshold=body_threshold)) > 0
+    body_array = sitk.GetArrayFromImage(ct_body_mask(reference, threshold=body_threshold)) > 0
     overlap = float((body_array & valid).sum()) / max(1, int(body_array.sum()))
     if overlap < MIN_OVERLAP:
         raise GeometryMismatchError(
@@ -506,7 +512,7 @@ def _bone_local_rows(
             logger.warning("Bone %s has no voxel in the label map; its transform is not used.", label)
             continue
         moved = resample_like(
-            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=AIR_HU
+            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=CT_MIN_HU
         )
         covered = sitk.GetArrayFromImage(_coverage(synthetic_ct, reference, bone_transform)) > 0
         zone &= covered

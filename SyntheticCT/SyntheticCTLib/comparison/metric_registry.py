@@ -8,7 +8,7 @@ validation (:data:`VALIDATION_KEYS`) are drawn from it.
 
 :class:`ComparisonMetrics` is what :func:`SyntheticCTLib.comparison.compare.compare` measured, as a
 frozen dataclass; :meth:`ComparisonMetrics.to_dict` gives the JSON form written as ``metrics.json``
-(same keys, same order). This module is pure Python (no numpy, SimpleITK or VTK), so the Slicer
+(same keys, same order). This module is pure Python (no numpy, SimpleITK or VTK at import), so the Slicer
 module can import it at start-up.
 """
 
@@ -181,21 +181,11 @@ def metric_text(key: str, value: Any, *, with_unit: bool = False) -> str:
     return spec_of(key).text(value, with_unit=with_unit)
 
 
-def json_safe(value: Any) -> Any:
-    """JSON-ready: non-finite floats become None, numpy scalars Python numbers, tuples lists (recursively)."""
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        return json_safe(value.item())
-    return value
+def _json_safe(value: Any) -> Any:
+    # Lazy: kernel.jsonio loads numpy and SimpleITK, which the Slicer module's start-up does without.
+    from SyntheticCTLib.kernel.jsonio import json_safe
+
+    return json_safe(value)
 
 
 def _number(value: Any) -> Optional[float]:
@@ -242,13 +232,13 @@ class ComparisonMetrics:
         for spec in _SPECS:
             object.__setattr__(self, spec.key, _number(getattr(self, spec.key)))
         object.__setattr__(self, "body_overlap_fraction", _number(self.body_overlap_fraction))
-        object.__setattr__(self, "per_bone", tuple(json_safe(dict(row)) for row in self.per_bone))
+        object.__setattr__(self, "per_bone", tuple(_json_safe(dict(row)) for row in self.per_bone))
         for name in ("synthetic_to_reference", "reference_to_synthetic", "settings", "versions"):
-            object.__setattr__(self, name, json_safe(dict(getattr(self, name))))
+            object.__setattr__(self, name, _json_safe(dict(getattr(self, name))))
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON form (``metrics.json``): every field in order, None for what was not measurable."""
-        return {f.name: json_safe(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: _json_safe(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonMetrics:
@@ -280,7 +270,6 @@ __all__ = [
     "REQUIRED_KEYS",
     "VALIDATION_KEYS",
     "format_number",
-    "json_safe",
     "metric_text",
     "spec_of",
 ]

@@ -35,6 +35,7 @@ import numpy as np
 
 from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output
+from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.training.augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
 from SyntheticCTLib.training.config import TrainingConfig, load_config
@@ -234,21 +235,6 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return "" if not math.isfinite(value) else f"{value:.6g}"
     return "" if value is None else value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
 
 
 def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Sequence[Dict[str, Any]]) -> None:
@@ -826,7 +812,7 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
             "history": history,
             "config": config.to_dict(),
         }
-        _write_json(out / "training_summary.json", report_summary)
+        write_json(out / "training_summary.json", report_summary)
         summary = report_summary
         logger.info("Training done in %s; model package written to '%s'.", _format_eta(elapsed), package_dir)
     dist.barrier()
