@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from SyntheticCTLib.comparison.compare import DEFAULT_BONE_THRESHOLD_HU, compare, image_comparison
 from SyntheticCTLib.comparison.metric_registry import VALIDATION_KEYS, ComparisonMetrics
@@ -32,12 +33,12 @@ __all__ = ["VALIDATION_KEYS", "score", "selection_score", "validate"]
 
 
 def score(
-    ct,
-    sct,
+    ct: sitk.Image,
+    sct: sitk.Image,
     *,
-    transform=None,
+    transform: Optional[sitk.Transform] = None,
     bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
-    bone_labels=None,
+    bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> ComparisonMetrics:
     """The comparison metrics of ``sct`` against ``ct`` (``transform``: CT points -> sCT points).
