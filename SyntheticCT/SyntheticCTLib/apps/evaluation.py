@@ -428,12 +428,10 @@ def _resolve_model(model: Any):
 
     if isinstance(model, ModelPackage):
         return model
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # pragma: no cover - the catalog ships with the models package
-        resolve_model = None
+    from SyntheticCTLib.models.catalog import resolve_model
+
     path = Path(str(model))
-    if path.exists() or resolve_model is None:
+    if path.exists():
         from SyntheticCTLib.models.package import load_model_package
 
         return load_model_package(path)

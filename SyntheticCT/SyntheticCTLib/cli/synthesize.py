@@ -96,13 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _resolve_model(name_or_path: str, report):
     from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.models.catalog import resolve_model
 
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # catalog not installed: a path only
-        from SyntheticCTLib.models.package import load_model_package
-
-        return load_model_package(name_or_path)
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
 
 

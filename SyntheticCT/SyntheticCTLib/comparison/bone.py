@@ -124,15 +124,6 @@ def segment_bone(
     return mask
 
 
-def bone_mask_from_labels(labels: sitk.Image) -> sitk.Image:
-    """A uint8 bone mask (1 where ``labels`` > 0) from a bone label map."""
-    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayViewFromImage(labels)
-        if not np.array_equal(array, np.round(array)):
-            raise InvalidParameterError("A bone label map must hold whole numbers (0 = no bone, k = bone k).")
-    return _from_array(sitk.GetArrayViewFromImage(labels) > 0, labels)
-
-
 def dice(a: Union[sitk.Image, np.ndarray], b: Union[sitk.Image, np.ndarray]) -> float:
     """Dice overlap ``2|A∩B| / (|A| + |B|)`` of two masks (> 0 is inside); 1.0 when both are empty."""
     if isinstance(a, sitk.Image) and isinstance(b, sitk.Image):

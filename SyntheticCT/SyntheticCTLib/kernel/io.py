@@ -177,11 +177,6 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
     return validate_volume(image, path)
 
 
-def read_volumes(paths: Iterable[PathLike]) -> list:
-    """Read several volumes (e.g. the echoes of a multi-echo MRI) with :func:`read_volume`."""
-    return [read_volume(p) for p in paths]
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
