@@ -221,8 +221,7 @@ def compare(
     images = image_comparison(reference_ct, synthetic_ct, **options)
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
     labels = _labels_on_grid(bone_labels, images.reference) if bone_labels is not None else None
-    # The patient's bone only (not the table, holders or devices), where the synthetic CT covers it.
-    region = sitk.GetArrayFromImage(images.body_mask) > 0
+    region = sitk.GetArrayFromImage(images.body_mask) > 0  # the patient's bone only (no table), where covered
     if labels is not None:
         region &= _near_labels(labels, label_margin_mm)
     reference_bone, synthetic_bone = _bone_masks(images.reference, images.synthetic, region, bone_threshold)
