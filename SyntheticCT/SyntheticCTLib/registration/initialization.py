@@ -542,7 +542,8 @@ def initialize_rigid(
     refined = refine_candidates(scored[:top_k], refine, fixed_points, moving, _part(report, 0.7, 0.9))
     best_pose = min(poses, key=lambda c: c.score, default=None)
     local_best = min(refined, key=lambda c: c.score, default=None)
-    if best_pose is not None and (local_best is None or best_pose.score < local_best.score):
+    contenders = refined or scored[:1]
+    if best_pose is not None and _pose_wins(best_pose, local_best, metric_factory, fixed, moving, fixed_points):
         report(0.9, "searching rotations about the best pose")
         around, more = _grid_candidates(
             *search,
@@ -554,18 +555,57 @@ def initialize_rigid(
         )
         total += more
         scored += around
-        refined += refine_candidates(around[:top_k], refine, fixed_points, moving)
-    return _choose(refined + poses or scored[:1], len(scored), bool(pose_search))
+        contenders = refine_candidates(around[:top_k], refine, fixed_points, moving) + [best_pose]
+    return _choose(contenders, refined + poses, len(scored), bool(pose_search))
 
 
-def _choose(candidates: Sequence[_Candidate], scored: int, pose_search: bool) -> Initialization:
-    """The best of the refined ``candidates`` (all kept as the grade's alternatives)."""
-    best = min(candidates, key=lambda c: c.score)
+def common_score(
+    candidate: _Candidate,
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_points: np.ndarray,
+) -> float:
+    """``candidate`` scored again with ``metric_factory``'s set-up (inf without overlap).
+
+    The refinements report their optimizer's last value, with their own samples; starts refined
+    differently (the poses with fewer samples) are compared on one set-up.
+    """
+    with quiet_itk():
+        value = evaluate_metric(metric_factory(), fixed, moving, candidate.transform)
+    if value is None:
+        return math.inf
+    return overlap_weighted(value, overlap_fraction(candidate.transform, fixed_points, moving))
+
+
+def _pose_wins(
+    pose: _Candidate,
+    local: Optional[_Candidate],
+    metric_factory: Callable[[], sitk.ImageRegistrationMethod],
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_points: np.ndarray,
+) -> bool:
+    """Whether the best right-angle pose beats the local search's best start, both scored alike."""
+    if local is None:
+        return True
+    pose_score = common_score(pose, metric_factory, fixed, moving, fixed_points)
+    local_score = common_score(local, metric_factory, fixed, moving, fixed_points)
+    logger.debug("Best right-angle pose %.5g against the local search's best start %.5g.", pose_score, local_score)
+    return pose_score < local_score
+
+
+def _choose(
+    contenders: Sequence[_Candidate], alternatives: Sequence[_Candidate], scored: int, pose_search: bool
+) -> Initialization:
+    """The best of ``contenders``; ``alternatives`` (every refined start) are kept for the grade."""
+    best = min(contenders, key=lambda c: c.score)
     chosen = Initialization(
         best.transform, best.method, euler_angles_deg(best.transform), best.overlap, scored, best.score
     )
-    chosen.refined = [c.record() for c in candidates]
-    chosen.alternatives = [c.transform for c in candidates]
+    everything = list(alternatives) + [c for c in contenders if all(c is not a for a in alternatives)]
+    chosen.refined = [c.record() for c in everything]
+    chosen.alternatives = [c.transform for c in everything]
     chosen.pose_search = pose_search
     logger.debug("Initialization candidates after refinement: %s", chosen.refined)
     return chosen
