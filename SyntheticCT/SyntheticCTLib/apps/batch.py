@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
-from SyntheticCTLib.kernel.io import atomic_output, check_not_input, read_volume, write_volume
+from SyntheticCTLib.kernel.io import atomic_output, check_mri_channels, check_not_input, read_volume, write_volume
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
 
@@ -219,6 +219,7 @@ def synthesize_cases(
     dicom: bool = False,
     window: Any = None,
     skip_existing: bool = False,
+    resample_channels: bool = False,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
@@ -238,6 +239,8 @@ def synthesize_cases(
         Also write a DICOM CT series per case (patient/study tags from the first MRI when it is DICOM).
     skip_existing
         Skip cases whose ``ID.json`` record says ``"done"``.
+    resample_channels
+        Resample MRI channels that are not on the first channel's grid (by default such a case fails).
     rank, world_size
         Default: from the environment (:func:`distributed_context`).
 
@@ -259,9 +262,15 @@ def synthesize_cases(
     if duplicates:
         raise InvalidParameterError(f"Case ids must be unique; repeated: {', '.join(duplicates)}.")
     out_dir = Path(out_dir)
+    # No output may replace any input of any case: its MRI files, or the case file itself
+    # (`--case case -o case` would otherwise write case/case.json over the case's own case.json).
+    every_input = [p for c in all_cases for p in (*c.mri, *((c.source,) if c.source is not None else ()))]
+    shared = [out_dir / SUMMARY_FILE] + [out_dir / f"synthesis_rank{r}of{world}.json" for r in range(world)]
     for case in all_cases:
         for path in case_outputs(out_dir, case.case_id, uncertainty=uncertainty, dicom=dicom).values():
-            check_not_input(path, case.mri)
+            check_not_input(path, every_input)
+    for path in shared:
+        check_not_input(path, every_input)
     mine = all_cases[rank::world]
     logger.info(
         "Rank %d of %d: %d of %d case(s): %s",
@@ -286,6 +295,7 @@ def synthesize_cases(
         t0 = time.perf_counter()
         try:
             images = [read_volume(p) for p in case.mri]
+            check_mri_channels(images, [str(p) for p in case.mri], resample=resample_channels)
             if synthesizer is None:
                 synthesizer = Synthesizer(model, device=_device_for_rank(device, local_rank, world), window=window)
             result = synthesizer.run(images, progress=scaled(step, 0.0, 0.85), cancel=cancel, tta=tta)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from SyntheticCTLib import __version__
@@ -17,6 +19,7 @@ COMMAND_MODULES = ("phantom", "synthesize", "models", "register", "compare", "tr
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
+EXIT_TERMINATED = 143
 
 logger = logging.getLogger("SyntheticCTLib")
 
@@ -80,7 +83,7 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled)."""
+    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled, 143 terminated)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -89,21 +92,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(args.log_level)
     reporter = {"bar": TqdmProgress, "json": JsonLinesProgress}.get(args.progress)
     report = reporter() if reporter else no_progress
+    previous = _treat_sigterm_as_interrupt()
     try:
         return int(args.run(args, report) or 0)
+    except Terminated:
+        sys.stderr.write("syntheticct: terminated (SIGTERM); no partial output was left.\n")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         sys.stderr.write("syntheticct: cancelled; no partial output was left.\n")
         return EXIT_CANCELLED
     except Cancelled as e:
-        sys.stderr.write(f"syntheticct: cancelled: {e}\n")
+        sys.stderr.write(f"syntheticct: cancelled: {one_line(e)}\n")
         return EXIT_CANCELLED
     except SyntheticCTError as e:
-        sys.stderr.write(f"syntheticct {args.command}: error: {e}\n")
+        sys.stderr.write(f"syntheticct {args.command}: error: {one_line(e)}\n")
+        return EXIT_ERROR
+    except OSError as e:  # a file system error the library did not name (permissions, a full disk)
+        where = f"'{e.filename}': " if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"syntheticct {args.command}: error: {where}{one_line(e.strerror or e)}\n")
+        return EXIT_ERROR
+    except MemoryError:
+        sys.stderr.write(
+            f"syntheticct {args.command}: error: out of memory; the input is too large for this machine.\n"
+        )
+        return EXIT_ERROR
+    except RecursionError:
+        sys.stderr.write(f"syntheticct {args.command}: error: an input is nested too deeply to read.\n")
         return EXIT_ERROR
     finally:
+        _restore_sigterm(previous)
         close = getattr(report, "close", None)
         if close:
             close()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``except BaseException`` cleans up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _treat_sigterm_as_interrupt():
+    """Make SIGTERM (a scheduler, ``timeout``, a GUI's kill) raise :class:`Terminated`; return the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is None:
+        return
+    try:
+        signal.signal(signal.SIGTERM, previous)
+    except (ValueError, OSError):
+        pass
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (line breaks become spaces)."""
+    return " ".join(str(message).split())
 
 
 def entry_point() -> None:
