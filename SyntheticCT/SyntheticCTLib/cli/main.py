@@ -72,8 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not when it was made)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -96,34 +111,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.run(args, report) or 0)
     except Terminated:
+        _close(report)
         sys.stderr.write("syntheticct: terminated (SIGTERM); no partial output was left.\n")
         return EXIT_TERMINATED
     except KeyboardInterrupt:
+        _close(report)  # the bar's line ends before the error's
         sys.stderr.write("syntheticct: cancelled; no partial output was left.\n")
         return EXIT_CANCELLED
     except Cancelled as e:
+        _close(report)  # the bar's line ends before the error's
         sys.stderr.write(f"syntheticct: cancelled: {one_line(e)}\n")
         return EXIT_CANCELLED
     except SyntheticCTError as e:
+        _close(report)  # the bar's line ends before the error's
         sys.stderr.write(f"syntheticct {args.command}: error: {one_line(e)}\n")
         return EXIT_ERROR
     except OSError as e:  # a file system error the library did not name (permissions, a full disk)
+        _close(report)  # the bar's line ends before the error's
         where = f"'{e.filename}': " if getattr(e, "filename", None) else ""
         sys.stderr.write(f"syntheticct {args.command}: error: {where}{one_line(e.strerror or e)}\n")
         return EXIT_ERROR
     except MemoryError:
+        _close(report)  # the bar's line ends before the error's
         sys.stderr.write(
             f"syntheticct {args.command}: error: out of memory; the input is too large for this machine.\n"
         )
         return EXIT_ERROR
     except RecursionError:
+        _close(report)  # the bar's line ends before the error's
         sys.stderr.write(f"syntheticct {args.command}: error: an input is nested too deeply to read.\n")
         return EXIT_ERROR
     finally:
         _restore_sigterm(previous)
-        close = getattr(report, "close", None)
-        if close:
-            close()
+        _close(report)
+
+
+def _close(report) -> None:
+    close = getattr(report, "close", None)
+    if close:
+        close()
 
 
 class Terminated(KeyboardInterrupt):

@@ -746,16 +746,23 @@ class StagedOutputs:
                 for item in sorted(stage.iterdir()):
                     final = parent / item.name
                     backup = None
-                    if final.is_dir() and not final.is_symlink():
+                    if final.exists() or final.is_symlink():
                         backup = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=parent))
-                        os.replace(final, backup / final.name)
-                    os.replace(item, final)
+                        if final.is_dir() and not final.is_symlink():
+                            os.replace(final, backup / final.name)
+                        else:  # a hard link keeps the old file in place until the atomic replace
+                            try:
+                                os.link(final, backup / final.name, follow_symlinks=False)
+                            except OSError:
+                                os.replace(final, backup / final.name)
                     done.append((final, item, backup))
+                    os.replace(item, final)
         except BaseException:
             for final, item, backup in reversed(done):
                 try:
-                    if backup is not None:
-                        os.replace(final, item)
+                    if final.exists() and not item.exists():
+                        os.replace(final, item)  # take the new one out
+                    if backup is not None and (backup / final.name).exists():
                         os.replace(backup / final.name, final)
                 except OSError:
                     logger.error("Could not put back '%s' after a failed commit.", final)
