@@ -329,7 +329,7 @@ def test_06_truncated_nifti_is_refused(tmp_path, capsys):
             "-o",
             tmp_path / "cmp",
             "--progress",
-            "bar",
+            "none",
         ],
         capsys,
     )
