@@ -25,17 +25,13 @@ import SimpleITK as sitk
 from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip, wait_until, write_tiny_package
 
 from SyntheticCTLib.cli.main import main
+from SyntheticCTLib.kernel import io as kio
 from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
-from SyntheticCTLib.kernel.io import (
-    OutputLock,
-    StagedOutputs,
-    check_not_input,
-    read_volume,
-    sweep_stale_partials,
-    write_volume,
-)
+from SyntheticCTLib.kernel.io import check_not_input, read_volume, write_volume
+from SyntheticCTLib.models import cache as kcache
 from SyntheticCTLib.models import catalog
-from SyntheticCTLib.models.cache import ENV_VAR, MARKER, cache_dir
+from SyntheticCTLib.models import package as kpackage
+from SyntheticCTLib.models.cache import ENV_VAR, cache_dir
 from SyntheticCTLib.models.catalog import add_catalog, add_model, clear_cache, list_models, resolve_model
 from SyntheticCTLib.models.download import download
 from SyntheticCTLib.models.errors import (
@@ -44,7 +40,7 @@ from SyntheticCTLib.models.errors import (
     ModelPackageError,
     UnsafeArchiveError,
 )
-from SyntheticCTLib.models.package import load_model_package, unet3d_parameter_count
+from SyntheticCTLib.models.package import load_model_package
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(catalog.__file__).resolve().parents[1]
@@ -183,10 +179,10 @@ def test_03_clear_refuses_a_folder_that_is_not_our_cache(tmp_path, capsys, monke
     code, _, err = run_cli(["models", "clear", "--all"], capsys)
     assert code == 1 and "not a SyntheticCT model cache" in err
     assert files_under(theirs) == ["models/thesis.tex", "notes.txt"]
-    assert not (theirs / MARKER).exists()
+    assert not (theirs / kcache.MARKER).exists()
     # A cache we create carries the marker and clears; one from before the marker (only our names) too.
     ours = cache_dir(tmp_path / "ours")
-    assert (ours / MARKER).is_file()
+    assert (ours / kcache.MARKER).is_file()
     (ours / "downloads").mkdir()
     (ours / "downloads" / "leftover.bin").write_bytes(b"x" * 100)
     assert clear_cache(ours) == 100
@@ -194,7 +190,7 @@ def test_03_clear_refuses_a_folder_that_is_not_our_cache(tmp_path, capsys, monke
     (legacy / "models" / "m" / "1").mkdir(parents=True)
     (legacy / "models" / "m" / "1" / "w.bin").write_bytes(b"y" * 10)
     assert clear_cache(legacy, everything=True) == 10
-    assert files_under(legacy) == [MARKER]
+    assert files_under(legacy) == [kcache.MARKER]
 
 
 def _live_process():
@@ -207,13 +203,13 @@ def test_04_outputs_taken_by_another_run_are_refused_before_inference(tiny_model
     other = _live_process()
     try:
         out.parent.mkdir()
-        OutputLock.lock_path(out).write_text(f"{other.pid}\n")
+        kio.OutputLock.lock_path(out).write_text(f"{other.pid}\n")
         t0 = time.monotonic()
         code, _, err = run_cli(synth_args(inputs, out, tiny_model, "--dicom-out", tmp_path / "dcm") + COMMON, capsys)
         assert code == 1
         assert_one_line_error(err, "being written by another run", str(other.pid))
         assert time.monotonic() - t0 < 5
-        assert files_under(tmp_path / "out") == [OutputLock.lock_path(out).name]
+        assert files_under(tmp_path / "out") == [kio.OutputLock.lock_path(out).name]
     finally:
         other.kill()
         other.wait()
@@ -233,7 +229,7 @@ def test_04_outputs_are_committed_together_or_not_at_all(tmp_path, monkeypatch):
     old_dir.mkdir()
     (old_dir / "1.dcm").write_bytes(b"old slice")
     real_replace = os.replace
-    with StagedOutputs() as staged:
+    with kio.StagedOutputs() as staged:
         staged.file(old_file).write_bytes(b"new run")
         folder = staged.folder(old_dir)
         folder.mkdir()
@@ -261,7 +257,7 @@ def test_05_sigterm_is_a_clean_cancel_and_stale_partials_are_swept(tiny_model, t
     command += ["--dicom-out", str(tmp_path / "out" / "dcm"), "--tta"]
     process = subprocess.Popen([str(c) for c in command], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_until(lambda: OutputLock.lock_path(out).exists(), timeout=60), "the run never started"
+        assert wait_until(lambda: kio.OutputLock.lock_path(out).exists(), timeout=60), "the run never started"
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
@@ -282,7 +278,7 @@ def test_05_sigterm_is_a_clean_cancel_and_stale_partials_are_swept(tiny_model, t
     not_ours = tmp_path / "out" / "data.partial"
     not_ours.write_bytes(b"someone else's")
     os.utime(not_ours, (old, old))
-    assert sweep_stale_partials(tmp_path / "out") == [stale]
+    assert kio.sweep_stale_partials(tmp_path / "out") == [stale]
     assert fresh.exists() and not_ours.exists()
 
 
@@ -558,9 +554,9 @@ def test_16_parameter_count_is_exact():
     ):
         with torch.device("meta"):
             network = build_network("unet3d", **kwargs)
-        assert unet3d_parameter_count(kwargs) == sum(p.numel() for p in network.parameters()), kwargs
+        assert kpackage.unet3d_parameter_count(kwargs) == sum(p.numel() for p in network.parameters()), kwargs
     with pytest.raises(ModelPackageError, match="depth"):
-        unet3d_parameter_count({"depth": 10**18})
+        kpackage.unet3d_parameter_count({"depth": 10**18})
 
 
 def _package_members(tmp_path: Path) -> list:
@@ -709,3 +705,165 @@ def test_23_redirect_loop_is_one_line(server, tmp_path, capsys):
     )
     assert code == 1
     assert_one_line_error(err, "loop")
+
+
+# ===================================== Fuzz: corrupted volumes through the command line ==================
+FUZZ_FORMATS = (".nii", ".nii.gz", ".nrrd", ".mha")
+FUZZ_TIME_LIMIT_S = 60.0
+
+
+def _ct_image(size=(20, 20, 20)) -> sitk.Image:
+    """A CT-like int16 volume: soft tissue with a bone block, 2 mm voxels."""
+    array = np.full(size[::-1], -1000, dtype=np.int16)
+    array[3:-3, 3:-3, 3:-3] = 40
+    array[6:-6, 8:-8, 8:-8] = 900
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    return image
+
+
+def _corrupt_nifti_header(data: bytearray, rng: np.random.Generator) -> None:
+    choice = rng.integers(6)
+    if choice == 0:  # sizes
+        struct.pack_into("<3h", data, 42, *[int(v) for v in rng.choice([0, -1, 1, 3, 7, 20, 4000, 32767], 3)])
+    elif choice == 1:  # dim[0]
+        struct.pack_into("<h", data, 40, int(rng.choice([-3, 0, 2, 4, 8, 100])))
+    elif choice == 2:  # voxel size
+        values = rng.choice([0.0, -2.0, 1e-9, 1e9, np.nan, np.inf, 2.0, 0.5], 3)
+        struct.pack_into("<3f", data, 80, *[float(v) for v in values])
+    elif choice == 3:  # datatype and bitpix
+        struct.pack_into("<2h", data, 70, int(rng.choice([0, 1, 2, 4, 16, 64, 128, 999, 2048])), 8)
+    elif choice == 4:  # vox_offset
+        struct.pack_into("<f", data, 108, float(rng.choice([0.0, -5.0, 1e9, 352.0, 4000.0, np.nan])))
+    else:  # qform/sform
+        struct.pack_into("<2h", data, 252, int(rng.integers(-1, 5)), int(rng.integers(-1, 5)))
+        struct.pack_into("<4f", data, 280, *[float(v) for v in rng.normal(0, 3, 4)])
+
+
+def _corrupt_text_header(data: bytes, rng: np.random.Generator, suffix: str) -> bytes:
+    end = data.find(b"\n\n") if suffix == ".nrrd" else data.find(b"ElementDataFile")
+    end = end if end > 0 else min(len(data), 400)
+    header, body = data[:end].decode("latin-1"), data[end:]
+    lines = header.split("\n")
+    i = int(rng.integers(len(lines)))
+    key = lines[i].split(":" if suffix == ".nrrd" else "=")[0]
+    values = ["0", "-1", "1e-9", "1e9", "nan", "inf", "2 2", "20 20 20 20", "999999 999999 999999", "x", ""]
+    sep = ": " if suffix == ".nrrd" else " = "
+    lines[i] = key.strip() + sep + " ".join(str(rng.choice(values)) for _ in range(int(rng.integers(1, 4))))
+    return "\n".join(lines).encode("latin-1") + body
+
+
+def corrupt_file(path: Path, rng: np.random.Generator) -> str:
+    """Corrupt ``path`` in place: truncate it, flip bits, or put a header field out of range. Returns how."""
+    data = bytearray(path.read_bytes())
+    suffix = kio.volume_suffix(path)
+    kind = ("truncate", "flip", "header")[int(rng.integers(3))]
+    if kind == "truncate":
+        data = data[: int(len(data) * rng.uniform(0.05, 0.97))]
+    elif kind == "flip":
+        region = 352 if suffix == ".nii" else len(data)
+        for _ in range(int(rng.integers(1, 9))):
+            at = int(rng.integers(min(region, len(data))))
+            data[at] ^= 1 << int(rng.integers(8))
+    elif suffix == ".nii":
+        _corrupt_nifti_header(data, rng)
+    elif suffix == ".nii.gz":
+        import gzip
+
+        raw = bytearray(gzip.decompress(bytes(data)))
+        _corrupt_nifti_header(raw, rng)
+        data = bytearray(gzip.compress(bytes(raw)))
+    else:
+        data = bytearray(_corrupt_text_header(bytes(data), rng, suffix))
+    path.write_bytes(bytes(data))
+    return kind
+
+
+def _fuzz(tiny_model: Path, tmp_path: Path, capsys, n_files: int, seed: int, max_ok=None) -> dict:
+    """Corrupt ``n_files`` volumes and run each through one command. With ``max_ok``, a command runs to the
+    end on at most that many files that still read: later ones are only read (the full commands are slow)."""
+    rng = np.random.default_rng(seed)
+    good = tmp_path / "good"
+    echo2 = write_volume(echo_image(1, size=(20, 20, 20)), good / "echo2.nii.gz")
+    ct = write_volume(_ct_image(), good / "ct.nii.gz")
+    sources = {
+        "mri": echo_image(0, size=(20, 20, 20)),
+        "ct": _ct_image(),
+    }
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (tmp_path / "out").mkdir()
+    cache_dir(os.environ[ENV_VAR])  # the model cache exists before the first run
+    outcomes: dict = {"ok": 0, "refused": 0}
+    for i in range(n_files):
+        suffix = FUZZ_FORMATS[i % len(FUZZ_FORMATS)]
+        command = ("synthesize", "register", "compare")[(i // len(FUZZ_FORMATS)) % 3]
+        source = sources["mri" if command == "synthesize" else "ct"]
+        path = bad / f"f{i:04d}{suffix}"
+        sitk.WriteImage(source, str(path), useCompression=suffix != ".nii")
+        how = corrupt_file(path, rng)
+        out = tmp_path / "out" / f"{i:04d}"
+        before = sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in bad.iterdir())
+        if command == "synthesize":
+            args = synth_args([path, echo2], out / "sct.nii.gz", tiny_model) + COMMON
+        elif command == "register":
+            args = ["register", "--fixed", ct, "--moving", path, "-o", out / "t.tfm", "--progress", "none"]
+            args += ["--metric", "meansquares", "--seed", "1"]
+        else:
+            args = ["compare", "--reference", ct, "--synthetic", path, "-o", out, "--progress", "none"]
+        if max_ok is not None and outcomes.get(f"{command}_ok", 0) >= max_ok:
+            try:
+                read_volume(path)
+            except VolumeReadError:
+                pass
+            else:
+                outcomes["read_only"] = outcomes.get("read_only", 0) + 1
+                continue
+        t0 = time.monotonic()
+        try:
+            code = main([str(a) for a in args])
+        except BaseException as e:  # noqa: BLE001 - the point: nothing may escape main
+            pytest.fail(f"{command} on {path.name} ({how}) raised {type(e).__name__}: {e}")
+        elapsed = time.monotonic() - t0
+        stdout, err = capsys.readouterr()
+        where = f"{command} on {path.name} ({how})"
+        assert elapsed < FUZZ_TIME_LIMIT_S, f"{where} took {elapsed:.0f} s"
+        assert "Traceback" not in err, f"{where}: {err}"
+        assert (sorted(p.name for p in tmp_path.iterdir()), sorted(p.name for p in bad.iterdir())) == before, (
+            f"{where} wrote outside its output path"
+        )
+        outcomes[f"{command}_{'ok' if code == 0 else 'refused'}_s"] = (
+            outcomes.get(f"{command}_{'ok' if code == 0 else 'refused'}_s", 0.0) + elapsed
+        )
+        if code == 0:
+            outcomes["ok"] += 1
+            outcomes[f"{command}_ok"] = outcomes.get(f"{command}_ok", 0) + 1
+            if command == "synthesize":
+                result = read_volume(out / "sct.nii.gz")
+                assert result.GetSize() == read_volume(path).GetSize(), where
+                assert result.GetPixelID() == sitk.sitkInt16, where
+            elif command == "register":
+                assert (out / "t.tfm").is_file(), where
+            else:
+                assert any(out.iterdir()), where
+        else:
+            outcomes["refused"] += 1
+            assert code == 1, f"{where}: exit {code}: {err}"
+            errors = [ln for ln in err.strip().splitlines() if ln.startswith("syntheticct")]
+            assert len(errors) == 1, f"{where}: {err}"
+            assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], f"{where} left files"
+    return outcomes
+
+
+def test_fuzz_corrupted_volumes_end_in_a_result_or_one_line(tiny_model, tmp_path, capsys):
+    """A few hundred corrupted NIfTI, NRRD and MHA files through synthesize, register and compare."""
+    outcomes = _fuzz(tiny_model, tmp_path, capsys, n_files=240, seed=14, max_ok=3)
+    assert outcomes["refused"] > 150  # most corruptions are caught, not silently run
+    assert all(outcomes.get(f"{c}_ok", 0) >= 1 for c in ("synthesize", "register", "compare")), outcomes
+
+
+@pytest.mark.slow
+def test_fuzz_corrupted_volumes_many(tiny_model, tmp_path, capsys):
+    for seed in range(3):
+        (tmp_path / f"s{seed}").mkdir()
+        _fuzz(tiny_model, tmp_path / f"s{seed}", capsys, n_files=300, seed=100 + seed)

@@ -110,6 +110,8 @@ def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> sitk.Image:
 
 # -- NIfTI header checks (before SimpleITK reads: ITK fills a short file with zeros and turns NaN into 0) --------
 
+MAX_ABS_INTENSITY = 1e15
+"""Float voxels beyond this are corrupt data (and overflow float32 arithmetic downstream)."""
 MIN_READ_SPACING_MM = 0.05
 MAX_READ_SPACING_MM = 20.0
 """Voxel sizes accepted when reading a volume; anything outside is a corrupt or hand-edited header."""
@@ -378,6 +380,173 @@ def check_memory_for(path: PathLike, size: Iterable[int], bytes_per_voxel: int) 
         )
 
 
+# -- MetaImage and NRRD header checks (SimpleITK can crash on a corrupt text header) --------------------------
+
+_MET_TYPES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
+_NRRD_TYPES = {
+    "signed char": 1, "int8": 1, "int8_t": 1, "uchar": 1, "unsigned char": 1, "uint8": 1, "uint8_t": 1,
+    "short": 2, "short int": 2, "signed short": 2, "signed short int": 2, "int16": 2, "int16_t": 2,
+    "ushort": 2, "unsigned short": 2, "unsigned short int": 2, "uint16": 2, "uint16_t": 2,
+    "int": 4, "signed int": 4, "int32": 4, "int32_t": 4, "uint": 4, "unsigned int": 4, "uint32": 4, "uint32_t": 4,
+    "longlong": 8, "long long": 8, "long long int": 8, "signed long long": 8, "signed long long int": 8,
+    "int64": 8, "int64_t": 8, "ulonglong": 8, "unsigned long long": 8, "unsigned long long int": 8,
+    "uint64": 8, "uint64_t": 8, "float": 4, "double": 8,
+}  # fmt: skip
+_NRRD_ENCODINGS = ("raw", "gzip", "gz", "bzip2", "bz2", "ascii", "txt", "text", "hex")
+MAX_HEADER_BYTES = 1 << 16
+
+
+def _numbers(text: str, count: Optional[int], what: str, path: Path, *, positive: bool = False) -> List[float]:
+    try:
+        values = [float(v) for v in text.replace(",", " ").replace("(", " ").replace(")", " ").split()]
+    except ValueError:
+        raise VolumeReadError(f"'{path}' has a corrupt header: {what} is {text.strip()!r}, not numbers.") from None
+    if count is not None and len(values) != count:
+        raise VolumeReadError(f"'{path}' has a corrupt header: {what} has {len(values)} values, not {count}.")
+    if not all(np.isfinite(values)) or (positive and any(v <= 0 for v in values)):
+        raise VolumeReadError(f"'{path}' has a corrupt header: {what} is {text.strip()!r}.")
+    return values
+
+
+def _sizes(text: str, count: int, what: str, path: Path) -> List[int]:
+    parts = text.split()
+    if len(parts) != count or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise VolumeReadError(
+            f"'{path}' has a corrupt header: {what} is {text.strip()!r}; {count} positive integers are needed."
+        )
+    return [int(p) for p in parts]
+
+
+def check_metaimage_header(path: PathLike) -> Tuple[List[int], int]:
+    """Check a ``.mha``/``.mhd`` header's fields before SimpleITK parses them; return (sizes, bytes per voxel)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES).decode("latin-1")
+    fields: dict = {}
+    header_end = None
+    offset = 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        key, sep, value = line.partition("=")
+        if not sep:
+            if line.strip():
+                raise VolumeReadError(f"'{path}' has a corrupt MetaImage header line {line.strip()[:60]!r}.")
+            continue
+        fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            header_end = offset
+            break
+    if header_end is None:
+        raise VolumeReadError(f"'{path}' has a corrupt MetaImage header: no ElementDataFile line.")
+    ndims_text = fields.get("ndims", "")
+    if not ndims_text.isdigit() or not 2 <= int(ndims_text) <= 4:
+        raise VolumeReadError(f"'{path}' has a corrupt MetaImage header: NDims is {ndims_text!r}.")
+    n = int(ndims_text)
+    sizes = _sizes(fields.get("dimsize", ""), n, "DimSize", path)
+    for key in ("elementspacing", "elementsize"):
+        if key in fields:
+            _numbers(fields[key], n, key, path, positive=True)
+    for key in ("offset", "position", "origin"):
+        if key in fields:
+            _numbers(fields[key], n, key, path)
+    for key in ("transformmatrix", "rotation", "orientation"):
+        if key in fields:
+            _numbers(fields[key], n * n, key, path)
+    channels = fields.get("elementnumberofchannels", "1")
+    if not channels.isdigit() or not 1 <= int(channels) <= 64:
+        raise VolumeReadError(f"'{path}' has a corrupt MetaImage header: ElementNumberOfChannels is {channels!r}.")
+    element = fields.get("elementtype", "").upper()
+    if element not in _MET_TYPES:
+        raise VolumeReadError(f"'{path}' has a corrupt MetaImage header: ElementType is {element!r}.")
+    for key in ("compresseddatasize", "headersize"):
+        if key in fields and not fields[key].lstrip("-").isdigit():
+            raise VolumeReadError(f"'{path}' has a corrupt MetaImage header: {key} is {fields[key]!r}.")
+    bytes_per = _MET_TYPES[element] * int(channels)
+    compressed = fields.get("compresseddata", "false").lower() == "true"
+    local = fields.get("elementdatafile", "").upper() == "LOCAL"
+    if local and not compressed:
+        need = bytes_per
+        for s in sizes:
+            need *= s
+        have = path.stat().st_size - header_end
+        if have < need:
+            raise VolumeReadError(
+                f"'{path}' is truncated: its header announces {tuple(sizes)} voxels ({need} bytes of data) but the "
+                f"file holds {max(have, 0)} bytes of data."
+            )
+    return sizes, bytes_per
+
+
+def check_nrrd_header(path: PathLike) -> Tuple[List[int], int]:
+    """Check a ``.nrrd``/``.nhdr`` header's fields before SimpleITK parses them; return (sizes, bytes per voxel)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(MAX_HEADER_BYTES).decode("latin-1")
+    lines = head.splitlines()
+    if not lines or not lines[0].startswith("NRRD000"):
+        raise VolumeReadError(f"'{path}' is not a NRRD file (it does not start with 'NRRD000').")
+    fields: dict = {}
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        if line.startswith("#") or ":=" in line:
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            raise VolumeReadError(f"'{path}' has a corrupt NRRD header line {line.strip()[:60]!r}.")
+        fields[key.strip().lower()] = value.strip()
+    dim_text = fields.get("dimension", "")
+    if not dim_text.isdigit() or not 1 <= int(dim_text) <= 4:
+        raise VolumeReadError(f"'{path}' has a corrupt NRRD header: dimension is {dim_text!r}.")
+    n = int(dim_text)
+    sizes = _sizes(fields.get("sizes", ""), n, "sizes", path)
+    kind = fields.get("type", "").lower()
+    if kind not in _NRRD_TYPES:
+        raise VolumeReadError(f"'{path}' has a corrupt NRRD header: type is {kind!r}.")
+    encoding = fields.get("encoding", "").lower()
+    if encoding not in _NRRD_ENCODINGS:
+        raise VolumeReadError(f"'{path}' has a corrupt NRRD header: encoding is {encoding!r}.")
+    if "spacings" in fields:
+        for v in fields["spacings"].split():
+            if v.lower() != "nan":
+                _numbers(v, 1, "spacings", path, positive=True)
+    space_dim = None
+    if "space dimension" in fields:
+        if not fields["space dimension"].isdigit() or not 1 <= int(fields["space dimension"]) <= 4:
+            raise VolumeReadError(
+                f"'{path}' has a corrupt NRRD header: space dimension is {fields['space dimension']!r}."
+            )
+        space_dim = int(fields["space dimension"])
+    if "space directions" in fields:
+        groups = [g for g in fields["space directions"].replace("none", "( none )").split(")") if g.strip()]
+        if len(groups) != n:
+            raise VolumeReadError(
+                f"'{path}' has a corrupt NRRD header: space directions has {len(groups)} axes, not {n}."
+            )
+        for group in groups:
+            if "none" in group:
+                continue
+            values = _numbers(group, space_dim, "space directions", path)
+            if not any(values):
+                raise VolumeReadError(f"'{path}' has a corrupt NRRD header: a space direction is zero.")
+    if "space origin" in fields:
+        _numbers(fields["space origin"], space_dim, "space origin", path)
+    return sizes, _NRRD_TYPES[kind]
+
+
 def _check_before_reading(path: Path) -> None:
     """Header checks that run before SimpleITK allocates anything (size vs file and memory, NIfTI data)."""
     if volume_suffix(path) in (".nii", ".nii.gz"):
@@ -386,11 +555,17 @@ def _check_before_reading(path: Path) -> None:
         check_nifti_geometry(header, path)
         check_nifti_data(path, header)
         return
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()  # a RuntimeError here is mapped by read_volume
-    bytes_per = max(1, int(reader.GetNumberOfComponents())) * _component_bytes(reader.GetPixelID())
-    check_memory_for(path, reader.GetSize(), bytes_per)
+    if volume_suffix(path) in (".mha", ".mhd"):
+        sizes, bytes_per = check_metaimage_header(path)
+    elif volume_suffix(path) in (".nrrd", ".nhdr"):
+        sizes, bytes_per = check_nrrd_header(path)
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # a RuntimeError here is mapped by read_volume
+        sizes = reader.GetSize()
+        bytes_per = max(1, int(reader.GetNumberOfComponents())) * _component_bytes(reader.GetPixelID())
+    check_memory_for(path, sizes, bytes_per)
 
 
 def _component_bytes(pixel_id: int) -> int:
@@ -484,6 +659,14 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
             raise
         raise VolumeReadError(f"Could not read '{path}': {e.strerror or e}.") from e
     validate_volume(image, path)
+    if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        peak = float(max(abs(float(array.min())), abs(float(array.max()))))
+        if peak > MAX_ABS_INTENSITY:
+            raise VolumeReadError(
+                f"'{path}' has intensities up to {peak:.3g}, beyond any scanner's range (at most "
+                f"{MAX_ABS_INTENSITY:g}): corrupt data."
+            )
     spacing = image.GetSpacing()
     if any(s < MIN_READ_SPACING_MM or s > MAX_READ_SPACING_MM for s in spacing):
         raise VolumeReadError(
