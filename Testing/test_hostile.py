@@ -398,6 +398,11 @@ def test_08_absurd_voxel_sizes_and_disagreeing_qform_sform_are_refused(tmp_path)
     _patch_nifti(rotated, 280, "12f", *swapped)
     with pytest.raises(VolumeReadError, match="qform and an sform"):
         read_volume(rotated)
+    # A qform in scanner space beside an sform in a template space (code 4) may differ: no false alarm.
+    template = tmp_path / "template.nii"
+    shutil.copy(rotated, template)
+    _patch_nifti(template, 254, "h", 4)
+    assert read_volume(template).GetSize() == oblique.GetSize()
 
 
 def test_09_all_zero_echo_is_refused_by_synthesize(tiny_model, tmp_path, capsys):

@@ -276,7 +276,9 @@ def check_nifti_geometry(header: NiftiHeader, path: PathLike) -> None:
                 f"'{name}' has an sform whose voxel size {tuple(round(float(v), 6) for v in norms)} mm disagrees "
                 f"with its pixdim {tuple(round(p, 6) for p in pixdim)} mm; the header was edited or is corrupt."
             )
-        if header.qform_code > 0 and spatial == 3:
+        # Both claiming the same space (ITK writes them so) yet describing different grids: edited or corrupt.
+        # (A qform in scanner space beside an sform in a template space is legitimate, and not compared.)
+        if header.qform_code > 0 and header.qform_code == header.sform_code and spatial == 3:
             qfac = -1.0 if header.pixdim[0] < 0 else 1.0
             rotation = _quaternion_matrix(*header.quatern, qfac)
             q_affine = rotation * np.asarray(pixdim)[None, :]
