@@ -325,7 +325,9 @@ def _numbers(text: str, count: Optional[int], what: str, path: Path, *, positive
         raise VolumeReadError(f"'{path}' has a corrupt header: {what} is {text.strip()!r}, not numbers.") from None
     if count is not None and len(values) != count:
         raise VolumeReadError(f"'{path}' has a corrupt header: {what} has {len(values)} values, not {count}.")
-    if not all(np.isfinite(values)) or (positive and any(v <= 0 for v in values)):
+    if positive and not all(np.isfinite(v) and v > 0 for v in values):
+        raise VolumeReadError(f"'{path}' has absurd voxel spacing in its header ({what} {text.strip()!r}).")
+    if not all(np.isfinite(values)):
         raise VolumeReadError(f"'{path}' has a corrupt header: {what} is {text.strip()!r}.")
     return values
 

@@ -246,7 +246,7 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
     spacing = image.GetSpacing()
     if any(s < MIN_READ_SPACING_MM or s > MAX_READ_SPACING_MM for s in spacing):
         raise VolumeReadError(
-            f"'{path}' has voxel size {tuple(round(s, 6) for s in spacing)} mm, outside "
+            f"'{path}' has absurd voxel spacing {tuple(round(s, 6) for s in spacing)} mm, outside "
             f"{MIN_READ_SPACING_MM:g}-{MAX_READ_SPACING_MM:g} mm: a corrupt or hand-edited header."
         )
     return image
