@@ -14,9 +14,9 @@ from vtk.util import numpy_support
 
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.comparison.compare import REQUIRED_KEYS, compare, write_comparison
-from SyntheticCTLib.comparison.metrics import body_mask
 from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
+from SyntheticCTLib.kernel.masks import ct_body_mask
 
 PNGS = (
     "surface_front.png",
@@ -60,7 +60,7 @@ def test_identical_ct_is_perfect(identical):
 
 def test_known_hu_offset_inside_body(small_phantom):
     ct = small_phantom.ct
-    body = sitk.GetArrayFromImage(body_mask(ct)) > 0
+    body = sitk.GetArrayFromImage(ct_body_mask(ct)) > 0
     array = sitk.GetArrayFromImage(ct)
     offset = 50.0
     sct = sitk.GetImageFromArray(np.where(body, array + offset, array).astype(np.float32))

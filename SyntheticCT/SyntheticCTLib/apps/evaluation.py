@@ -33,7 +33,9 @@ import SimpleITK as sitk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.comparison.compare import SUMMARY_KEYS
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 
 logger = logging.getLogger(__name__)
@@ -152,7 +154,7 @@ def compare_images(
     sct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, float]:
@@ -186,20 +188,21 @@ def image_metrics_only(
     sct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     reason: str = "",
 ) -> Dict[str, float]:
     """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
-    from SyntheticCTLib.comparison.metrics import body_mask, image_metrics
+    from SyntheticCTLib.comparison.metrics import image_metrics
     from SyntheticCTLib.kernel.geometry import resample_like
+    from SyntheticCTLib.kernel.masks import ct_body_mask
 
     logger.warning(
         "Bone metrics not measurable (%s): bone Dice 0, no surface distances.",
         reason or f"no bone at {bone_threshold:g} HU",
     )
     reference = sitk.Cast(ct, sitk.sitkFloat32)
-    moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
-    body = sitk.GetArrayFromImage(body_mask(reference)).astype(bool)
+    moved = resample_like(sct, reference, transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
+    body = sitk.GetArrayFromImage(ct_body_mask(reference)).astype(bool)
     metrics = {k: math.nan for k in METRIC_KEYS}
     metrics.update(image_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(moved), mask=body))
     metrics["bone_dice"] = 0.0
@@ -264,18 +267,6 @@ def _write_csvs(
     return {"metrics_csv": metrics_csv, "summary_csv": summary_csv}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _case_png(
     path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
 ) -> None:
@@ -283,7 +274,7 @@ def _case_png(
     from SyntheticCTLib.kernel.geometry import resample_like
 
     mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
-    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
     png = slices_png(mri_on_ct, sct_on_ct, sitk.Cast(ct, sitk.sitkFloat32))
     with atomic_output(path) as tmp:
         tmp.write_bytes(png)
@@ -296,7 +287,7 @@ def evaluate(
     *,
     baselines: bool = True,
     align: str = "none",
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     use_bone_labels: bool = False,
     device: str = "auto",
     images: bool = True,
@@ -416,7 +407,7 @@ def evaluate(
     }
     metrics_json = out_dir / "metrics.json"
     with atomic_output(metrics_json) as tmp:
-        tmp.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(document), indent=2) + "\n", encoding="utf-8")
     files["metrics_json"] = metrics_json
     files.update(_write_csvs(out_dir, per_case, times, summary))
     try:
@@ -439,12 +430,10 @@ def _resolve_model(model: Any):
 
     if isinstance(model, ModelPackage):
         return model
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # pragma: no cover - the catalog ships with the models package
-        resolve_model = None
+    from SyntheticCTLib.models.catalog import resolve_model
+
     path = Path(str(model))
-    if path.exists() or resolve_model is None:
+    if path.exists():
         from SyntheticCTLib.models.package import load_model_package
 
         return load_model_package(path)
@@ -485,7 +474,7 @@ def record_in_card(
     evaluations = card.get("held_out_evaluation")
     if not isinstance(evaluations, dict):
         evaluations = {}
-    evaluations[str(label)] = _json_safe(block)
+    evaluations[str(label)] = json_safe(block)
     card["held_out_evaluation"] = evaluations
     with atomic_output(folder / MODEL_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,8 +31,7 @@ import SimpleITK as sitk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.io import atomic_output
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +196,15 @@ def slice_point(image: sitk.Image, *, threshold: float = 200.0) -> Tuple[int, in
     return int(x), int(y), int(z)
 
 
+def display_oriented(image: sitk.Image) -> sitk.Image:
+    """``image`` with its voxels reordered (permuted and flipped, never resampled) to the nearest LPS axes.
+
+    Index x then grows towards the patient's left, y towards posterior, z towards superior, so that a
+    plane drawn with row 0 on top is in the radiological convention. The physical geometry is kept.
+    """
+    return sitk.DICOMOrient(image, "LPS")
+
+
 def _planes(array: np.ndarray, spacing: Sequence[float], point: Sequence[int]):
     """Axial, coronal and sagittal planes with their extents (mm) and origins for ``imshow``.
 
@@ -226,8 +234,17 @@ def slices_png(
 
     The sCT and CT share the fixed ``hu_window``; the difference is on ±``difference_window`` HU (blank
     where both are air); the MRI is windowed on its 1st-99.5th percentile inside the CT's body. ``point`` is the voxel index
-    (x, y, z) the planes cross (default: the centroid of the CT's bone).
+    (x, y, z) of the CT grid the planes cross (default: the centroid of the CT's bone).
+
+    Whatever the CT's storage order (LPS, RAS, feet-first, ...), the planes are shown in the radiological
+    convention: the images are first reoriented to the nearest LPS axes (:func:`display_oriented`), so
+    the axial plane has anterior up and the patient's left on the right, the coronal and sagittal planes
+    superior up.
     """
+    physical = None if point is None else ct.TransformIndexToPhysicalPoint([int(v) for v in point])
+    mri, sct, ct = (display_oriented(image) for image in (mri, sct, ct))
+    if physical is not None:
+        point = ct.TransformPhysicalPointToIndex(physical)
     spacing = ct.GetSpacing()
     point = tuple(point) if point is not None else slice_point(ct)
     mri_a = sitk.GetArrayFromImage(mri).astype(np.float32)
@@ -259,7 +276,9 @@ def slices_png(
         figure.colorbar(image, ax=list(axes[r, :]), shrink=0.85, pad=0.01, label=unit)
     figure.suptitle(
         f"CT window [{hu_window[0]:g}, {hu_window[1]:g}] HU; difference \u00b1{difference_window:g} HU; "
-        f"planes through voxel (x, y, z) = {tuple(point)} of the CT grid",
+        "planes through (x, y, z) = ({:.0f}, {:.0f}, {:.0f}) mm, LPS; radiological convention".format(
+            *ct.TransformIndexToPhysicalPoint([int(v) for v in point])
+        ),
         fontsize=11,
     )
     return _png(figure)
@@ -732,6 +751,7 @@ __all__ = [
     "box_plots_png",
     "comparison_table",
     "metric_text",
+    "display_oriented",
     "slice_point",
     "slices_png",
     "write_demo_report",

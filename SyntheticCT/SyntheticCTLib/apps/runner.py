@@ -31,18 +31,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 
+from SyntheticCTLib.kernel.devices import check_device
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.progress import parse_progress_line
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 CLI_MODULE = "SyntheticCTLib"
 """``python -m SyntheticCTLib`` runs the ``syntheticct`` command line."""
-DEVICES = ("auto", "cpu", "cuda")
 REGISTRATION_MODES = ("rigid", "affine", "deformable", "bone-local")
 EXIT_CANCELLED = 130
 
@@ -93,7 +93,7 @@ def synthesize_args(
     args = base_command(python) + ["synthesize"]
     for i, path in enumerate(inputs):
         args += ["-i", _path(path, f"Input {i + 1}")]
-    args += ["-o", _path(output, "The output"), "--model", str(model), "--device", _choice(device, DEVICES, "device")]
+    args += ["-o", _path(output, "The output"), "--model", str(model), "--device", check_device(device)]
     if uncertainty is not None:
         args += ["--uncertainty", _path(uncertainty, "The uncertainty output")]
     if dicom_out is not None:
@@ -232,7 +232,7 @@ def child_environment(
         paths.append(env["PYTHONPATH"])
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
-    if _choice(device, DEVICES, "device") == "cpu":
+    if check_device(device) == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     if cache_dir is not None and os.fspath(cache_dir):
         env["SYNTHETICCT_HOME"] = os.fspath(cache_dir)

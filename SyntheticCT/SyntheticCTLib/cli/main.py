@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from SyntheticCTLib import __version__
 from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
@@ -24,41 +24,6 @@ EXIT_TERMINATED = 143
 logger = logging.getLogger("SyntheticCTLib")
 
 
-def _common_options() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("output options")
-    group.add_argument(
-        "--progress",
-        choices=("bar", "json", "none"),
-        default="bar",
-        help="progress as a tqdm bar on stderr (default), JSON lines on stdout "
-        "({stage, fraction, message}) for a GUI, or none",
-    )
-    group.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="logging level of messages on stderr (default: info)",
-    )
-    return common
-
-
-_COMMON = _common_options()
-
-
-def add_command(
-    subparsers: argparse._SubParsersAction, name: str, *, help: str, description: Optional[str] = None
-) -> argparse.ArgumentParser:
-    """Register subcommand ``name`` with the options every subcommand shares (``--progress``, ``--log-level``)."""
-    return subparsers.add_parser(
-        name,
-        help=help,
-        description=description or help,
-        parents=[_COMMON],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syntheticct",
@@ -68,88 +33,88 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"{__package__}.{name}").add_parser(subparsers)
+        importlib.import_module(f"{__package__}.{name}").add_parser(subparsers)  # each subcommand's own module
     return parser
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not when it was made)."""
+class _ConsoleHandler(logging.Handler):
+    """Log records on stderr, written through the progress bar when one is shown (never glued onto it)."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
+    def __init__(self, reporter: Any) -> None:
+        super().__init__()
+        self.reporter = reporter
 
-    @property
-    def stream(self):
-        return sys.stderr
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            write = getattr(self.reporter, "write", None)
+            if write is not None:
+                write(text)
+            else:
+                sys.stderr.write(text + "\n")
+        except Exception:  # logging must never raise
+            self.handleError(record)
 
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+
+# Third-party loggers whose debug output is noise to a user (matplotlib's font lookups, PIL's plugins).
+QUIET_LOGGERS = ("matplotlib", "PIL", "urllib3", "fsspec", "torch")
 
 
-def _setup_logging(level: str) -> None:
-    handler = _StderrHandler()
+def _setup_logging(level: str, reporter: Any = None) -> None:
+    handler = _ConsoleHandler(reporter)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled, 143 terminated)."""
+    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled, 143 terminated).
+
+    The progress bar is closed before the last line is written, so an error or a cancellation is
+    one clear line at the end, after every bar and log line. SIGTERM (a scheduler, ``timeout``, a GUI's
+    kill) is handled like Ctrl-C: every temporary output is removed.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 2
-    _setup_logging(args.log_level)
     reporter = {"bar": TqdmProgress, "json": JsonLinesProgress}.get(args.progress)
     report = reporter() if reporter else no_progress
+    _setup_logging(args.log_level, report)
+    last_line = ""
+    error = f"syntheticct {args.command}: error:"
     previous = _treat_sigterm_as_interrupt()
     try:
-        return int(args.run(args, report) or 0)
+        code = int(args.run(args, report) or 0)
     except Terminated:
-        _close(report)
-        sys.stderr.write("syntheticct: terminated (SIGTERM); no partial output was left.\n")
-        return EXIT_TERMINATED
+        code, last_line = EXIT_TERMINATED, "syntheticct: terminated (SIGTERM); no partial output was left."
     except KeyboardInterrupt:
-        _close(report)  # the bar's line ends before the error's
-        sys.stderr.write("syntheticct: cancelled; no partial output was left.\n")
-        return EXIT_CANCELLED
+        code, last_line = EXIT_CANCELLED, "syntheticct: cancelled; no partial output was left."
     except Cancelled as e:
-        _close(report)  # the bar's line ends before the error's
-        sys.stderr.write(f"syntheticct: cancelled: {one_line(e)}\n")
-        return EXIT_CANCELLED
+        code, last_line = EXIT_CANCELLED, f"syntheticct: cancelled: {one_line(e)}"
     except SyntheticCTError as e:
-        _close(report)  # the bar's line ends before the error's
-        sys.stderr.write(f"syntheticct {args.command}: error: {one_line(e)}\n")
-        return EXIT_ERROR
+        code, last_line = EXIT_ERROR, f"{error} {one_line(e)}"
     except OSError as e:  # a file system error the library did not name (permissions, a full disk)
-        _close(report)  # the bar's line ends before the error's
         where = f"'{e.filename}': " if getattr(e, "filename", None) else ""
-        sys.stderr.write(f"syntheticct {args.command}: error: {where}{one_line(e.strerror or e)}\n")
-        return EXIT_ERROR
+        code, last_line = EXIT_ERROR, f"{error} {where}{one_line(e.strerror or e)}"
     except MemoryError:
-        _close(report)  # the bar's line ends before the error's
-        sys.stderr.write(
-            f"syntheticct {args.command}: error: out of memory; the input is too large for this machine.\n"
-        )
-        return EXIT_ERROR
+        code, last_line = EXIT_ERROR, f"{error} out of memory; the input is too large for this machine."
     except RecursionError:
-        _close(report)  # the bar's line ends before the error's
-        sys.stderr.write(f"syntheticct {args.command}: error: an input is nested too deeply to read.\n")
-        return EXIT_ERROR
+        code, last_line = EXIT_ERROR, f"{error} an input is nested too deeply to read."
     finally:
         _restore_sigterm(previous)
-        _close(report)
-
-
-def _close(report) -> None:
-    close = getattr(report, "close", None)
-    if close:
-        close()
+        close = getattr(report, "close", None)
+        if close:
+            close()
+    if last_line:
+        sys.stderr.write(last_line + "\n")
+    return code
 
 
 class Terminated(KeyboardInterrupt):
@@ -161,7 +126,7 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _treat_sigterm_as_interrupt():
-    """Make SIGTERM (a scheduler, ``timeout``, a GUI's kill) raise :class:`Terminated`; return the old handler."""
+    """Make SIGTERM raise :class:`Terminated`; return the previous handler (None when not possible)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     try:

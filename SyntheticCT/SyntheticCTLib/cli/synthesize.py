@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from SyntheticCTLib.cli.options import add_command, add_device_option
+
 EPILOG = """\
 one case:
   syntheticct synthesize -i echo1.nii.gz -i echo2.nii.gz -i echo3.nii.gz -o sct.nii.gz
@@ -21,8 +23,6 @@ The synthetic CT is not for diagnostic use.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "synthesize",
@@ -67,12 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="NAME|PATH",
         help="a catalog model name, a model folder or .zip (default: the bundled default model)",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="DEVICE",
-        help="auto (cuda, then mps, then cpu; default), cpu, cuda, cuda:N or mps",
-    )
+    add_device_option(p)
     p.add_argument(
         "--dicom-out",
         metavar="DIR",
@@ -107,13 +102,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _resolve_model(name_or_path: str, report):
     from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.models.catalog import resolve_model
 
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # catalog not installed: a path only
-        from SyntheticCTLib.models.package import load_model_package
-
-        return load_model_package(name_or_path)
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
 
 

@@ -13,7 +13,6 @@ import csv
 import io as _io
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -24,7 +23,7 @@ import vtk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.comparison.bone import dice, segment_bone
-from SyntheticCTLib.comparison.metrics import HU_RANGE, body_mask, image_metrics
+from SyntheticCTLib.comparison.metrics import HU_RANGE, image_metrics
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
@@ -41,7 +40,10 @@ from SyntheticCTLib.comparison.surfaces import (
 )
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError, VolumeWriteError
 from SyntheticCTLib.kernel.geometry import resample_like, same_grid
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MIN_HU
 from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
+from SyntheticCTLib.kernel.masks import ct_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,6 @@ REQUIRED_KEYS = (
 SUMMARY_KEYS = tuple(key for key in REQUIRED_KEYS if key != "per_bone") + ("surface_within_2mm",)
 """The scalar metrics of a comparison: the columns of evaluation tables and summaries."""
 
-AIR_HU = -1024.0
 MIN_OVERLAP = 0.01
 
 
@@ -130,26 +131,12 @@ def _restrict(mask: sitk.Image, region: np.ndarray) -> sitk.Image:
     return image
 
 
-def _finite(value):
-    """JSON-safe: non-finite floats become None, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
-
-
 def compare(
     reference_ct: sitk.Image,
     synthetic_ct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     bone_transforms: Optional[Mapping[int, sitk.Transform]] = None,
     body_threshold: float = -500.0,
@@ -177,7 +164,9 @@ def compare(
         With ``bone_labels``: a transform per label (from a bone-local registration); each bone's
         per-bone statistics then use the synthetic CT resampled through its own transform.
     body_threshold
-        The body mask of the image metrics: reference voxels above this HU (see :func:`.metrics.body_mask`).
+        The patient's body in the reference: objects above this HU without the table, holders or
+        devices (see :func:`SyntheticCTLib.kernel.masks.ct_body_mask`). The image metrics are measured
+        inside it, and only bone inside it is compared.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -200,13 +189,13 @@ def compare(
     report(0.0, "resample", "Bringing the synthetic CT onto the reference grid")
     reference = sitk.Cast(reference_ct, sitk.sitkFloat32)
     synthetic = resample_like(
-        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=AIR_HU
+        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=CT_MIN_HU
     )
     coverage = _coverage(synthetic_ct, reference, transform)
     valid = sitk.GetArrayViewFromImage(coverage) > 0
 
     report(0.05, "image metrics", "Body mask and SynthRAD 2023 image metrics")
-    body = body_mask(reference, threshold=body_threshold)
+    body = ct_body_mask(reference, threshold=body_threshold)
     body_array = sitk.GetArrayViewFromImage(body) > 0
     measured = body_array & valid
     overlap = float(measured.sum()) / max(1, int(body_array.sum()))
@@ -224,7 +213,7 @@ def compare(
 
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
     labels = _labels_on_grid(bone_labels, reference) if bone_labels is not None else None
-    region = valid.copy()
+    region = valid & body_array  # the patient's bone only: not the table, holders or devices
     if labels is not None:
         region &= _near_labels(labels, label_margin_mm)
     reference_bone = _restrict(segment_bone(reference, threshold=bone_threshold), region)
@@ -319,7 +308,7 @@ def compare(
     }
     report(1.0, "done", f"Mean bone-surface distance {symmetric.mean_abs_mm:.2f} mm")
     return ComparisonResult(
-        metrics=_finite(metrics),
+        metrics=json_safe(metrics),
         reference=reference,
         synthetic=synthetic,
         body_mask=metrics_body,
@@ -390,7 +379,7 @@ def _bone_local_rows(
             logger.warning("Bone %s has no voxel in the label map; its transform is not used.", label)
             continue
         moved = resample_like(
-            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=AIR_HU
+            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=CT_MIN_HU
         )
         covered = sitk.GetArrayViewFromImage(_coverage(synthetic_ct, reference, bone_transform)) > 0
         zone &= covered
@@ -506,7 +495,7 @@ def write_comparison(
         return path
 
     report(0.0, "writing", "metrics.json")
-    text = json.dumps(_finite(result.metrics), indent=2, allow_nan=False)
+    text = json.dumps(json_safe(result.metrics), indent=2, allow_nan=False)
     written["metrics"] = _write_bytes(target("metrics.json"), (text + "\n").encode("utf-8"))
     written["synthetic_surface"] = write_surface(result.synthetic_surface, target("synthetic_surface.vtp"))
     written["reference_surface"] = write_surface(result.reference_surface, target("reference_surface.vtp"))

@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from SyntheticCTLib.kernel.errors import VolumeReadError
-
-PathLike = Union[str, "os.PathLike[str]"]
-
+from SyntheticCTLib.kernel.types import PathLike
 
 # -- NIfTI header checks (before SimpleITK reads: ITK fills a short file with zeros and turns NaN into 0) --------
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,8 +30,7 @@ from SyntheticCTLib.kernel.headers import (
     check_nrrd_header,
     read_nifti_header,
 )
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +256,6 @@ def describe_size(path: Path) -> str:
         return f"{path.stat().st_size} bytes on disk"
     except OSError:
         return "size unknown"
-
-
-def read_volumes(paths: Iterable[PathLike]) -> list:
-    """Read several volumes (e.g. the echoes of a multi-echo MRI) with :func:`read_volume`."""
-    return [read_volume(p) for p in paths]
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,10 +42,10 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.kernel.errors import InvalidParameterError, VolumeReadError, VolumeWriteError
 from SyntheticCTLib.kernel.io import replace_folder
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 SERIES_DESCRIPTION = "Synthetic CT - not for diagnostic use"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
