@@ -28,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "synthesize",
         help="synthesize a CT from MRI with a model package (not for diagnostic use)",
         description="Synthesize a CT (int16 HU, on the MRI's exact grid) from one or more MRI channels, in the "
-        "order the model lists them (`syntheticct models list`). Outputs are written atomically: an error or "
-        "Ctrl-C leaves no partial file.",
+        "order the model lists them (`syntheticct models list`). Every output is checked before the inference "
+        "(writable, not an input, not a folder, not being written by another run: a lock file beside it), and "
+        "all are moved into place together at the end: an error, Ctrl-C or SIGTERM leaves no partial file.",
     )
     p.epilog = EPILOG
     p.add_argument(

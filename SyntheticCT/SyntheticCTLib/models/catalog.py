@@ -3,8 +3,13 @@
 Sources, in order of precedence (a name found in an earlier source hides the same name later):
 
 1. models the user added (``user_catalog.json`` in the cache): from a URL, a local ``.zip`` or a folder;
-2. catalogs the user added by URL (an institution hosting its own models), cached for offline use;
-3. the catalog shipped in ``Resources/catalog.json``, with the bundled default model (no network).
+2. the catalog shipped in ``Resources/catalog.json``, with the bundled default model (no network);
+3. catalogs the user added by URL (an institution hosting its own models), cached for offline use. They
+   may only add names: an entry named like a shipped or user-added model is ignored with a warning, so
+   that a catalog can never replace the model that runs. A remote catalog needs ``https`` (plain ``http``
+   for a loopback address or when explicitly allowed) and may name only http(s) URLs.
+
+A catalog model's package must carry the entry's name and version in its ``model.json``.
 
 A catalog is JSON: a list of entries, or ``{"models": [...]}``. An entry has ``name``, ``version``,
 either ``url`` (+ ``sha256`` of the ``.zip``, and optionally ``size`` in bytes) or ``path`` (bundled, relative

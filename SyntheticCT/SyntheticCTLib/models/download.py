@@ -3,8 +3,11 @@
 :func:`download` streams a URL (``https``, ``http`` or ``file`` only) to a temporary file beside the
 destination, verifies its SHA-256, then renames it into place. A dropped connection is retried with
 backoff, resuming with an HTTP ``Range`` request where the server answers 206 (else the transfer
-restarts). Every connect and every read is bounded by ``timeout``. A failed, cancelled or corrupt
-download leaves nothing behind; the destination, if it existed, is untouched.
+restarts). Every connect and every read is bounded by ``timeout``; the whole download by a deadline
+scaled to the expected size and by a minimum average rate (a server dripping a byte every few seconds
+fails), and its size by the expected size or :data:`DEFAULT_MAX_BYTES` (a server streaming forever
+fails). A failed, cancelled or corrupt download leaves nothing behind; the destination, if it existed,
+is untouched.
 """
 
 from __future__ import annotations
