@@ -214,11 +214,12 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
     if not path.exists():
         raise VolumeReadError(f"No file or folder at '{path}'.")
     try:
-        if path.is_dir():
-            image = _read_dicom_series(path, series_uid)
-        else:
-            _check_before_reading(path)
-            image = sitk.ReadImage(str(path))
+        with native_stderr_to_log(path):
+            if path.is_dir():
+                image = _read_dicom_series(path, series_uid)
+            else:
+                _check_before_reading(path)
+                image = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports every I/O failure as RuntimeError
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown cause"
         if "spacing" in first.lower():
@@ -249,6 +250,60 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
             f"{MIN_READ_SPACING_MM:g}-{MAX_READ_SPACING_MM:g} mm: a corrupt or hand-edited header."
         )
     return image
+
+
+class native_stderr_to_log:  # noqa: N801 - used as a context manager, like a function
+    """Catch what C++ code (ITK, MetaIO, GDCM) prints on the process's stderr while reading ``source``, and
+    log it as one warning line instead of several raw lines around the command line's one error line.
+
+    Only in the main thread of a process whose stderr is a real file descriptor; else a no-op.
+    """
+
+    def __init__(self, source: object) -> None:
+        self.source = source
+        self.saved: Optional[int] = None
+        self.buffer = None
+
+    def __enter__(self) -> native_stderr_to_log:
+        import sys
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            fd = sys.stderr.fileno()
+            sys.stderr.flush()
+            self.buffer = tempfile.TemporaryFile()
+            self.saved = os.dup(fd)
+            os.dup2(self.buffer.fileno(), fd)
+            self.fd = fd
+        except (AttributeError, OSError, ValueError):
+            self._close()
+        return self
+
+    def _close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+    def __exit__(self, *exc) -> bool:
+        if self.saved is None:
+            self._close()
+            return False
+        try:
+            os.dup2(self.saved, self.fd)
+        finally:
+            os.close(self.saved)
+            self.saved = None
+        try:
+            self.buffer.seek(0)
+            text = self.buffer.read(1 << 16).decode("utf-8", "replace")
+        finally:
+            self._close()
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: In ")]
+        if lines:
+            logger.warning("Reading '%s': %s", self.source, " ".join(" ".join(lines).split())[:500])
+        return False
 
 
 def describe_size(path: Path) -> str:
