@@ -9,11 +9,12 @@ import pytest
 
 
 def _run(args, tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "MPLBACKEND": "Agg"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "MPLBACKEND": "Agg", "PYTHONIOENCODING": "utf-8"}
     return subprocess.run(
         [sys.executable, "-m", "SyntheticCTLib", *args],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=300,
         env=env,
         cwd=tmp_path,

@@ -15,7 +15,18 @@ from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
 from SyntheticCTLib.kernel.progress import JsonLinesProgress, TqdmProgress, no_progress
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("phantom", "synthesize", "models", "register", "compare", "train", "evaluate", "demo")
+COMMAND_MODULES = (
+    "phantom",
+    "inspect",
+    "convert",
+    "synthesize",
+    "models",
+    "register",
+    "compare",
+    "train",
+    "evaluate",
+    "demo",
+)
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130

@@ -172,15 +172,25 @@ def _run_one(args: argparse.Namespace, report) -> int:
             check_dicom_target(dicom_out, inputs + [output], overwrite=False)
         model = _resolve_model(args.model, report)
         _announce_model(model)
-        if len(inputs) != model.in_channels:  # fail before reading anything
+        from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+
+        # One DICOM folder or multi-frame file: its echoes, in echo-time order.
+        dicom_dir = len(inputs) == 1 and (inputs[0].is_dir() or is_dicom_file(inputs[0]))
+        if len(inputs) != model.in_channels and not dicom_dir:  # fail before reading anything
             from SyntheticCTLib.synthesis.inference import check_inputs
 
             check_inputs([None] * len(inputs), model)
         images = []
-        for k, path in enumerate(inputs):
+        if dicom_dir:
+            from SyntheticCTLib.kernel.dicom_series import read_model_echoes
+
+            report(0.05, "reading", str(inputs[0]))
+            images = read_model_echoes(inputs[0], [e.get("echo_time_ms") for e in model.card.get("inputs", [])])
+        for k, path in enumerate(inputs if not dicom_dir else []):
             report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
             images.append(read_volume(path))
-        names = [f"{p} ({n})" for p, n in zip(inputs, _input_names(model))]
+        sources = [str(inputs[0])] * len(images) if dicom_dir else [str(p) for p in inputs]
+        names = [f"{p} ({n})" for p, n in zip(sources, _input_names(model))]
         check_mri_channels(images, names, resample=args.resample_channels)
         want_uncertainty = uncertainty is not None
         synthesizer = Synthesizer(model, device=args.device, window=_window(args))
