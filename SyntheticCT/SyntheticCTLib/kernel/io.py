@@ -248,7 +248,8 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None, volume: Opt
 
 class native_stderr_to_log:  # noqa: N801 - used as a context manager, like a function
     """Catch what C++ code (ITK, MetaIO, GDCM) prints on the process's stderr while reading ``source``, and
-    log it as one warning line instead of several raw lines around the command line's one error line.
+    log it as one line (a warning when the read fails, else debug) instead of several raw lines around the
+    command line's one error line.
 
     Only in the main thread of a process whose stderr is a real file descriptor; else a no-op.
     """
@@ -280,7 +281,7 @@ class native_stderr_to_log:  # noqa: N801 - used as a context manager, like a fu
             self.buffer.close()
             self.buffer = None
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if self.saved is None:
             self._close()
             return False
@@ -295,8 +296,9 @@ class native_stderr_to_log:  # noqa: N801 - used as a context manager, like a fu
         finally:
             self._close()
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("WARNING: In ")]
-        if lines:
-            logger.warning("Reading '%s': %s", self.source, " ".join(" ".join(lines).split())[:500])
+        if lines:  # a warning when the read failed; after a successful read (the library's own checks ran), debug
+            level = logging.DEBUG if exc_type is None else logging.WARNING
+            logger.log(level, "Reading '%s': %s", self.source, " ".join(" ".join(lines).split())[:500])
         return False
 
 
