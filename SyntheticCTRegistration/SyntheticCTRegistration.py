@@ -41,6 +41,7 @@ from slicer.util import VTKObservationMixin
 from SyntheticCT import OUTPUT_ATTRIBUTE, SyntheticCTJobLogic
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.apps.runner import JobResult, RunnerEvent, compare_args, missing_packages, register_args
+from SyntheticCTLib.comparison.metric_registry import METRICS, REPORT_KEYS
 
 FLICKER_MS = 500
 DISTANCE_ARRAY = "SignedDistance_mm"
@@ -48,20 +49,8 @@ DISTANCE_COLORS = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
 DISTANCE_RANGE_MM = 2.0
 DIFFERENCE_WINDOW_HU = 400.0
 COMPARISON_PACKAGES = {"matplotlib": "matplotlib>=3.5"}  # for the report's pictures; Slicer does not ship it
-METRIC_ROWS = (
-    ("surface_mean_mm", _("Bone surface distance, mean absolute"), "mm"),
-    ("surface_median_mm", _("Bone surface distance, median"), "mm"),
-    ("surface_rms_mm", _("Bone surface distance, RMS"), "mm"),
-    ("surface_p95_mm", _("Bone surface distance, 95th percentile"), "mm"),
-    ("surface_max_mm", _("Bone surface distance, maximum (Hausdorff)"), "mm"),
-    ("surface_within_1mm", _("Surface points within 1 mm"), "fraction"),
-    ("surface_within_2mm", _("Surface points within 2 mm"), "fraction"),
-    ("bone_dice", _("Bone Dice"), ""),
-    ("mae_hu", _("MAE (body)"), "HU"),
-    ("me_hu", _("ME (body)"), "HU"),
-    ("psnr_db", _("PSNR"), "dB"),
-    ("ssim", _("SSIM"), ""),
-)
+METRIC_ROWS = tuple((key, METRICS[key].label, METRICS[key].value_unit) for key in REPORT_KEYS)
+"""(key, label, unit of the stored value) of the statistics table, from the library's one metric registry."""
 
 
 #
@@ -1005,7 +994,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
             value = metrics.get(key)
             if value is None:
                 continue
-            names.InsertNextValue(label)
+            names.InsertNextValue(_(label))
             keys.InsertNextValue(key)
             values.InsertNextValue(float(value))
             units.InsertNextValue(unit)

@@ -47,8 +47,8 @@ def test_a_planted_table_is_not_body_and_not_bone(small_phantom):
 def test_compare_does_not_measure_a_table_as_bone(small_phantom):
     ct = small_phantom.ct
     result = compare(_with_table(ct), ct)
-    assert result.metrics["surface_mean_mm"] < 0.05, result.metrics["surface_mean_mm"]
-    assert result.metrics["bone_dice"] > 0.99
+    assert result.metrics.surface_mean_mm < 0.05, result.metrics.surface_mean_mm
+    assert result.metrics.bone_dice > 0.99
 
 
 def test_the_body_keeps_the_patients_separate_parts(small_phantom):

@@ -421,7 +421,7 @@ def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
         **_step_record("baselines", s),
     )
     metrics = _metrics_document(
-        s, case, ct_moved, true_transform, registration, tre, comparison.metrics, baseline_results
+        s, case, ct_moved, true_transform, registration, tre, comparison.metrics.to_dict(), baseline_results
     )
 
     def _report(progress: ProgressCallback) -> None:
@@ -629,7 +629,7 @@ def _metrics_document(
             "file": "transform_registration.tfm",
         },
         "metrics": json_safe(model_metrics),
-        "baselines": {name: json_safe(r.metrics) for name, r in baseline_results.items()},
+        "baselines": {name: json_safe(r.metrics.to_dict()) for name, r in baseline_results.items()},
         "versions": _library_versions(),
     }
 

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, report) -> int:
         progress=scaled(report, 0.05, 0.8),
     )
     written = write_comparison(result, out_dir, inputs=inputs, progress=scaled(report, 0.8, 1.0))
-    m = result.metrics
+    m = result.metrics.to_dict()
 
     def fmt(value, digits):
         return "n/a" if value is None else f"{value:.{digits}f}"

@@ -47,11 +47,11 @@ from SyntheticCTLib.training.data import (
     prepare_cases,
 )
 from SyntheticCTLib.training.losses import SynthesisLoss
+from SyntheticCTLib.training.validation import VALIDATION_KEYS, selection_score, validate
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-VALIDATION_KEYS = ("mae_hu", "me_hu", "psnr_db", "ssim", "bone_dice", "surface_mean_mm", "surface_p95_mm")
 EPOCH_COLUMNS = (
     ("epoch", "step", "lr", "train_loss", "train_l1", "train_gradient")
     + tuple(f"val_{k}" for k in VALIDATION_KEYS)
@@ -292,54 +292,8 @@ def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Se
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation
+# Initial weights and batch-norm recalibration (validation scoring: :mod:`.validation`)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def validate(
-    network,
-    config: TrainingConfig,
-    train_cases: Sequence[PreparedCase],
-    validation_cases: Sequence[PreparedCase],
-    work_dir: Path,
-    manifests: Sequence[dict],
-    device,
-) -> Dict[str, Any]:
-    """Score the current weights on whole validation volumes with the product's inference and compare.
-
-    The weights are written as a model package in ``work_dir`` (as :mod:`.export` writes the final one),
-    loaded with :func:`~SyntheticCTLib.models.package.load_model_package`, run by
-    :func:`~SyntheticCTLib.synthesis.inference.synthesize`, and scored by
-    :func:`~SyntheticCTLib.comparison.compare.compare` (through :func:`SyntheticCTLib.apps.evaluation.compare_images`)
-    against each case's CT on the working grid.
-    """
-    from SyntheticCTLib.apps.evaluation import compare_images
-    from SyntheticCTLib.models.package import load_model_package
-    from SyntheticCTLib.synthesis.inference import synthesize
-    from SyntheticCTLib.training.export import build_card, export_package
-
-    card = build_card(config, train_cases, manifests=manifests)
-    if config.validation.overlap is not None:
-        card["overlap"] = float(config.validation.overlap)
-    state = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
-    package = load_model_package(export_package(work_dir, card, state))
-    per_case = []
-    for case in validation_cases:
-        sct = synthesize(case.mri, package, device=str(device))
-        result = compare_images(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
-        metrics = {k: _as_float(result.get(k)) for k in VALIDATION_KEYS}
-        metrics["case"] = case.name
-        per_case.append(metrics)
-        logger.info(
-            "  validation %s: MAE %.1f HU, Dice %.3f, surface mean %.3f / p95 %.3f mm",
-            case.name,
-            metrics["mae_hu"],
-            metrics["bone_dice"],
-            metrics["surface_mean_mm"],
-            metrics["surface_p95_mm"],
-        )
-    mean = {k: _nanmean([m[k] for m in per_case]) for k in VALIDATION_KEYS}
-    return {"mean": mean, "cases": per_case}
 
 
 def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
@@ -428,27 +382,6 @@ def recalibrated_copy(network, sampler: PatchSampler, config: TrainingConfig, de
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return copied.eval()
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _as_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def selection_score(metrics: Dict[str, float]) -> float:
-    """Lower is better: validation bone-surface p95 (mm), ties broken by MAE; NaN ranks last."""
-    p95 = metrics.get("surface_p95_mm", math.nan)
-    mae = metrics.get("mae_hu", math.nan)
-    if not math.isfinite(p95):
-        return math.inf
-    return p95 + 1e-6 * (mae if math.isfinite(mae) else 1e6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
