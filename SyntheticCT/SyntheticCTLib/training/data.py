@@ -168,7 +168,11 @@ def generate_phantom_cases(config: TrainingConfig, *, progress: Optional[Progres
         folder = _phantom_folder(config, spec, seed)
         stamp = folder / "training_key.json"
         key = _phantom_key(spec, seed)
-        if (folder / "case.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        if (
+            (folder / "case.json").is_file()
+            and stamp.is_file()
+            and json.loads(stamp.read_text(encoding="utf-8")) == key
+        ):
             continue
         from SyntheticCTLib.phantom import make_phantom, write_phantom
 
@@ -366,7 +370,7 @@ def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[tuple]:
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if meta.get("key") != key:
