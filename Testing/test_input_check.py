@@ -311,3 +311,54 @@ def test_bundled_model_echoes_out_of_order_are_named():
     echoes = make_phantom(seed=901, size=(64, 64, 48), spacing=2.0).mri
     warnings = check_inputs(list(reversed(echoes)), _bundled_card())
     assert any("different order" in w for w in warnings), warnings
+
+
+# -- every face checks before any model runs ---------------------------------------------------------------
+
+
+def _write_echoes(tmp_path, echoes):
+    paths = []
+    for k, image in enumerate(echoes):
+        path = tmp_path / f"echo{k + 1}.nrrd"
+        sitk.WriteImage(image, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_the_command_line_warns_before_inference_in_the_stream_and_in_the_sct(tmp_path, capsys):
+    import json
+
+    from SyntheticCTLib.cli.main import main
+    from SyntheticCTLib.phantom import make_phantom
+    from SyntheticCTLib.synthesis.input_check import META_INPUT_WARNINGS
+
+    echoes = make_phantom(seed=901, size=(48, 48, 32), spacing=2.5).mri
+    paths = _write_echoes(tmp_path, [echoes[0], echoes[0], echoes[2]])  # echo 1 given twice
+    out = tmp_path / "sct.nrrd"
+    code = main(["synthesize", *[a for p in paths for a in ("-i", p)], "-o", str(out), "--progress", "json"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    checks = [line for line in lines if line.get("stage") == "input check"]
+    assert any("is the same image as" in c["message"] for c in checks)
+    first_inference = next(
+        i for i, line in enumerate(lines) if line.get("stage") not in ("input check", "reading", "model", "")
+    )
+    assert lines.index(checks[0]) < first_inference  # the warnings come before the model runs
+    assert any("is the same image as" in w for w in lines[-1]["input_warnings"])
+    assert "is the same image as" in sitk.ReadImage(str(out)).GetMetaData(META_INPUT_WARNINGS)
+
+
+def test_strict_makes_a_warning_an_error_before_any_output(tmp_path, capsys):
+    from SyntheticCTLib.cli.main import main
+    from SyntheticCTLib.phantom import make_phantom
+
+    echoes = make_phantom(seed=901, size=(48, 48, 32), spacing=2.5).mri
+    paths = _write_echoes(tmp_path, list(reversed(echoes)))  # echoes out of order
+    out = tmp_path / "sct.nrrd"
+    code = main(
+        ["synthesize", *[a for p in paths for a in ("-i", p)], "-o", str(out), "--strict", "--progress", "none"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "--strict" in err and "different order" in err
+    assert not out.exists()

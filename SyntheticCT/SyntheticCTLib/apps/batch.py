@@ -35,6 +35,7 @@ from SyntheticCTLib.kernel.io import atomic_output, check_mri_channels, check_no
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
+from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ def synthesize_cases(
     window: Any = None,
     skip_existing: bool = False,
     resample_channels: bool = False,
+    strict: bool = False,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
@@ -296,9 +298,11 @@ def synthesize_cases(
         try:
             images = [read_volume(p) for p in case.mri]
             check_mri_channels(images, [str(p) for p in case.mri], resample=resample_channels)
+            input_warnings = review_inputs(images, model.card, strict=strict, progress=step, source=case.case_id)
             if synthesizer is None:
                 synthesizer = Synthesizer(model, device=_device_for_rank(device, local_rank, world), window=window)
             result = synthesizer.run(images, progress=scaled(step, 0.0, 0.85), cancel=cancel, tta=tta)
+            stamp_warnings(result.image, input_warnings)
             write_volume(result.image, outputs["sct"], inputs=case.mri)
             if uncertainty and result.uncertainty is not None:
                 write_volume(result.uncertainty, outputs["uncertainty"], inputs=case.mri)
@@ -319,6 +323,7 @@ def synthesize_cases(
                 "world_size": world,
                 "mri": [str(p) for p in case.mri],
                 "outputs": {k: v.name for k, v in outputs.items() if k != "record"},
+                "input_warnings": input_warnings,
                 **result.to_dict(),
             }
         except (Cancelled, KeyboardInterrupt):

@@ -81,6 +81,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also write the per-voxel spread (HU) of flip test-time augmentation (implies --tta)",
     )
     p.add_argument(
+        "--strict",
+        action="store_true",
+        help="make every warning of the input check (channels, voxel size, field of view, orientation, "
+        "intensities, what each channel holds) an error, before any model runs",
+    )
+    p.add_argument(
         "--resample-channels",
         action="store_true",
         help="resample MRI channels that are not on the first channel's grid onto it (by default such channels "
@@ -150,6 +156,7 @@ def _run_one(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.kernel.progress import scaled
     from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
     from SyntheticCTLib.synthesis.inference import Synthesizer
+    from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)
@@ -192,9 +199,11 @@ def _run_one(args: argparse.Namespace, report) -> int:
         sources = [str(inputs[0])] * len(images) if dicom_dir else [str(p) for p in inputs]
         names = [f"{p} ({n})" for p, n in zip(sources, _input_names(model))]
         check_mri_channels(images, names, resample=args.resample_channels)
+        input_warnings = review_inputs(images, model.card, strict=args.strict, progress=report)
         want_uncertainty = uncertainty is not None
         synthesizer = Synthesizer(model, device=args.device, window=_window(args))
         result = synthesizer.run(images, progress=scaled(report, 0.1, 0.85), tta=args.tta or want_uncertainty)
+        stamp_warnings(result.image, input_warnings)
         report(0.85, "writing", str(output))
         write_volume(result.image, staged.file(output), inputs=inputs)
         if want_uncertainty:
@@ -211,7 +220,7 @@ def _run_one(args: argparse.Namespace, report) -> int:
             check_dicom_target(dicom_out, inputs + [output], overwrite=False)
         staged.commit()  # every output, or none
     report(1.0, "done", f"{output}")
-    line = {"output": str(output), **result.to_dict(), **_model_provenance(model)}
+    line = {"output": str(output), **result.to_dict(), **_model_provenance(model), "input_warnings": input_warnings}
     if want_uncertainty:
         line["uncertainty_output"] = str(uncertainty)
     if exported is not None:
@@ -275,6 +284,7 @@ def _run_batch(args: argparse.Namespace, report) -> int:
         window=_window(args),
         skip_existing=args.skip_existing,
         resample_channels=args.resample_channels,
+        strict=args.strict,
         progress=report,
     )
     done = sum(1 for r in summary.records if r.get("status") == "done")

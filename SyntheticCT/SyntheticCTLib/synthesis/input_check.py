@@ -24,14 +24,18 @@ are compared through scale-free ratios: the shape of each channel's distribution
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.models.package import card_orientation
+
+logger = logging.getLogger(__name__)
 
 # How far a quantity may stray from the training data before a warning (a factor either way).
 SPACING_FACTOR = 1.5
@@ -399,3 +403,40 @@ def check_inputs(
         if stats:
             warnings += _check_statistics(stats, card, labels)
     return warnings
+
+
+META_INPUT_WARNINGS = "SyntheticCT_InputWarnings"
+"""Metadata key of the input-check warnings on a synthetic CT (kept by NRRD and MetaImage files)."""
+
+
+def review_inputs(
+    images: Sequence[sitk.Image],
+    card: Mapping[str, Any],
+    *,
+    strict: bool = False,
+    progress: Optional[Any] = None,
+    source: str = "",
+) -> List[str]:
+    """Run :func:`check_inputs` before any model runs, and tell every face what it found.
+
+    Each warning is logged, and sent through ``progress`` as ``report(0.0, "input check", warning)``
+    (the JSON progress stream a GUI reads). With ``strict`` any warning is an
+    :class:`~SyntheticCTLib.kernel.errors.InvalidParameterError` naming ``source``. Returns the warnings,
+    for the synthetic CT's metadata (:func:`stamp_warnings`).
+    """
+    warnings = check_inputs(images, card)
+    for warning in warnings:
+        logger.warning("%s%s", f"{source}: " if source else "", warning)
+        if progress is not None:
+            progress(0.0, "input check", warning)
+    if strict and warnings:
+        more = f" (and {len(warnings) - 1} more warning{'s' if len(warnings) > 2 else ''})" if len(warnings) > 1 else ""
+        raise InvalidParameterError(
+            f"{source + ': ' if source else ''}the input check warned (--strict makes that an error): {warnings[0]}{more}"
+        )
+    return warnings
+
+
+def stamp_warnings(image: sitk.Image, warnings: Sequence[str]) -> None:
+    """Write the input check's warnings into ``image``'s metadata (empty: "none")."""
+    image.SetMetaData(META_INPUT_WARNINGS, " | ".join(warnings) if warnings else "none")
