@@ -35,6 +35,8 @@ from SyntheticCTLib.kernel.io import atomic_output, check_mri_channels, check_no
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
+from SyntheticCTLib.synthesis.dicom_export import export_dicom_series
+from SyntheticCTLib.synthesis.inference import Synthesizer
 from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
 logger = logging.getLogger(__name__)
@@ -249,8 +251,6 @@ def synthesize_cases(
     A case that fails with a :class:`~SyntheticCTLib.kernel.errors.SyntheticCTError` (bad input) is recorded
     as ``"failed"`` and the others go on; cancellation stops at once (finished cases stay complete).
     """
-    from SyntheticCTLib.synthesis.dicom_export import export_dicom_series
-    from SyntheticCTLib.synthesis.inference import Synthesizer
 
     report = with_cancel(progress or no_progress, cancel)
     env_rank, env_world, local_rank = distributed_context()

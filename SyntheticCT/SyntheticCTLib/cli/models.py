@@ -7,6 +7,8 @@ import json
 import sys
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.models import catalog
+from SyntheticCTLib.models.cache import cache_dir
 
 ACTIONS = ("list", "add", "add-catalog", "fetch", "verify", "remove", "path", "clear")
 
@@ -96,8 +98,6 @@ def _table(entries) -> str:
 
 
 def run(args, report) -> int:
-    from SyntheticCTLib.models import catalog
-    from SyntheticCTLib.models.cache import cache_dir
 
     if not getattr(args, "action", None):
         args._models_parser.print_help(sys.stderr)

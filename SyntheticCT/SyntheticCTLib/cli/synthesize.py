@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 from SyntheticCTLib.cli.options import add_command, add_device_option
+from SyntheticCTLib.kernel.errors import InvalidParameterError, VolumeWriteError
+from SyntheticCTLib.kernel.progress import scaled
+from SyntheticCTLib.models.catalog import resolve_model
+from SyntheticCTLib.models.hashing import sha256_file
+from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
 
 EPILOG = """\
 one case:
@@ -108,8 +115,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _resolve_model(name_or_path: str, report):
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.models.catalog import resolve_model
 
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
 
@@ -126,7 +131,6 @@ def _window(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     batch = bool(args.cases or args.case_list)
     if batch and args.inputs:
@@ -141,9 +145,7 @@ def run(args: argparse.Namespace, report) -> int:
 
 
 def _run_one(args: argparse.Namespace, report) -> int:
-    from pathlib import Path
 
-    from SyntheticCTLib.kernel.errors import VolumeWriteError
     from SyntheticCTLib.kernel.io import (
         OutputLock,
         StagedOutputs,
@@ -153,8 +155,6 @@ def _run_one(args: argparse.Namespace, report) -> int:
         sweep_stale_partials,
         write_volume,
     )
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
     from SyntheticCTLib.synthesis.inference import Synthesizer
     from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
@@ -237,7 +237,6 @@ def _input_names(model) -> list:
 
 def _model_provenance(model) -> dict:
     """Which model ran: name, version, where it came from, and the SHA-256 of its model.json."""
-    from SyntheticCTLib.models.hashing import sha256_file
 
     card = getattr(model, "root", None)
     try:
@@ -252,7 +251,6 @@ def _model_provenance(model) -> dict:
 
 
 def _announce_model(model) -> None:
-    import logging
 
     info = _model_provenance(model)
     logging.getLogger("SyntheticCTLib").info(

@@ -23,11 +23,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from scipy import ndimage
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.comparison import rendering
 from SyntheticCTLib.comparison.bone import dice, segment_bone
 from SyntheticCTLib.comparison.metric_registry import REQUIRED_KEYS, ComparisonMetrics
 from SyntheticCTLib.comparison.metrics import HU_RANGE, image_metrics
+from SyntheticCTLib.comparison.report_html import comparison_report
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
@@ -52,7 +55,7 @@ from SyntheticCTLib.kernel.errors import (
 )
 from SyntheticCTLib.kernel.geometry import resample_like, same_grid
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MIN_HU
-from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.io import atomic_output, check_not_input, ensure_output_dir, validate_volume
 from SyntheticCTLib.kernel.masks import ct_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
@@ -533,7 +536,6 @@ def _metrics_record(
 
 def _interior(region: np.ndarray) -> np.ndarray:
     """``region`` without its outer voxel layer and without the image's border voxels."""
-    from scipy import ndimage
 
     inner = np.zeros_like(region, dtype=bool)
     inner[1:-1, 1:-1, 1:-1] = region[1:-1, 1:-1, 1:-1]
@@ -561,7 +563,6 @@ def _bone_local_rows(
     progress: ProgressCallback,
 ) -> List[dict]:
     """Replace the rows of bones that have their own transform with bone-local measurements."""
-    from scipy import ndimage
 
     reference = images.reference
 
@@ -692,9 +693,6 @@ def write_comparison(
     ``surface_side.png``, ``surface_back.png``, ``checkerboard.png``, ``difference.png``,
     ``distance_histogram.png``) and ``report.html``, each written atomically.
     """
-    from SyntheticCTLib.comparison import rendering
-    from SyntheticCTLib.comparison.report_html import comparison_report
-    from SyntheticCTLib.kernel.io import check_not_input
 
     report = progress or no_progress
     out = ensure_output_dir(out_dir, what="comparison folder")

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Collection, Optional, Union
 
+from SyntheticCTLib.kernel.io import atomic_output
 from SyntheticCTLib.models.errors import ModelPackageError, UnsafeArchiveError
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,6 @@ def zip_folder(folder: Union[str, Path], archive: Union[str, Path], *, arc_root:
 
     Members are stored under ``arc_root/`` when given, else at the archive root.
     """
-    from SyntheticCTLib.kernel.io import atomic_output
 
     folder, archive = Path(folder), Path(archive)
     with atomic_output(archive) as tmp:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.io import is_temporary_name
 from SyntheticCTLib.kernel.types import PathLike
 
 ENV_VAR = "SYNTHETICCT_HOME"
@@ -100,7 +101,6 @@ def _write_marker(path: Path) -> None:
 
 def foreign_entries(root: Path) -> list:
     """Top-level names in ``root`` that a cache of ours never holds (sorted)."""
-    from SyntheticCTLib.kernel.io import is_temporary_name
 
     try:
         return sorted(p.name for p in root.iterdir() if p.name not in OWN_NAMES and not is_temporary_name(p.name))

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from SyntheticCTLib.kernel.io import atomic_output, sweep_stale_partials
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, bytes_progress, no_progress, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models import cache as _cache
@@ -47,6 +50,7 @@ from SyntheticCTLib.models.package import (
     MODEL_CARD,
     ModelPackage,
     extract_package_zip,
+    input_label,
     load_model_package,
     read_card,
 )
@@ -135,7 +139,6 @@ def _check_name(value: Any, what: str, source: str) -> str:
 
 
 def _is_remote(url: Optional[str]) -> bool:
-    import urllib.parse
 
     return bool(url) and urllib.parse.urlsplit(str(url)).scheme.lower() in ("http", "https")
 
@@ -145,7 +148,6 @@ def parse_entry(data: Any, source: str, *, base_url: Optional[str] = None, allow
 
     An entry of a remote catalog (``base_url`` over http or https) may name only http(s) URLs: a
     ``file:`` URL there would make the catalog's author read the user's local files."""
-    import urllib.parse
 
     if not isinstance(data, dict):
         raise CatalogError(f"Catalog '{source}': every entry must be an object (got {type(data).__name__}).")
@@ -246,7 +248,6 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from SyntheticCTLib.kernel.io import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -418,7 +419,6 @@ def _entry_or_path(name_or_path: PathLike, root: Path) -> Tuple[Optional[Catalog
 
 def _downloads(root: Path) -> Path:
     """The cache's downloads folder, created, writable, and swept of what killed runs left there."""
-    from SyntheticCTLib.kernel.io import sweep_stale_partials
 
     downloads = _cache.ensure_writable_dir(_cache.downloads_dir(root))
     sweep_stale_partials(downloads, everything=True)
@@ -429,7 +429,6 @@ def _install_archive(
     root: Path, archive: Path, name: str, version: str, origin: Dict[str, Any], *, replace: bool = False
 ) -> Path:
     """Extract ``archive`` safely, verify the package, record its origin, rename it into the cache."""
-    from SyntheticCTLib.kernel.io import sweep_stale_partials
 
     target = _cache.models_dir(root) / name / version
     _cache.ensure_writable_dir(target.parent)
@@ -576,7 +575,6 @@ def fetch_model(name: str, **kwargs) -> ModelPackage:
 
 
 def _card_summary(card: Dict[str, Any]) -> Dict[str, Any]:
-    from SyntheticCTLib.models.package import input_label
 
     inputs = card.get("inputs", [])
     sequences = sorted({str(i.get("sequence")) for i in inputs if i.get("sequence")})
@@ -761,8 +759,6 @@ def add_catalog(
 
 def check_catalog_url(url: str, *, allow_http: bool = False) -> str:
     """Refuse a plain ``http`` catalog URL unless its host is a loopback address or ``allow_http``."""
-    import ipaddress
-    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != "http" or allow_http:

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import weakref
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -582,7 +583,6 @@ def _zip_card_root(names: List[str], archive: Path) -> str:
 def extract_package_zip(archive: PathLike, target: PathLike) -> Path:
     """Extract a model package ``.zip`` into the new folder ``target``: ``model.json`` and the weight files it
     names, nothing else. Returns the package folder (``target`` or its single sub-folder)."""
-    import zipfile
 
     archive, target = Path(archive), Path(target)
     try:
