@@ -15,6 +15,7 @@ from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.progress import parse_progress_line
 from SyntheticCTLib.models import catalog
 from SyntheticCTLib.models.cache import ENV_VAR, cache_dir, platform_cache_dir
+from SyntheticCTLib.models.cache import MARKER as CACHE_MARKER
 from SyntheticCTLib.models.catalog import (
     add_catalog,
     add_model,
@@ -60,7 +61,10 @@ def resources(tmp_path, monkeypatch):
 
 
 def listing(root: Path) -> list:
-    return sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+    """Files under ``root``, less the marker that says a folder is a cache of ours."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file() and p.name != CACHE_MARKER
+    )
 
 
 def status_of(cache: Path) -> dict:

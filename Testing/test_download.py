@@ -14,6 +14,7 @@ from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip
 
 from SyntheticCTLib.kernel.errors import Cancelled
 from SyntheticCTLib.kernel.progress import CancelToken
+from SyntheticCTLib.models.cache import MARKER as CACHE_MARKER
 from SyntheticCTLib.models.catalog import add_catalog, list_models, resolve_model
 from SyntheticCTLib.models.download import check_url, download, path_to_url
 from SyntheticCTLib.models.errors import ChecksumError, DownloadError
@@ -41,7 +42,10 @@ def payload() -> bytes:
 
 
 def listing(root: Path) -> list:
-    return sorted(p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file())
+    """Files under ``root``, less the marker that says a folder is a cache of ours."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in Path(root).rglob("*") if p.is_file() and p.name != CACHE_MARKER
+    )
 
 
 def assert_cache_verified(root: Path, *, allowed_blobs=()) -> None:

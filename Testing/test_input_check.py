@@ -237,3 +237,128 @@ def test_phantom_cases_pass_against_each_others_statistics():
         assert check_inputs(b.mri, card) == [], seed
     swapped = [b.mri[1], b.mri[0]] + list(b.mri[2:])
     assert any("different order" in w for w in check_inputs(swapped, card))
+
+
+# -- what a channel is: each check tried on a real scan ----------------------------------------------------
+
+
+def _bundled_card() -> dict:
+    import json
+
+    from SyntheticCTLib.models.catalog import resources_dir
+
+    return json.loads((resources_dir() / "models" / "phantom-spine-megre" / "model.json").read_text())
+
+
+def _real(real_data_dir, name: str) -> sitk.Image:
+    from SyntheticCTLib.kernel.io import read_volume
+
+    return read_volume(real_data_dir / name)
+
+
+def test_the_same_real_mri_given_three_times_is_named(real_data_dir):
+    mr = _real(real_data_dir, "mri/totalsegmentator_example_mr_sm.nii.gz")
+    warnings = check_inputs([mr, mr, mr], _bundled_card())
+    same = [w for w in warnings if "is the same image as" in w]
+    assert len(same) == 3, warnings  # 2 = 1, 3 = 1, 3 = 2
+    scaled = sitk.Cast(mr, sitk.sitkFloat32) * 2.5
+    assert any("is the same image as" in w for w in check_inputs([sitk.Cast(mr, sitk.sitkFloat32), scaled], {}))
+
+
+def test_a_real_ct_given_as_an_mri_is_named(real_data_dir):
+    ct = _real(real_data_dir, "ct/totalsegmentator_example_ct.nii.gz")
+    warnings = check_inputs([ct], {"inputs": [{"name": "echo1"}]})
+    assert any("looks like a CT" in w for w in warnings), warnings
+
+
+def test_a_label_map_given_as_echo_2_is_named(real_data_dir):
+    mr = _real(real_data_dir, "mri/totalsegmentator_example_mr_sm.nii.gz")
+    array = sitk.GetArrayFromImage(mr)
+    labels = np.digitize(array, np.percentile(array, [50, 80, 95])).astype(np.uint8)
+    label_map = sitk.GetImageFromArray(labels)
+    label_map.CopyInformation(mr)
+    warnings = check_inputs([mr, label_map, mr], _bundled_card())
+    assert any("echo 2" in w and "label map" in w and "4 distinct values" in w for w in warnings), warnings
+
+
+def test_an_8_bit_export_is_named(real_data_dir):
+    t1 = _real(real_data_dir, "mri/niivue_chris_t1.nii.gz")
+    assert t1.GetPixelID() == sitk.sitkUInt8
+    warnings = check_inputs([t1], {"inputs": [{"name": "T1"}]})
+    assert any("8-bit intensities" in w for w in warnings), warnings
+    rgb = sitk.Compose(t1, t1, t1)
+    assert any("3 values per voxel" in w for w in check_inputs([rgb], {"inputs": [{"name": "T1"}]}))
+
+
+def test_thick_slices_and_coarse_abdominal_mr_are_named_against_the_bundled_card(real_data_dir):
+    card = _bundled_card()
+    post = _real(real_data_dir, "mri/pyradiomics_brain1_t1post.nrrd")  # 6.5 mm slices
+    assert any("coarser" in w and "6.5" in w for w in check_inputs([post] * 3, card))
+    abdomen = _real(real_data_dir, "mri/totalsegmentator_example_mr_sm.nii.gz")  # 3 mm
+    assert any("coarser" in w for w in check_inputs([abdomen] * 3, card))
+
+
+def test_real_scans_of_the_right_kind_raise_no_content_warning(real_data_dir):
+    """The content checks stay quiet on a 16-bit real MRI: no CT, label-map, 8-bit or repeat warning."""
+    mr = _real(real_data_dir, "mri/totalsegmentator_example_mr_sm.nii.gz")
+    words = ("looks like a CT", "label map", "8-bit", "same image", "values per voxel")
+    assert not [w for w in check_inputs([mr], {"inputs": [{"name": "T1"}]}) if any(x in w for x in words)]
+
+
+def test_bundled_model_echoes_out_of_order_are_named():
+    from SyntheticCTLib.phantom import make_phantom
+
+    echoes = make_phantom(seed=901, size=(64, 64, 48), spacing=2.0).mri
+    warnings = check_inputs(list(reversed(echoes)), _bundled_card())
+    assert any("different order" in w for w in warnings), warnings
+
+
+# -- every face checks before any model runs ---------------------------------------------------------------
+
+
+def _write_echoes(tmp_path, echoes):
+    paths = []
+    for k, image in enumerate(echoes):
+        path = tmp_path / f"echo{k + 1}.nrrd"
+        sitk.WriteImage(image, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def test_the_command_line_warns_before_inference_in_the_stream_and_in_the_sct(tmp_path, capsys):
+    import json
+
+    from SyntheticCTLib.cli.main import main
+    from SyntheticCTLib.phantom import make_phantom
+    from SyntheticCTLib.synthesis.input_check import META_INPUT_WARNINGS
+
+    echoes = make_phantom(seed=901, size=(48, 48, 32), spacing=2.5).mri
+    paths = _write_echoes(tmp_path, [echoes[0], echoes[0], echoes[2]])  # echo 1 given twice
+    out = tmp_path / "sct.nrrd"
+    code = main(["synthesize", *[a for p in paths for a in ("-i", p)], "-o", str(out), "--progress", "json"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    checks = [line for line in lines if line.get("stage") == "input check"]
+    assert any("is the same image as" in c["message"] for c in checks)
+    first_inference = next(
+        i for i, line in enumerate(lines) if line.get("stage") not in ("input check", "reading", "model", "")
+    )
+    assert lines.index(checks[0]) < first_inference  # the warnings come before the model runs
+    assert any("is the same image as" in w for w in lines[-1]["input_warnings"])
+    assert "is the same image as" in sitk.ReadImage(str(out)).GetMetaData(META_INPUT_WARNINGS)
+
+
+def test_strict_makes_a_warning_an_error_before_any_output(tmp_path, capsys):
+    from SyntheticCTLib.cli.main import main
+    from SyntheticCTLib.phantom import make_phantom
+
+    echoes = make_phantom(seed=901, size=(48, 48, 32), spacing=2.5).mri
+    paths = _write_echoes(tmp_path, list(reversed(echoes)))  # echoes out of order
+    out = tmp_path / "sct.nrrd"
+    code = main(
+        ["synthesize", *[a for p in paths for a in ("-i", p)], "-o", str(out), "--strict", "--progress", "none"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "--strict" in err and "different order" in err
+    assert not out.exists()

@@ -164,7 +164,21 @@ def test_unknown_format_and_unwritable_folder(tmp_path):
 
 
 def write_dicom_series(folder: Path, image: sitk.Image, series_uid: str, description: str) -> None:
-    """Write ``image`` as a DICOM series with SimpleITK (one file per slice)."""
+    """Write ``image`` as a DICOM series with SimpleITK (one file per slice).
+
+    GDCM's writer leaves the process's C locale at "C" (text I/O would then default to ASCII): it is
+    put back afterwards, so later tests in the same process are not affected.
+    """
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(folder, image, series_uid, description)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(folder: Path, image: sitk.Image, series_uid: str, description: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.Cast(image, sitk.sitkInt16)
     writer = sitk.ImageFileWriter()

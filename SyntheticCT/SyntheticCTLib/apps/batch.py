@@ -31,10 +31,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
-from SyntheticCTLib.kernel.io import atomic_output, check_not_input, read_volume, write_volume
+from SyntheticCTLib.kernel.io import atomic_output, check_mri_channels, check_not_input, read_volume, write_volume
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
+from SyntheticCTLib.synthesis.dicom_export import export_dicom_series
+from SyntheticCTLib.synthesis.inference import Synthesizer
+from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +222,8 @@ def synthesize_cases(
     dicom: bool = False,
     window: Any = None,
     skip_existing: bool = False,
+    resample_channels: bool = False,
+    strict: bool = False,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
@@ -238,14 +243,14 @@ def synthesize_cases(
         Also write a DICOM CT series per case (patient/study tags from the first MRI when it is DICOM).
     skip_existing
         Skip cases whose ``ID.json`` record says ``"done"``.
+    resample_channels
+        Resample MRI channels that are not on the first channel's grid (by default such a case fails).
     rank, world_size
         Default: from the environment (:func:`distributed_context`).
 
     A case that fails with a :class:`~SyntheticCTLib.kernel.errors.SyntheticCTError` (bad input) is recorded
     as ``"failed"`` and the others go on; cancellation stops at once (finished cases stay complete).
     """
-    from SyntheticCTLib.synthesis.dicom_export import export_dicom_series
-    from SyntheticCTLib.synthesis.inference import Synthesizer
 
     report = with_cancel(progress or no_progress, cancel)
     env_rank, env_world, local_rank = distributed_context()
@@ -259,9 +264,7 @@ def synthesize_cases(
     if duplicates:
         raise InvalidParameterError(f"Case ids must be unique; repeated: {', '.join(duplicates)}.")
     out_dir = Path(out_dir)
-    for case in all_cases:
-        for path in case_outputs(out_dir, case.case_id, uncertainty=uncertainty, dicom=dicom).values():
-            check_not_input(path, case.mri)
+    _check_batch_outputs(all_cases, out_dir, world, uncertainty=uncertainty, dicom=dicom)
     mine = all_cases[rank::world]
     logger.info(
         "Rank %d of %d: %d of %d case(s): %s",
@@ -273,8 +276,19 @@ def synthesize_cases(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = BatchSummary(rank=rank, world_size=world, cases=[c.case_id for c in mine])
-    synthesizer = None
-    tta = tta or uncertainty
+    run = _CaseRun(
+        model=model,
+        device=_device_for_rank(device, local_rank, world),
+        window=window,
+        tta=tta or uncertainty,
+        uncertainty=uncertainty,
+        dicom=dicom,
+        resample_channels=resample_channels,
+        strict=strict,
+        rank=rank,
+        world=world,
+        cancel=cancel,
+    )
     for i, case in enumerate(mine):
         outputs = case_outputs(out_dir, case.case_id, uncertainty=uncertainty, dicom=dicom)
         step = scaled(report, i / max(len(mine), 1), (i + 1) / max(len(mine), 1))
@@ -283,50 +297,90 @@ def synthesize_cases(
             summary.records.append({"case": case.case_id, "status": "skipped", "rank": rank})
             continue
         step(0.0, "case", f"{case.case_id} ({i + 1} of {len(mine)})")
+        record = run.case(case, outputs, step)
+        _write_json(outputs["record"], record)
+        summary.records.append(record)
+        step(1.0, "case", f"{case.case_id}: {record['status']}")
+    return _write_summaries(summary, out_dir, rank, world)
+
+
+def _check_batch_outputs(
+    cases: Sequence[SynthesisCase], out_dir: Path, world: int, *, uncertainty: bool, dicom: bool
+) -> None:
+    """No output may replace any input of any case: its MRI files, or the case file itself.
+
+    (``--case case -o case`` would otherwise write case/case.json over the case's own case.json.)
+    """
+    every_input = [p for c in cases for p in (*c.mri, *((c.source,) if c.source is not None else ()))]
+    shared = [out_dir / SUMMARY_FILE] + [out_dir / f"synthesis_rank{r}of{world}.json" for r in range(world)]
+    for case in cases:
+        for path in case_outputs(out_dir, case.case_id, uncertainty=uncertainty, dicom=dicom).values():
+            check_not_input(path, every_input)
+    for path in shared:
+        check_not_input(path, every_input)
+
+
+@dataclass
+class _CaseRun:
+    """What every case of a batch shares; the network is built at the first case and reused."""
+
+    model: Any
+    device: str
+    window: Any
+    tta: bool
+    uncertainty: bool
+    dicom: bool
+    resample_channels: bool
+    strict: bool
+    rank: int
+    world: int
+    cancel: Optional[CancelToken]
+    synthesizer: Any = None
+
+    def case(self, case: SynthesisCase, outputs: Dict[str, Path], step: ProgressCallback) -> Dict[str, Any]:
+        """Synthesise one case into ``outputs``; its record, ``"done"`` or ``"failed"`` (bad input)."""
         t0 = time.perf_counter()
+        head = {"case": case.case_id, "rank": self.rank, "world_size": self.world, "mri": [str(p) for p in case.mri]}
         try:
-            images = [read_volume(p) for p in case.mri]
-            if synthesizer is None:
-                synthesizer = Synthesizer(model, device=_device_for_rank(device, local_rank, world), window=window)
-            result = synthesizer.run(images, progress=scaled(step, 0.0, 0.85), cancel=cancel, tta=tta)
-            write_volume(result.image, outputs["sct"], inputs=case.mri)
-            if uncertainty and result.uncertainty is not None:
-                write_volume(result.uncertainty, outputs["uncertainty"], inputs=case.mri)
-            if dicom:
-                export_dicom_series(
-                    result.image,
-                    outputs["dicom"],
-                    source=images[0],
-                    inputs=case.mri,
-                    overwrite=True,
-                    progress=scaled(step, 0.85, 1.0),
-                    cancel=cancel,
-                )
-            record = {
-                "case": case.case_id,
-                "status": "done",
-                "rank": rank,
-                "world_size": world,
-                "mri": [str(p) for p in case.mri],
-                "outputs": {k: v.name for k, v in outputs.items() if k != "record"},
-                **result.to_dict(),
-            }
+            record = {**head, "status": "done", **self._synthesize(case, outputs, step)}
         except (Cancelled, KeyboardInterrupt):
             raise
         except SyntheticCTError as e:
             logger.error("Case %s failed: %s", case.case_id, e)
-            record = {
-                "case": case.case_id,
-                "status": "failed",
-                "rank": rank,
-                "world_size": world,
-                "mri": [str(p) for p in case.mri],
-                "error": str(e),
-            }
+            record = {**head, "status": "failed", "error": str(e)}
         record["elapsed_s"] = round(time.perf_counter() - t0, 3)
-        _write_json(outputs["record"], record)
-        summary.records.append(record)
-        step(1.0, "case", f"{case.case_id}: {record['status']}")
+        return record
+
+    def _synthesize(self, case: SynthesisCase, outputs: Dict[str, Path], step: ProgressCallback) -> Dict[str, Any]:
+        images = [read_volume(p) for p in case.mri]
+        check_mri_channels(images, [str(p) for p in case.mri], resample=self.resample_channels)
+        input_warnings = review_inputs(images, self.model.card, strict=self.strict, progress=step, source=case.case_id)
+        if self.synthesizer is None:
+            self.synthesizer = Synthesizer(self.model, device=self.device, window=self.window)
+        result = self.synthesizer.run(images, progress=scaled(step, 0.0, 0.85), cancel=self.cancel, tta=self.tta)
+        stamp_warnings(result.image, input_warnings)
+        write_volume(result.image, outputs["sct"], inputs=case.mri)
+        if self.uncertainty and result.uncertainty is not None:
+            write_volume(result.uncertainty, outputs["uncertainty"], inputs=case.mri)
+        if self.dicom:
+            export_dicom_series(
+                result.image,
+                outputs["dicom"],
+                source=images[0],
+                inputs=case.mri,
+                overwrite=True,
+                progress=scaled(step, 0.85, 1.0),
+                cancel=self.cancel,
+            )
+        return {
+            "outputs": {k: v.name for k, v in outputs.items() if k != "record"},
+            "input_warnings": input_warnings,
+            **result.to_dict(),
+        }
+
+
+def _write_summaries(summary: BatchSummary, out_dir: Path, rank: int, world: int) -> BatchSummary:
+    """The summary file (one rank), or this rank's file and, on rank 0, the merged summary (torchrun)."""
     if world == 1:
         summary.summary_file = out_dir / SUMMARY_FILE
         _write_json(

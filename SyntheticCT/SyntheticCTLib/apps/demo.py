@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.apps import report as report_lib
 from SyntheticCTLib.apps.report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
@@ -49,6 +51,11 @@ from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, write_vol
 from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
+from SyntheticCTLib.models import resolve_model
+from SyntheticCTLib.registration import registration as registration_lib
+from SyntheticCTLib.registration.initialization import mask_points
+from SyntheticCTLib.registration.registration import target_registration_error
+from SyntheticCTLib.synthesis import baselines
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +217,6 @@ def bone_tre(
     :func:`~SyntheticCTLib.registration.registration.target_registration_error`. Returns mean, median,
     p95 and max (mm) and the number of points.
     """
-    from SyntheticCTLib.registration.initialization import mask_points
-    from SyntheticCTLib.registration.registration import target_registration_error
 
     points = mask_points(mask, max_points=max_points)
     if len(points) == 0:
@@ -283,7 +288,6 @@ class _Steps:
 
 def _library_versions() -> Dict[str, str]:
     versions = {"SyntheticCTLib": __version__, "SimpleITK": sitk.Version.VersionString(), "numpy": np.__version__}
-    import sys
 
     if "torch" in sys.modules:
         versions["torch"] = sys.modules["torch"].__version__
@@ -297,7 +301,6 @@ def _library_versions() -> Dict[str, str]:
 
 def _baselines() -> List[Tuple[str, Callable[..., sitk.Image]]]:
     """The two non-learning baselines of :mod:`SyntheticCTLib.synthesis.baselines`, as (name, function) pairs."""
-    from SyntheticCTLib.synthesis import baselines
 
     return list(baselines.BASELINES.items())
 
@@ -354,7 +357,6 @@ def run_demo(
     if out_path.exists() and not out_path.is_dir():  # before any work; ensure_output_dir words it
         ensure_output_dir(out_path, what="demo's output folder (OUT_DIR)")
     # The model and the device next: a wrong name, a corrupt package or a missing GPU fails before any work.
-    from SyntheticCTLib.models import resolve_model
     from SyntheticCTLib.synthesis.inference import select_device
 
     package = model if hasattr(model, "card") else resolve_model(model)
@@ -507,7 +509,6 @@ def _make_case(s: _Settings, progress: ProgressCallback):
 
 def _move_ct(s: _Settings, case: Any, progress: ProgressCallback) -> Tuple[sitk.Transform, sitk.Image, sitk.Image]:
     """2. move CT: the recorded random rigid move, the moved CT and bone labels on the CT's own grid."""
-    from SyntheticCTLib.registration import registration as registration_lib
 
     centre = grid_centre(case.ct)
     true = random_rigid_transform(s.seed, centre, max_rotation_deg=s.max_rotation_deg, max_shift_mm=s.max_shift_mm)
@@ -539,7 +540,6 @@ def _register(
     progress: ProgressCallback,
 ) -> Tuple[Any, Dict[str, Any]]:
     """4. register: the sCT to the moved CT (rigid), and the TRE over the moved CT's bone voxels."""
-    from SyntheticCTLib.registration import registration as registration_lib
 
     result = registration_lib.register(ct_moved, sct, mode="rigid", metric="auto", progress=progress)
     registration_lib.write_transform(result.transform, s.work / "transform_registration.tfm")
@@ -651,7 +651,6 @@ def _write_report(
     progress: ProgressCallback,
 ) -> None:
     """7. report: the self-contained ``report.html``, its pictures in ``images/``."""
-    from SyntheticCTLib.apps import report as report_lib
 
     report_lib.write_demo_report(
         s.work / REPORT_FILE,

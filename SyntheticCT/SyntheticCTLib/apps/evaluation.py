@@ -31,12 +31,21 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.apps.report import slices_png
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
 from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.models.catalog import resolve_model
+from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, read_card
+from SyntheticCTLib.registration.registration import register
+from SyntheticCTLib.synthesis.baselines import BASELINES
+from SyntheticCTLib.synthesis.inference import synthesize
+from SyntheticCTLib.training.config import ConfigError
+from SyntheticCTLib.training.data import read_case_manifest, read_mri_channels
 from SyntheticCTLib.training.validation import score
 
 logger = logging.getLogger(__name__)
@@ -77,8 +86,6 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
     InvalidParameterError
         A path is missing or holds no case; two cases share a name.
     """
-    from SyntheticCTLib.training.config import ConfigError
-    from SyntheticCTLib.training.data import read_case_manifest
 
     cases: List[EvaluationCase] = []
     for raw in paths:
@@ -164,8 +171,6 @@ def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallbac
     """Register the MRI (moving) to the CT (fixed): the transform maps CT points to MRI (= sCT) points."""
     if mode == "none":
         return None
-    from SyntheticCTLib.kernel.geometry import resample_like
-    from SyntheticCTLib.registration.registration import register
 
     rigid = register(ct, mri, mode="rigid", progress=scaled(progress, 0.0, 0.5))
     logger.info("Rigid MRI-to-CT registration: metric %.4f.", float(rigid.metric_value))
@@ -221,8 +226,6 @@ def _write_csvs(
 def _case_png(
     path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
 ) -> None:
-    from SyntheticCTLib.apps.report import slices_png
-    from SyntheticCTLib.kernel.geometry import resample_like
 
     mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
     sct_on_ct = resample_like(sct, ct, transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
@@ -261,7 +264,6 @@ def evaluate(
     save_sct
         Also write each sCT as ``sct/<case>_<method>.nii.gz``.
     """
-    from SyntheticCTLib.synthesis.baselines import BASELINES
 
     if align not in ALIGN_MODES:
         raise InvalidParameterError(f"align must be one of {', '.join(ALIGN_MODES)} (got {align!r}).")
@@ -309,9 +311,6 @@ class _CaseSettings:
 
 def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: ProgressCallback):
     """Synthesize and score every method on one case; return its metrics, times and picture (or None)."""
-    from SyntheticCTLib.synthesis.baselines import BASELINES
-    from SyntheticCTLib.synthesis.inference import synthesize
-    from SyntheticCTLib.training.data import read_mri_channels
 
     package = settings.package
     mri = read_mri_channels(case.mri)
@@ -424,11 +423,9 @@ def _write_outputs(
 
 
 def _resolve_model(model: Any):
-    from SyntheticCTLib.models.package import ModelPackage
 
     if isinstance(model, ModelPackage):
         return model
-    from SyntheticCTLib.models.catalog import resolve_model
 
     path = Path(str(model))
     if path.exists():
@@ -457,7 +454,6 @@ def record_in_card(
     changes; the weights and their hashes do not. Raises :class:`InvalidParameterError` unless ``model``
     is a package folder.
     """
-    from SyntheticCTLib.models.package import MODEL_CARD, read_card
 
     folder = Path(str(model))
     if not (folder.is_dir() and (folder / MODEL_CARD).is_file()):

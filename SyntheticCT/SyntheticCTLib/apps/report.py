@@ -29,7 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.comparison import report_html
 from SyntheticCTLib.comparison.metric_registry import METRICS, REPORT_KEYS, spec_of
+from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.io import atomic_output
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
 from SyntheticCTLib.kernel.types import PathLike
@@ -53,7 +55,6 @@ details summary { cursor: pointer; color: #2a6ebb; margin: 6px 0; }
 
 
 def _html():
-    from SyntheticCTLib.comparison import report_html
 
     return report_html
 
@@ -349,7 +350,6 @@ def write_demo_report(
     images_dir
         Where to save the report's own slice panel as ``slices.png`` (optional).
     """
-    from SyntheticCTLib.kernel.geometry import resample_like
 
     h = _html()
     path = Path(path)

@@ -7,6 +7,9 @@ import json
 import sys
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.dicom_series import read_any
+from SyntheticCTLib.kernel.errors import VolumeWriteError
+from SyntheticCTLib.kernel.io import check_not_input, volume_suffix, write_volume
 
 EPILOG = """\
 examples:
@@ -36,9 +39,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.dicom_series import read_any
-    from SyntheticCTLib.kernel.errors import VolumeWriteError
-    from SyntheticCTLib.kernel.io import check_not_input, volume_suffix, write_volume
 
     if not volume_suffix(args.output):
         raise VolumeWriteError(f"-o '{args.output}': unknown volume format; use .nii.gz, .nii, .nrrd, .mha or .mhd.")

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any, Dict, List, Mapping, Optional, TextIO
 
+from SyntheticCTLib.apps.demo import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
 from SyntheticCTLib.cli.options import add_command, add_device_option
 
 SUMMARY_ROWS = (
@@ -61,7 +62,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.apps.demo import DEFAULT_SEED, DEFAULT_SIZE, DEFAULT_SPACING_MM, run_demo
 
     result = run_demo(
         args.out_dir,

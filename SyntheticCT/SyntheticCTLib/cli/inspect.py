@@ -8,6 +8,7 @@ import sys
 from typing import Any, Dict, List
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.dicom_series import describe_path
 
 EPILOG = """\
 examples:
@@ -68,7 +69,6 @@ def format_table(volumes: List[Dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.dicom_series import describe_path
 
     volumes = describe_path(args.path)  # quick: headers only, no progress bar
     if args.json:

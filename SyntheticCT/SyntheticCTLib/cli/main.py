@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from typing import Any, Optional, Sequence
 
 from SyntheticCTLib import __version__
@@ -28,6 +30,7 @@ COMMAND_MODULES = (
 
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130
+EXIT_TERMINATED = 143
 
 logger = logging.getLogger("SyntheticCTLib")
 
@@ -81,10 +84,11 @@ def _setup_logging(level: str, reporter: Any = None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled).
+    """Run the command line; return the exit code (0 success, 1 error, 130 cancelled, 143 terminated).
 
     The progress bar is closed before the last line is written, so an error or a cancellation is
-    one clear line at the end, after every bar and log line.
+    one clear line at the end, after every bar and log line. SIGTERM (a scheduler, ``timeout``, a GUI's
+    kill) is handled like Ctrl-C: every temporary output is removed.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,21 +99,65 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = reporter() if reporter else no_progress
     _setup_logging(args.log_level, report)
     last_line = ""
+    error = f"syntheticct {args.command}: error:"
+    previous = _treat_sigterm_as_interrupt()
     try:
         code = int(args.run(args, report) or 0)
+    except Terminated:
+        code, last_line = EXIT_TERMINATED, "syntheticct: terminated (SIGTERM); no partial output was left."
     except KeyboardInterrupt:
         code, last_line = EXIT_CANCELLED, "syntheticct: cancelled; no partial output was left."
     except Cancelled as e:
-        code, last_line = EXIT_CANCELLED, f"syntheticct: cancelled: {e}"
+        code, last_line = EXIT_CANCELLED, f"syntheticct: cancelled: {one_line(e)}"
     except SyntheticCTError as e:
-        code, last_line = EXIT_ERROR, f"syntheticct {args.command}: error: {e}"
+        code, last_line = EXIT_ERROR, f"{error} {one_line(e)}"
+    except OSError as e:  # a file system error the library did not name (permissions, a full disk)
+        where = f"'{e.filename}': " if getattr(e, "filename", None) else ""
+        code, last_line = EXIT_ERROR, f"{error} {where}{one_line(e.strerror or e)}"
+    except MemoryError:
+        code, last_line = EXIT_ERROR, f"{error} out of memory; the input is too large for this machine."
+    except RecursionError:
+        code, last_line = EXIT_ERROR, f"{error} an input is nested too deeply to read."
     finally:
+        _restore_sigterm(previous)
         close = getattr(report, "close", None)
         if close:
             close()
     if last_line:
         sys.stderr.write(last_line + "\n")
     return code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``except BaseException`` cleans up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _treat_sigterm_as_interrupt():
+    """Make SIGTERM raise :class:`Terminated`; return the previous handler (None when not possible)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is None:
+        return
+    try:
+        signal.signal(signal.SIGTERM, previous)
+    except (ValueError, OSError):
+        pass
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (line breaks become spaces)."""
+    return " ".join(str(message).split())
 
 
 def entry_point() -> None:

@@ -7,6 +7,8 @@ import json
 import sys
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.models import catalog
+from SyntheticCTLib.models.cache import cache_dir
 
 ACTIONS = ("list", "add", "add-catalog", "fetch", "verify", "remove", "path", "clear")
 
@@ -63,6 +65,11 @@ def add_parser(subparsers) -> None:
     q = actions.add_parser("add-catalog", parents=parent, help="add (or refresh) a catalog hosted at a URL")
     q.add_argument("url", metavar="URL")
     q.add_argument("--sha256", default=None, metavar="HEX", help="expected SHA-256 of the catalog file")
+    q.add_argument(
+        "--allow-http",
+        action="store_true",
+        help="accept a plain http catalog URL on a non-loopback host (https is required otherwise)",
+    )
     for name, text in (
         ("fetch", "download a model into the cache (if not there already)"),
         ("verify", "re-hash a model's files against its model.json"),
@@ -91,8 +98,6 @@ def _table(entries) -> str:
 
 
 def run(args, report) -> int:
-    from SyntheticCTLib.models import catalog
-    from SyntheticCTLib.models.cache import cache_dir
 
     if not getattr(args, "action", None):
         args._models_parser.print_help(sys.stderr)
@@ -111,7 +116,9 @@ def run(args, report) -> int:
         entry = catalog.add_model(args.source, sha256=args.sha256, name=args.name, cache_dir=root, progress=report)
         print(f"Added '{entry.name}' {entry.version} ({entry.status}): {entry.local_path}")
     elif action == "add-catalog":
-        entries = catalog.add_catalog(args.url, sha256=args.sha256, cache_dir=root, progress=report)
+        entries = catalog.add_catalog(
+            args.url, sha256=args.sha256, cache_dir=root, progress=report, allow_http=args.allow_http
+        )
         print(f"Added catalog {args.url} with {len(entries)} model(s): {', '.join(e.name for e in entries)}")
     elif action == "fetch":
         package = catalog.resolve_model(args.name, download=True, cache_dir=root, progress=report)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.progress import scaled
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -58,7 +59,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.progress import scaled
     from SyntheticCTLib.phantom import make_phantom, write_phantom
 
     options = {

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from pathlib import Path
 
 from SyntheticCTLib.cli.options import add_command, add_device_option
+from SyntheticCTLib.kernel.errors import InvalidParameterError, VolumeWriteError
+from SyntheticCTLib.kernel.progress import scaled
+from SyntheticCTLib.models.catalog import resolve_model
+from SyntheticCTLib.models.hashing import sha256_file
+from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
 
 EPILOG = """\
 one case:
@@ -28,8 +35,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "synthesize",
         help="synthesize a CT from MRI with a model package (not for diagnostic use)",
         description="Synthesize a CT (int16 HU, on the MRI's exact grid) from one or more MRI channels, in the "
-        "order the model lists them (`syntheticct models list`). Outputs are written atomically: an error or "
-        "Ctrl-C leaves no partial file.",
+        "order the model lists them (`syntheticct models list`). Every output is checked before the inference "
+        "(writable, not an input, not a folder, not being written by another run: a lock file beside it), and "
+        "all are moved into place together at the end: an error, Ctrl-C or SIGTERM leaves no partial file.",
     )
     p.epilog = EPILOG
     p.add_argument(
@@ -79,6 +87,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="OUT",
         help="also write the per-voxel spread (HU) of flip test-time augmentation (implies --tta)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="make every warning of the input check (channels, voxel size, field of view, orientation, "
+        "intensities, what each channel holds) an error, before any model runs",
+    )
+    p.add_argument(
+        "--resample-channels",
+        action="store_true",
+        help="resample MRI channels that are not on the first channel's grid onto it (by default such channels "
+        "are refused; they must still cover most of its field of view)",
+    )
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes: slower, smoother)")
     p.add_argument("--dicom", action="store_true", help="batch mode: also write ID_dicom/ per case")
     p.add_argument(
@@ -95,8 +115,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _resolve_model(name_or_path: str, report):
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.models.catalog import resolve_model
 
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
 
@@ -113,7 +131,6 @@ def _window(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
 
     batch = bool(args.cases or args.case_list)
     if batch and args.inputs:
@@ -128,67 +145,122 @@ def run(args: argparse.Namespace, report) -> int:
 
 
 def _run_one(args: argparse.Namespace, report) -> int:
-    from pathlib import Path
 
-    from SyntheticCTLib.kernel.errors import VolumeWriteError
-    from SyntheticCTLib.kernel.io import check_not_input, read_volume, volume_suffix, write_volume
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.synthesis.dicom_export import check_dicom_target, export_dicom_series
+    from SyntheticCTLib.kernel.io import (
+        OutputLock,
+        StagedOutputs,
+        check_mri_channels,
+        check_output_file,
+        read_volume,
+        sweep_stale_partials,
+        write_volume,
+    )
     from SyntheticCTLib.synthesis.inference import Synthesizer
+    from SyntheticCTLib.synthesis.input_check import review_inputs, stamp_warnings
 
     inputs = [Path(p) for p in args.inputs]
     output = Path(args.output)
-    # Check every output before the long work.
-    for path, what in ((output, "-o"), (Path(args.uncertainty) if args.uncertainty else None, "--uncertainty")):
-        if path is None:
-            continue
-        if not volume_suffix(path):
-            raise VolumeWriteError(f"{what} '{path}': unknown volume format; use .nii.gz, .nii, .nrrd, .mha or .mhd.")
-        check_not_input(path, inputs)
-    if args.uncertainty and Path(args.uncertainty).resolve() == output.resolve():
-        raise VolumeWriteError("--uncertainty must differ from -o.")
-    if args.dicom_out:
-        check_dicom_target(Path(args.dicom_out), inputs + [output], overwrite=False)
+    uncertainty = Path(args.uncertainty) if args.uncertainty else None
+    dicom_out = Path(args.dicom_out) if args.dicom_out else None
+    # Check every output before the long work: format, not a folder, not an input, writable, not taken.
+    check_output_file(output, inputs, what="-o output")
+    if uncertainty is not None:
+        check_output_file(uncertainty, inputs, what="--uncertainty output")
+        if uncertainty.resolve() == output.resolve():
+            raise VolumeWriteError("--uncertainty must differ from -o.")
+    if dicom_out is not None:
+        check_dicom_target(dicom_out, inputs + [output], overwrite=False)
+    targets = [output] + [p for p in (uncertainty, dicom_out) if p is not None]
+    for folder in {p.parent for p in targets}:
+        sweep_stale_partials(folder)
 
-    model = _resolve_model(args.model, report)
-    from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+    with OutputLock(targets), StagedOutputs() as staged:
+        if dicom_out is not None:  # checked again under the lock: another run may have just written it
+            check_dicom_target(dicom_out, inputs + [output], overwrite=False)
+        model = _resolve_model(args.model, report)
+        _announce_model(model)
+        from SyntheticCTLib.kernel.dicom_series import is_dicom_file
 
-    # One DICOM folder or multi-frame file: its echoes, in echo-time order.
-    dicom_dir = len(inputs) == 1 and (inputs[0].is_dir() or is_dicom_file(inputs[0]))
-    if len(inputs) != model.in_channels and not dicom_dir:  # fail before reading anything
-        from SyntheticCTLib.synthesis.inference import check_inputs
+        # One DICOM folder or multi-frame file: its echoes, in echo-time order.
+        dicom_dir = len(inputs) == 1 and (inputs[0].is_dir() or is_dicom_file(inputs[0]))
+        if len(inputs) != model.in_channels and not dicom_dir:  # fail before reading anything
+            from SyntheticCTLib.synthesis.inference import check_inputs
 
-        check_inputs([None] * len(inputs), model)
-    images = []
-    if dicom_dir:
-        from SyntheticCTLib.kernel.dicom_series import read_model_echoes
+            check_inputs([None] * len(inputs), model)
+        images = []
+        if dicom_dir:
+            from SyntheticCTLib.kernel.dicom_series import read_model_echoes
 
-        report(0.05, "reading", str(inputs[0]))
-        images = read_model_echoes(inputs[0], [e.get("echo_time_ms") for e in model.card.get("inputs", [])])
-    for k, path in enumerate(inputs if not dicom_dir else []):
-        report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
-        images.append(read_volume(path))
-    want_uncertainty = bool(args.uncertainty)
-    synthesizer = Synthesizer(model, device=args.device, window=_window(args))
-    result = synthesizer.run(images, progress=scaled(report, 0.1, 0.85), tta=args.tta or want_uncertainty)
-    report(0.85, "writing", str(output))
-    write_volume(result.image, output, inputs=inputs)
-    if want_uncertainty:
-        write_volume(result.uncertainty, args.uncertainty, inputs=inputs)
-    exported = None
-    if args.dicom_out:
-        exported = export_dicom_series(
-            result.image, args.dicom_out, source=images[0], inputs=inputs, progress=scaled(report, 0.9, 1.0)
-        )
+            report(0.05, "reading", str(inputs[0]))
+            images = read_model_echoes(inputs[0], [e.get("echo_time_ms") for e in model.card.get("inputs", [])])
+        for k, path in enumerate(inputs if not dicom_dir else []):
+            report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
+            images.append(read_volume(path))
+        sources = [str(inputs[0])] * len(images) if dicom_dir else [str(p) for p in inputs]
+        names = [f"{p} ({n})" for p, n in zip(sources, _input_names(model))]
+        check_mri_channels(images, names, resample=args.resample_channels)
+        input_warnings = review_inputs(images, model.card, strict=args.strict, progress=report)
+        want_uncertainty = uncertainty is not None
+        synthesizer = Synthesizer(model, device=args.device, window=_window(args))
+        result = synthesizer.run(images, progress=scaled(report, 0.1, 0.85), tta=args.tta or want_uncertainty)
+        stamp_warnings(result.image, input_warnings)
+        report(0.85, "writing", str(output))
+        write_volume(result.image, staged.file(output), inputs=inputs)
+        if want_uncertainty:
+            write_volume(result.uncertainty, staged.file(uncertainty), inputs=inputs)
+        exported = None
+        if dicom_out is not None:
+            exported = export_dicom_series(
+                result.image,
+                staged.folder(dicom_out),
+                source=images[0],
+                inputs=inputs,
+                progress=scaled(report, 0.9, 1.0),
+            )
+            check_dicom_target(dicom_out, inputs + [output], overwrite=False)
+        staged.commit()  # every output, or none
     report(1.0, "done", f"{output}")
-    line = {"output": str(output), **result.to_dict()}
+    line = {"output": str(output), **result.to_dict(), **_model_provenance(model), "input_warnings": input_warnings}
     if want_uncertainty:
-        line["uncertainty_output"] = str(args.uncertainty)
+        line["uncertainty_output"] = str(uncertainty)
     if exported is not None:
-        line["dicom_out"] = str(exported.folder)
+        line["dicom_out"] = str(dicom_out)
         line["series_instance_uid"] = exported.series_instance_uid
     sys.stdout.write(json.dumps(line) + "\n")
     return 0
+
+
+def _input_names(model) -> list:
+    names = list(getattr(model, "input_names", []) or [])
+    return names + [f"input {i + 1}" for i in range(len(names), int(model.in_channels))]
+
+
+def _model_provenance(model) -> dict:
+    """Which model ran: name, version, where it came from, and the SHA-256 of its model.json."""
+
+    card = getattr(model, "root", None)
+    try:
+        digest = sha256_file(card / "model.json") if card is not None else None
+    except OSError:
+        digest = None
+    return {
+        "model_source": str(getattr(model, "catalog_source", None) or getattr(model, "source", "")),
+        "model_path": str(getattr(model, "source", "")),
+        "model_sha256": digest,
+    }
+
+
+def _announce_model(model) -> None:
+
+    info = _model_provenance(model)
+    logging.getLogger("SyntheticCTLib").info(
+        "Model '%s' %s from %s (%s; model.json SHA-256 %s)",
+        model.name,
+        model.version,
+        info["model_source"],
+        info["model_path"],
+        info["model_sha256"],
+    )
 
 
 def _run_batch(args: argparse.Namespace, report) -> int:
@@ -198,6 +270,7 @@ def _run_batch(args: argparse.Namespace, report) -> int:
     if args.case_list:
         cases += read_case_list(args.case_list)
     model = _resolve_model(args.model, report)
+    _announce_model(model)
     summary = synthesize_cases(
         cases,
         model,
@@ -208,6 +281,8 @@ def _run_batch(args: argparse.Namespace, report) -> int:
         dicom=args.dicom,
         window=_window(args),
         skip_existing=args.skip_existing,
+        resample_channels=args.resample_channels,
+        strict=args.strict,
         progress=report,
     )
     done = sum(1 for r in summary.records if r.get("status") == "done")

@@ -13,6 +13,8 @@ import os
 import sys
 
 from SyntheticCTLib.cli.options import add_command, add_device_option
+from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.training.config import load_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,8 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
-    from SyntheticCTLib.training.config import load_config
     from SyntheticCTLib.training.loop import train
 
     config = load_config(args.config)

@@ -23,19 +23,24 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from scipy import ndimage
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
+from SyntheticCTLib.comparison import rendering
 from SyntheticCTLib.comparison.bone import dice, segment_bone
 from SyntheticCTLib.comparison.metric_registry import REQUIRED_KEYS, ComparisonMetrics
 from SyntheticCTLib.comparison.metrics import HU_RANGE, image_metrics
+from SyntheticCTLib.comparison.report_html import comparison_report
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
     MEASURED_ARRAY,
     SurfaceDistances,
+    affine_of,
     bone_row,
     bone_surface,
     label_surface_points,
+    mapped_surface,
     per_bone_stats,
     points_in_mask,
     set_point_array,
@@ -50,7 +55,7 @@ from SyntheticCTLib.kernel.errors import (
 )
 from SyntheticCTLib.kernel.geometry import resample_like, same_grid
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MIN_HU
-from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.io import atomic_output, check_not_input, ensure_output_dir, validate_volume
 from SyntheticCTLib.kernel.masks import ct_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
@@ -225,7 +230,8 @@ def compare(
     if labels is not None:
         region &= _near_labels(labels, label_margin_mm)
     reference_bone, synthetic_bone = _bone_masks(images.reference, images.synthetic, region, bone_threshold)
-    surfaces = _surface_distances(reference_bone, synthetic_bone, region, report)
+    native = native_synthetic_surface(synthetic_ct, transform, images.reference, region, bone_threshold)
+    surfaces = _surface_distances(reference_bone, synthetic_bone, region, report, synthetic_surface=native)
     per_bone: List[dict] = []
     if labels is not None:
         report(0.8, "per bone", "Per-bone statistics")
@@ -244,6 +250,7 @@ def compare(
             progress=scaled(report, 0.85, 0.99),
         )
     settings = _settings(transform, bone_threshold, body_threshold, hu_range, labels, bone_transforms, label_margin_mm)
+    settings.update(_surface_grid_settings(reference_ct, synthetic_ct, native is not None))
     metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
     report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
     return _result(metrics, images, (reference_bone, synthetic_bone), surfaces, labels, per_bone)
@@ -373,10 +380,17 @@ def _bone_masks(
 
 
 def _surface_distances(
-    reference_bone: sitk.Image, synthetic_bone: sitk.Image, region: np.ndarray, report: ProgressCallback
+    reference_bone: sitk.Image,
+    synthetic_bone: sitk.Image,
+    region: np.ndarray,
+    report: ProgressCallback,
+    *,
+    synthetic_surface: Optional[vtk.vtkPolyData] = None,
 ) -> _Surfaces:
     """Both bone surfaces (world coordinates) and the signed distances between them.
 
+    ``synthetic_surface``, when given, is the synthetic bone surface already in the reference frame
+    (from :func:`native_synthetic_surface`); else it is extracted from ``synthetic_bone``.
     Points on a cut of the compared region (the image border, the synthetic CT's field of view, the
     label margin) lie on flat faces that both surfaces share: they are marked ``Measured = 0`` and left
     out of the statistics.
@@ -384,7 +398,8 @@ def _surface_distances(
     report(0.4, "surfaces", "Extracting the bone surfaces")
     reference_surface = bone_surface(reference_bone)
     report(0.5, "surfaces", "Extracting the bone surfaces")
-    synthetic_surface = bone_surface(synthetic_bone)
+    if synthetic_surface is None:
+        synthetic_surface = bone_surface(synthetic_bone)
     report(0.6, "distances", "Signed point-wise surface distances")
     interior = _interior(region)
     syn_measured = points_in_mask(surface_points(synthetic_surface), interior, like=reference_bone)
@@ -399,6 +414,73 @@ def _surface_distances(
             "Every bone-surface point lies on a cut of the compared field of view: nothing to measure."
         )
     return _Surfaces(reference_surface, synthetic_surface, distances)
+
+
+def native_synthetic_surface(
+    synthetic_ct: sitk.Image,
+    transform: Optional[sitk.Transform],
+    reference: sitk.Image,
+    region: np.ndarray,
+    bone_threshold: float,
+) -> Optional[vtk.vtkPolyData]:
+    """The synthetic CT's bone surface extracted on its own grid, mapped into the reference frame.
+
+    Resampling the synthetic CT onto the reference grid before thresholding it moves its bone
+    surface by up to a voxel wherever the two grids differ (most at coarse voxels), which a
+    comparison would report as deviation. Here the bone is segmented on the synthetic CT's own
+    voxels (within ``region``, the compared part of the reference, brought onto the synthetic grid),
+    its surface is extracted there, and its points are mapped through the inverse of ``transform``
+    (reference to synthetic points) into the reference frame: a perfect alignment measures zero at
+    any voxel size.
+
+    Returns None, and the caller falls back to the resampled synthetic CT, when the transform is
+    not linear (B-spline, displacement field: no exact inverse) or when nothing needs mapping
+    (no transform and the same grid).
+    """
+    if transform is None and same_grid(synthetic_ct, reference):
+        return None
+    affine = affine_of(transform, reference)
+    if affine is None:
+        logger.info("The transform is not linear: the synthetic bone surface is taken from the resampled sCT.")
+        return None
+    matrix, offset = affine  # reference -> synthetic points
+    inverse_matrix = np.linalg.inv(matrix)
+    inverse_offset = -inverse_matrix @ offset  # synthetic -> reference points
+    inverse = sitk.AffineTransform(3)
+    inverse.SetMatrix(tuple(float(v) for v in inverse_matrix.ravel()))
+    inverse.SetTranslation(tuple(float(v) for v in inverse_offset))
+    region_image = sitk.GetImageFromArray(region.astype(np.uint8))
+    region_image.CopyInformation(reference)
+    region_native = resample_like(
+        region_image, synthetic_ct, transform=inverse, interpolator=sitk.sitkNearestNeighbor, default_value=0
+    )
+    synthetic = sitk.Cast(synthetic_ct, sitk.sitkFloat32)
+    bone = _restrict(segment_bone(synthetic, threshold=bone_threshold), sitk.GetArrayFromImage(region_native) > 0)
+    if not np.any(sitk.GetArrayViewFromImage(bone)):
+        return None
+    return mapped_surface(bone_surface(bone), inverse_matrix, inverse_offset)
+
+
+COARSE_VOXEL_MM = 1.5
+"""Above this voxel size (mm, any axis) surface figures are limited by the voxels, and the record says so."""
+
+
+def _surface_grid_settings(reference_ct: sitk.Image, synthetic_ct: sitk.Image, native: bool) -> Dict[str, object]:
+    """The voxel sizes behind the surfaces, where each surface was extracted, and a note on coarse voxels."""
+    reference_spacing = [round(float(v), 4) for v in reference_ct.GetSpacing()]
+    synthetic_spacing = [round(float(v), 4) for v in synthetic_ct.GetSpacing()]
+    settings: Dict[str, object] = {
+        "reference_spacing_mm": reference_spacing,
+        "synthetic_spacing_mm": synthetic_spacing,
+        "synthetic_surface_grid": "its own (mapped through the transform)" if native else "the reference's",
+    }
+    coarse = max(reference_spacing + synthetic_spacing)
+    if coarse > COARSE_VOXEL_MM:
+        settings["voxel_size_note"] = (
+            f"Voxels up to {coarse:g} mm: bone-surface figures are limited by the voxel size (a surface "
+            f"extracted at a threshold moves by a fraction of a voxel with partial volume)."
+        )
+    return settings
 
 
 def _per_bone_rows(surfaces: _Surfaces, labels: sitk.Image, margin_mm: float) -> List[dict]:
@@ -454,7 +536,6 @@ def _metrics_record(
 
 def _interior(region: np.ndarray) -> np.ndarray:
     """``region`` without its outer voxel layer and without the image's border voxels."""
-    from scipy import ndimage
 
     inner = np.zeros_like(region, dtype=bool)
     inner[1:-1, 1:-1, 1:-1] = region[1:-1, 1:-1, 1:-1]
@@ -482,7 +563,6 @@ def _bone_local_rows(
     progress: ProgressCallback,
 ) -> List[dict]:
     """Replace the rows of bones that have their own transform with bone-local measurements."""
-    from scipy import ndimage
 
     reference = images.reference
 
@@ -613,9 +693,6 @@ def write_comparison(
     ``surface_side.png``, ``surface_back.png``, ``checkerboard.png``, ``difference.png``,
     ``distance_histogram.png``) and ``report.html``, each written atomically.
     """
-    from SyntheticCTLib.comparison import rendering
-    from SyntheticCTLib.comparison.report_html import comparison_report
-    from SyntheticCTLib.kernel.io import check_not_input
 
     report = progress or no_progress
     out = ensure_output_dir(out_dir, what="comparison folder")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -132,6 +132,54 @@ def bone_surface(
         face = -face
         _set_triangles(result, triangles)
     _add_normals_and_areas(result, triangles, face)
+    return result
+
+
+def affine_of(
+    transform: Optional[sitk.Transform], probe: Optional[sitk.Image] = None
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(A, t)`` with ``transform(p) = A p + t`` for a linear transform; None when it is not linear.
+
+    The map is read off the transform at four points and checked at the corners and the centre of
+    ``probe`` (or of a 200 mm cube about the origin): a B-spline or displacement field fails the check.
+    None as ``transform`` is the identity.
+    """
+    if transform is None:
+        return np.eye(3), np.zeros(3)
+    origin = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=float)
+    matrix = np.column_stack([np.asarray(transform.TransformPoint(tuple(e)), dtype=float) - origin for e in np.eye(3)])
+    if probe is not None:
+        size = np.asarray(probe.GetSize()) - 1
+        corners = [
+            probe.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in size * c))
+            for c in np.array(np.meshgrid([0, 1], [0, 1], [0, 1])).reshape(3, -1).T
+        ]
+        checks = np.array(corners + [probe.TransformContinuousIndexToPhysicalPoint(tuple(size / 2.0))])
+    else:
+        checks = np.array(np.meshgrid([-100, 100], [-100, 100], [-100, 100])).reshape(3, -1).T.astype(float)
+    for point in checks:
+        expected = matrix @ point + origin
+        if np.linalg.norm(np.asarray(transform.TransformPoint(tuple(point))) - expected) > 1e-4:
+            return None
+    if abs(np.linalg.det(matrix)) < 1e-9:
+        return None
+    return matrix, origin
+
+
+def mapped_surface(surface: vtk.vtkPolyData, matrix: np.ndarray, offset: np.ndarray) -> vtk.vtkPolyData:
+    """A copy of ``surface`` with every point ``p`` moved to ``matrix @ p + offset``; normals and areas anew."""
+    result = vtk.vtkPolyData()
+    if surface.GetNumberOfPoints() == 0:
+        return result
+    world = surface_points(surface) @ np.asarray(matrix, dtype=float).T + np.asarray(offset, dtype=float)
+    vtk_points = vtk.vtkPoints()
+    vtk_points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(world), deep=True))
+    result.SetPoints(vtk_points)
+    triangles = _triangles(surface)
+    if np.linalg.det(matrix) < 0:  # a mirroring map turns the triangles inside out
+        triangles = np.ascontiguousarray(triangles[:, ::-1])
+    _set_triangles(result, triangles)
+    _add_normals_and_areas(result, triangles, _face_vectors(world, triangles))
     return result
 
 

@@ -375,6 +375,7 @@ def scan_frames(path: PathLike) -> Tuple[List[FrameRecord], List[str]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    BytesLength = getattr(pydicom.errors, "BytesLengthException", InvalidDicomError)  # noqa: N806
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -386,7 +387,8 @@ def scan_frames(path: PathLike) -> Tuple[List[FrameRecord], List[str]]:
     for f in files:
         try:
             ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError, KeyError, TypeError):
+        # BytesLengthException (an Exception): a corrupt, e.g. bit-flipped, file meta group.
+        except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError, KeyError, TypeError, BytesLength):
             skipped.append(f"{f}: not DICOM")
             continue
         if "Rows" not in ds or "Columns" not in ds:

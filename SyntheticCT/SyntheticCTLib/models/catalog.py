@@ -3,8 +3,13 @@
 Sources, in order of precedence (a name found in an earlier source hides the same name later):
 
 1. models the user added (``user_catalog.json`` in the cache): from a URL, a local ``.zip`` or a folder;
-2. catalogs the user added by URL (an institution hosting its own models), cached for offline use;
-3. the catalog shipped in ``Resources/catalog.json``, with the bundled default model (no network).
+2. the catalog shipped in ``Resources/catalog.json``, with the bundled default model (no network);
+3. catalogs the user added by URL (an institution hosting its own models), cached for offline use. They
+   may only add names: an entry named like a shipped or user-added model is ignored with a warning, so
+   that a catalog can never replace the model that runs. A remote catalog needs ``https`` (plain ``http``
+   for a loopback address or when explicitly allowed) and may name only http(s) URLs.
+
+A catalog model's package must carry the entry's name and version in its ``model.json``.
 
 A catalog is JSON: a list of entries, or ``{"models": [...]}``. An entry has ``name``, ``version``,
 either ``url`` (+ ``sha256`` of the ``.zip``, and optionally ``size`` in bytes) or ``path`` (bundled, relative
@@ -16,20 +21,22 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from SyntheticCTLib.kernel.io import atomic_output, sweep_stale_partials
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, bytes_progress, no_progress, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models import cache as _cache
-from SyntheticCTLib.models.archive import safe_extract_zip
 from SyntheticCTLib.models.download import DEFAULT_RETRIES, DEFAULT_TIMEOUT, check_url, download
 from SyntheticCTLib.models.errors import (
     BundledModelMissingError,
@@ -39,7 +46,14 @@ from SyntheticCTLib.models.errors import (
     ModelPackageError,
 )
 from SyntheticCTLib.models.hashing import normalize_sha256, sha256_file
-from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, _find_card_root, load_model_package, read_card
+from SyntheticCTLib.models.package import (
+    MODEL_CARD,
+    ModelPackage,
+    extract_package_zip,
+    input_label,
+    load_model_package,
+    read_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +138,16 @@ def _check_name(value: Any, what: str, source: str) -> str:
     return text
 
 
+def _is_remote(url: Optional[str]) -> bool:
+
+    return bool(url) and urllib.parse.urlsplit(str(url)).scheme.lower() in ("http", "https")
+
+
 def parse_entry(data: Any, source: str, *, base_url: Optional[str] = None, allow_path: bool = False) -> CatalogEntry:
-    """Validate one catalog entry; relative URLs are resolved against ``base_url``."""
-    import urllib.parse
+    """Validate one catalog entry; relative URLs are resolved against ``base_url``.
+
+    An entry of a remote catalog (``base_url`` over http or https) may name only http(s) URLs: a
+    ``file:`` URL there would make the catalog's author read the user's local files."""
 
     if not isinstance(data, dict):
         raise CatalogError(f"Catalog '{source}': every entry must be an object (got {type(data).__name__}).")
@@ -145,6 +166,10 @@ def parse_entry(data: Any, source: str, *, base_url: Optional[str] = None, allow
             raise
         except Exception as e:
             raise CatalogError(f"Catalog '{source}': model '{name}': {e}") from None
+        if _is_remote(base_url) and not _is_remote(url):
+            raise CatalogError(
+                f"Catalog '{source}': model '{name}' has url '{url}'; a remote catalog may name only http(s) URLs."
+            )
         if not sha:
             raise CatalogError(
                 f"Catalog '{source}': model '{name}' has a url but no sha256; a download must be verifiable."
@@ -204,17 +229,25 @@ def parse_catalog(
     return entries
 
 
+MAX_CATALOG_BYTES = 16 * 1024**2
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
+        if path.stat().st_size > MAX_CATALOG_BYTES:
+            raise CatalogError(f"The {what} '{path}' is larger than {MAX_CATALOG_BYTES} bytes; refusing it.")
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CatalogError(f"The {what} '{path}' does not exist.") from None
+    except RecursionError:
+        raise CatalogError(f"The {what} '{path}' is not usable JSON: it is nested too deeply.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, CatalogError):
+            raise
         raise CatalogError(f"The {what} '{path}' is not readable JSON: {e}") from e
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from SyntheticCTLib.kernel.io import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -233,7 +266,7 @@ def default_model_name() -> str:
     path = shipped_catalog_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return DEFAULT_MODEL
     name = data.get("default") if isinstance(data, dict) else None
     return str(name) if isinstance(name, str) and _NAME.match(name) else DEFAULT_MODEL
@@ -261,9 +294,12 @@ def _catalog_file(root: Path, url: str) -> Path:
 
 
 def _all_entries(root: Path) -> List[CatalogEntry]:
-    """Every entry of every source, in precedence order (duplicates kept; first wins)."""
+    """Every entry of every source, in precedence order (duplicates kept; first wins).
+
+    The user's own models and the shipped ones come first; added catalogs may only add names."""
     user = _load_user(root)
     entries = parse_catalog(user["models"], SOURCE_USER, allow_path=True)
+    entries += load_shipped_catalog()
     for item in user["catalogs"]:
         url = item.get("url", "")
         path = root / item.get("file", "")
@@ -271,20 +307,26 @@ def _all_entries(root: Path) -> List[CatalogEntry]:
             entries += parse_catalog(_read_json(path, f"cached copy of catalog {url}"), url, base_url=url)
         except CatalogError as e:
             logger.warning("Skipping catalog '%s': %s", url, e)
-    entries += load_shipped_catalog()
     return entries
 
 
 def _catalog(root: Path) -> Dict[str, CatalogEntry]:
     merged: Dict[str, CatalogEntry] = {}
+    reserved = {default_model_name()}
     for entry in _all_entries(root):
-        if entry.name in merged:
-            logger.debug(
-                "Model '%s' from '%s' is hidden by the one from '%s'.",
-                entry.name,
-                entry.source,
-                merged[entry.name].source,
-            )
+        if entry.name in merged or (entry.source not in (SOURCE_USER, SOURCE_BUNDLED) and entry.name in reserved):
+            if entry.source in (SOURCE_USER, SOURCE_BUNDLED):
+                logger.debug("Model '%s' from '%s' is hidden by the user's own.", entry.name, entry.source)
+            else:
+                first = merged.get(entry.name)
+                logger.warning(
+                    "Catalog '%s' lists a model '%s' %s, a name already taken by %s; ignored (a catalog may add "
+                    "models, never replace one).",
+                    entry.source,
+                    entry.name,
+                    entry.version,
+                    f"the {first.source} model" if first is not None else "the default model",
+                )
             continue
         merged[entry.name] = entry
     return merged
@@ -303,7 +345,7 @@ def _origin(folder: Path) -> Dict[str, Any]:
     try:
         data = json.loads((folder / ORIGIN_FILE).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -375,17 +417,31 @@ def _entry_or_path(name_or_path: PathLike, root: Path) -> Tuple[Optional[Catalog
         raise
 
 
+def _downloads(root: Path) -> Path:
+    """The cache's downloads folder, created, writable, and swept of what killed runs left there."""
+
+    downloads = _cache.ensure_writable_dir(_cache.downloads_dir(root))
+    sweep_stale_partials(downloads, everything=True)
+    return downloads
+
+
 def _install_archive(
     root: Path, archive: Path, name: str, version: str, origin: Dict[str, Any], *, replace: bool = False
 ) -> Path:
     """Extract ``archive`` safely, verify the package, record its origin, rename it into the cache."""
+
     target = _cache.models_dir(root) / name / version
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _cache.ensure_writable_dir(target.parent)
+    sweep_stale_partials(target.parent)
     work = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".installing", dir=target.parent))
     try:
-        folder = safe_extract_zip(archive, work / "extracted")
-        package_root = _find_card_root(folder, archive)
-        load_model_package(package_root, verify=True)
+        package_root = extract_package_zip(archive, work / "extracted")
+        package = load_model_package(package_root, verify=True)
+        if (package.name, package.version) != (name, version):
+            raise CatalogError(
+                f"The archive of catalog model '{name}' {version} holds model '{package.name}' "
+                f"{package.version} (its model.json); refusing a package that is not what the catalog names."
+            )
         (package_root / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n", encoding="utf-8")
         _move_into_place(package_root, target, replace=replace, work=work)
     finally:
@@ -421,8 +477,7 @@ def _fetch(
     timeout: float,
     retries: int,
 ) -> Path:
-    downloads = _cache.downloads_dir(root)
-    downloads.mkdir(parents=True, exist_ok=True)
+    downloads = _downloads(root)
     work = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".fetch", dir=downloads))
     try:
         archive = download(
@@ -479,7 +534,9 @@ def resolve_model(
     root = _cache.cache_dir(cache_dir)
     entry, candidate = _entry_or_path(name_or_path, root)
     if entry is None:
-        return load_model_package(candidate)
+        package = load_model_package(candidate)
+        package.catalog_source = f"path {candidate}"
+        return package
     folder = Path(str(entry.local_path))
     if entry.status == "missing":
         if entry.kind == SOURCE_BUNDLED:
@@ -492,7 +549,7 @@ def resolve_model(
             f"cached copy '{folder}' is gone; add it again."
         )
     if entry.status in ("bundled", "cached"):
-        return load_model_package(folder)
+        return _tagged(load_model_package(folder), entry)
     if not download:
         raise ModelNotFoundError(
             f"Model '{entry.name}' is not in the cache ('{root}') and downloading is off; "
@@ -500,7 +557,16 @@ def resolve_model(
         )
     logger.info("Downloading model '%s' %s from %s", entry.name, entry.version, entry.url)
     _fetch(root, entry, report, cancel, timeout, retries)
-    return load_model_package(folder)
+    return _tagged(load_model_package(folder), entry)
+
+
+def _tagged(package: ModelPackage, entry: CatalogEntry) -> ModelPackage:
+    """Record on ``package`` which catalog entry it came from (printed by the command line)."""
+    where = {SOURCE_BUNDLED: "the shipped catalog", SOURCE_USER: "the user's own models"}.get(
+        entry.source, f"catalog {entry.source}"
+    )
+    package.catalog_source = f"{where} ({entry.kind}{', ' + str(entry.url) if entry.url else ''})"
+    return package
 
 
 def fetch_model(name: str, **kwargs) -> ModelPackage:
@@ -509,7 +575,6 @@ def fetch_model(name: str, **kwargs) -> ModelPackage:
 
 
 def _card_summary(card: Dict[str, Any]) -> Dict[str, Any]:
-    from SyntheticCTLib.models.package import input_label
 
     inputs = card.get("inputs", [])
     sequences = sorted({str(i.get("sequence")) for i in inputs if i.get("sequence")})
@@ -550,13 +615,17 @@ def add_model(
     report = with_cancel(progress or no_progress, cancel)
     root = _cache.cache_dir(cache_dir)
     text = os.fspath(source)
+    if text.lower().startswith("file:"):  # a local file, checked as one (a zip or a folder, nothing else)
+        import urllib.parse
+        import urllib.request
+
+        text = urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
     is_url = "://" in text
     if name is not None:
         name = _check_name(name, "name", "--name")
     if sha256 is not None:
         sha256 = normalize_sha256(sha256, "--sha256")
-    downloads = _cache.downloads_dir(root)
-    downloads.mkdir(parents=True, exist_ok=True)
+    downloads = _downloads(root)
     work = Path(tempfile.mkdtemp(prefix=".add.", suffix=".work", dir=downloads))
     try:
         if is_url:
@@ -586,13 +655,16 @@ def add_model(
                 archive = None
                 digest = sha256_file(package.root / MODEL_CARD)
             else:
+                import zipfile
+
+                if not zipfile.is_zipfile(path):
+                    raise ModelPackageError(f"'{path}' is neither a model folder nor a .zip archive of one.")
                 archive = path
                 digest = sha256_file(path)
                 if sha256 is not None and digest != sha256:
                     raise ChecksumError(f"SHA-256 mismatch for '{path}': expected {sha256}, got {digest}.")
         if archive is not None:
-            folder = safe_extract_zip(archive, work / "extracted")
-            package_root = _find_card_root(folder, Path(text))
+            package_root = extract_package_zip(archive, work / "extracted")
         else:
             package_root = work / "copy"
             _copy_folder(package.root, package_root)
@@ -642,23 +714,28 @@ def add_catalog(
     cancel: Optional[CancelToken] = None,
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
+    allow_http: bool = False,
 ) -> List[CatalogEntry]:
     """Add (or refresh) a catalog hosted at ``url``; its models join the merged catalog, tagged with ``url``.
 
     The catalog is validated (every model needs a ``url`` and ``sha256``; relative URLs resolve against
-    the catalog's), then cached so that it serves offline. Returns its entries.
+    the catalog's; a remote catalog names only http(s) URLs), then cached so that it serves offline. Its
+    models add names; they never replace a shipped or user-added model. A remote catalog needs ``https``
+    (anyone on the network could rewrite a plain ``http`` one): ``http`` is accepted for a loopback address,
+    or with ``allow_http``. Returns its entries.
     """
     report = with_cancel(progress or no_progress, cancel)
     check_url(url)
+    check_catalog_url(url, allow_http=allow_http)
     root = _cache.cache_dir(cache_dir)
-    downloads = _cache.downloads_dir(root)
-    downloads.mkdir(parents=True, exist_ok=True)
+    downloads = _downloads(root)
     work = Path(tempfile.mkdtemp(prefix=".catalog.", suffix=".work", dir=downloads))
     try:
         fetched = download(
             url,
             work / "catalog.json",
             sha256=sha256,
+            max_bytes=MAX_CATALOG_BYTES,
             progress=bytes_progress(report, "catalog"),
             cancel=cancel,
             timeout=timeout,
@@ -678,6 +755,25 @@ def add_catalog(
     _save_user(root, user)
     logger.info("Added catalog '%s' with %d model(s).", url, len(entries))
     return entries
+
+
+def check_catalog_url(url: str, *, allow_http: bool = False) -> str:
+    """Refuse a plain ``http`` catalog URL unless its host is a loopback address or ``allow_http``."""
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != "http" or allow_http:
+        return url
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise CatalogError(
+            f"Refusing the catalog '{url}': plain http can be altered on the way; use https "
+            "(or pass --allow-http if you trust the network)."
+        )
+    return url
 
 
 def remove_model(name: str, *, cache_dir: Optional[PathLike] = None) -> List[Path]:
@@ -766,6 +862,7 @@ def clear_cache(cache_dir: Optional[PathLike] = None, *, everything: bool = Fals
     empties the whole cache folder (user catalog included).
     """
     root = _cache.cache_dir(cache_dir)
+    _cache.require_own_cache(root, "empty" if everything else "clear")
     keep = set()
     if not everything:
         for m in _load_user(root)["models"]:
@@ -773,8 +870,14 @@ def clear_cache(cache_dir: Optional[PathLike] = None, *, everything: bool = Fals
                 keep.add((root / m["path"]).resolve())
     freed = 0
     targets: List[Path] = []
-    if everything:
-        targets = [p for p in root.iterdir()]
+    if everything:  # only what a cache of ours holds: never another file someone put there
+        from SyntheticCTLib.kernel.io import is_temporary_name
+
+        targets = [
+            p
+            for p in root.iterdir()
+            if p.name != _cache.MARKER and (p.name in _cache.OWN_NAMES or is_temporary_name(p.name))
+        ]
     else:
         targets.append(_cache.downloads_dir(root))
         models = _cache.models_dir(root)

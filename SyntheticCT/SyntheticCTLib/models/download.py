@@ -3,8 +3,11 @@
 :func:`download` streams a URL (``https``, ``http`` or ``file`` only) to a temporary file beside the
 destination, verifies its SHA-256, then renames it into place. A dropped connection is retried with
 backoff, resuming with an HTTP ``Range`` request where the server answers 206 (else the transfer
-restarts). Every connect and every read is bounded by ``timeout``. A failed, cancelled or corrupt
-download leaves nothing behind; the destination, if it existed, is untouched.
+restarts). Every connect and every read is bounded by ``timeout``; the whole download by a deadline
+scaled to the expected size and by a minimum average rate (a server dripping a byte every few seconds
+fails), and its size by the expected size or :data:`DEFAULT_MAX_BYTES` (a server streaming forever
+fails). A failed, cancelled or corrupt download leaves nothing behind; the destination, if it existed,
+is untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 4
 RETRY_STATUS = (408, 425, 429, 500, 502, 503, 504)
 MAX_ATTEMPTS = 100
+DEFAULT_MAX_BYTES = 8 * 1024**3
+"""The most bytes a download of unknown size may bring (a server streaming forever would fill the disk)."""
+MIN_RATE = 10 * 1024
+"""Bytes per second: after :data:`GRACE_S`, a transfer slower than this on average fails (a server dripping
+bytes would otherwise keep every read alive for days)."""
+GRACE_S = 60.0
+DEADLINE_BASE_S = 300.0
 
 BytesProgress = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total)``; ``bytes_total`` is None when unknown. May raise Cancelled."""
@@ -99,6 +109,10 @@ def download(
     retries: int = DEFAULT_RETRIES,
     backoff: float = 0.5,
     tmp_dir: Optional[PathLike] = None,
+    max_bytes: Optional[int] = None,
+    deadline: Optional[float] = None,
+    min_rate: float = MIN_RATE,
+    grace: float = GRACE_S,
 ) -> Path:
     """Download ``url`` to ``dest``, verified against ``sha256``; return ``dest``.
 
@@ -125,6 +139,13 @@ def download(
         resets the count; a resumed attempt sends ``Range: bytes=<done>-``.
     tmp_dir
         Folder for the temporary file (default: ``dest``'s folder, so that the final rename is atomic).
+    max_bytes
+        The most bytes accepted: ``expected_size`` when given, else :data:`DEFAULT_MAX_BYTES`.
+    deadline
+        Seconds allowed for the whole download, retries included; default :data:`DEADLINE_BASE_S` plus the
+        expected size at ``min_rate`` (no overall limit when the size is unknown: ``min_rate`` still applies).
+    min_rate, grace
+        After ``grace`` seconds, a transfer whose average rate is below ``min_rate`` bytes/s fails.
 
     Raises
     ------
@@ -137,6 +158,11 @@ def download(
     """
     url = check_url(url)
     dest = Path(dest)
+    if max_bytes is None:
+        max_bytes = int(expected_size) if expected_size is not None else DEFAULT_MAX_BYTES
+    if deadline is None and expected_size is not None:
+        deadline = DEADLINE_BASE_S + expected_size / max(min_rate, 1.0)
+    limits = _Limits(max_bytes, deadline, min_rate, grace)
     expected = normalize_sha256(sha256, "expected sha256") if sha256 is not None else None
     if expected and dest.is_file() and sha256_file(dest) == expected:
         logger.info("'%s' is already present with the expected SHA-256; not downloading.", dest)
@@ -156,6 +182,7 @@ def download(
                 timeout=timeout,
                 retries=retries,
                 backoff=backoff,
+                limits=limits,
             )
             f.flush()
             os.fsync(f.fileno())
@@ -185,7 +212,9 @@ def _transfer(
     timeout: float,
     retries: int,
     backoff: float,
+    limits: Optional[_Limits] = None,
 ) -> None:
+    limits = limits or _Limits(DEFAULT_MAX_BYTES, None, MIN_RATE, GRACE_S)
     opener = _opener()
     done = 0
     total: Optional[int] = expected_size
@@ -197,7 +226,7 @@ def _transfer(
             cancel.check()
         start_done = done
         try:
-            done, total = _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeout)
+            done, total = _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeout, limits)
             return
         except SyntheticCTError:
             raise
@@ -210,11 +239,37 @@ def _transfer(
         if failures > retries or attempts >= MAX_ATTEMPTS:
             raise DownloadError(f"Download of '{url}' failed after {attempts} attempt(s): {reason}")
         delay = backoff * 2 ** (failures - 1)
+        limits.check(url, done, extra=delay)
         logger.warning("Download of '%s' interrupted at %d bytes (%s); retrying in %.1f s.", url, done, reason, delay)
         _wait(delay, cancel)
 
 
-def _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeout):
+class _Limits:
+    """The size limit and the time limits of one download (all attempts together)."""
+
+    def __init__(self, max_bytes: int, deadline: Optional[float], min_rate: float, grace: float) -> None:
+        self.max_bytes, self.deadline, self.min_rate, self.grace = int(max_bytes), deadline, float(min_rate), grace
+        self.start = time.monotonic()
+
+    def check(self, url: str, done: int, *, extra: float = 0.0) -> None:
+        if done > self.max_bytes:
+            raise DownloadError(
+                f"'{url}' sent more than {self.max_bytes} bytes, the most expected; refusing it (nothing was kept)."
+            )
+        elapsed = time.monotonic() - self.start
+        if self.deadline is not None and elapsed + extra > self.deadline:
+            raise DownloadError(
+                f"Download of '{url}' took longer than its deadline of {self.deadline:.0f} s ({done} bytes received); "
+                "the server is too slow or stalled."
+            )
+        if elapsed > self.grace and done / elapsed < self.min_rate:
+            raise DownloadError(
+                f"Download of '{url}' is too slow: {done} bytes in {elapsed:.0f} s (less than {self.min_rate:.0f} "
+                "bytes/s on average); the server is stalled or dripping."
+            )
+
+
+def _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeout, limits):
     headers = {"User-Agent": f"SyntheticCT/{__version__}", "Accept-Encoding": "identity"}
     if done:
         headers["Range"] = f"bytes={done}-"
@@ -229,12 +284,17 @@ def _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeo
             f.seek(0)
             f.truncate()
             raise _Retryable("the server refused to resume (HTTP 416); restarting") from None
+        reason = " ".join(str(e.reason).split())
         if e.code in RETRY_STATUS:
-            raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+            raise _Retryable(f"HTTP {e.code} {reason}") from None
+        if 300 <= e.code < 400 and "loop" in reason:
+            raise DownloadError(
+                f"Download of '{url}' failed: the server redirects in a loop or too many times (HTTP {e.code})."
+            ) from None
         what = "not found" if e.code == 404 else "refused"
-        raise DownloadError(f"Download of '{url}' {what}: HTTP {e.code} {e.reason}.") from None
+        raise DownloadError(f"Download of '{url}' {what}: HTTP {e.code} {reason}.") from None
     except urllib.error.URLError as e:
-        reason = e.reason
+        reason = " ".join(str(e.reason).split()) if not isinstance(e.reason, OSError) else e.reason
         if isinstance(reason, FileNotFoundError) or (urllib.parse.urlsplit(url).scheme == "file"):
             raise DownloadError(f"Cannot read '{url}': {reason}.") from None
         raise _Retryable(f"cannot connect: {reason}") from None
@@ -264,17 +324,22 @@ def _attempt(opener, url, f, done, total, expected_size, progress, cancel, timeo
             )
         if progress is not None:
             progress(done, total)
+        if total is not None and total > limits.max_bytes:
+            raise DownloadError(f"'{url}' is {total} bytes, more than the {limits.max_bytes} expected; refusing it.")
+        read = getattr(response, "read1", None) or response.read  # read1: what has arrived, so limits are checked
         while True:
             if cancel is not None:
                 cancel.check()
+            limits.check(url, done)
             try:
-                chunk = response.read(CHUNK)
+                chunk = read(CHUNK)
             except (OSError, http.client.HTTPException) as e:
                 raise _Retryable(f"connection lost after {done} bytes ({type(e).__name__}: {e})") from None
             if not chunk:
                 break
             f.write(chunk)
             done += len(chunk)
+            limits.check(url, done)
             if total is not None and done > total:
                 raise DownloadError(f"'{url}' sent more than the {total} bytes announced; refusing it.")
             if progress is not None:

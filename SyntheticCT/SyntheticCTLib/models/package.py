@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import weakref
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -330,6 +331,8 @@ class ModelPackage:
         self.card = card
         self.source = Path(source) if source is not None else self.root
         self._cleanup: Optional[weakref.finalize] = None
+        self.catalog_source: Optional[str] = None
+        """Where a catalog lookup found this package (set by the catalog), for the record of a run."""
 
     def __repr__(self) -> str:
         return f"ModelPackage(name={self.name!r}, version={self.version!r}, root='{self.root}')"
@@ -472,11 +475,139 @@ def read_card(root: Path, source: object = None) -> Dict[str, Any]:
         raise ModelPackageError(f"Model package '{source}' has no {MODEL_CARD}.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ModelPackageError(f"Cannot read '{path}': {e}") from e
+    return validate_card(parse_card_json(text, path), source)
+
+
+MAX_CARD_BYTES = 16 * 1024**2
+"""The largest ``model.json`` read (a card is a few kB; training statistics make it larger)."""
+MAX_PARAMETERS = 1_000_000_000
+"""The most parameters a model package's network may have (4 GB of float32 weights)."""
+MAX_UNET_DEPTH = 12
+
+
+def parse_card_json(text: str, path: object) -> Any:
+    """``json.loads`` for a ``model.json``, with one-line errors (also for absurdly deep nesting)."""
+    if len(text) > MAX_CARD_BYTES:
+        raise ModelPackageError(f"'{path}' is {len(text)} bytes; a model.json is at most {MAX_CARD_BYTES}.")
     try:
-        card = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ModelPackageError(f"'{path}' is not valid JSON: {e}") from e
-    return validate_card(card, source)
+    except RecursionError:
+        raise ModelPackageError(f"'{path}' is not usable JSON: it is nested too deeply.") from None
+
+
+def _int_arg(kwargs: Mapping[str, Any], key: str, default: int, source: object) -> int:
+    value = kwargs.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(source, f"architecture.kwargs.{key} must be an integer (got {value!r}).")
+    return value
+
+
+def unet3d_parameter_count(kwargs: Mapping[str, Any], source: object = "<model.json>") -> int:
+    """The exact number of parameters of ``UNet3D(**kwargs)``, computed without building it."""
+    in_ch = _int_arg(kwargs, "in_channels", 1, source)
+    out_ch = _int_arg(kwargs, "out_channels", 1, source)
+    depth = _int_arg(kwargs, "depth", 3, source)
+    width = _int_arg(kwargs, "width", 16, source)
+    norm = kwargs.get("norm", "instance")
+    residual = bool(kwargs.get("residual", True))
+    if not 1 <= depth <= MAX_UNET_DEPTH:
+        raise _fail(source, f"architecture.kwargs.depth is {depth}; it must be from 1 to {MAX_UNET_DEPTH}.")
+    if width < 1 or in_ch < 1 or out_ch < 1:
+        raise _fail(source, "architecture.kwargs width, in_channels and out_channels must be >= 1.")
+    bias = 1 if norm == "none" else 0
+    norm_params = 0 if norm == "none" else 2
+
+    def block(c_in: int, c_out: int) -> int:
+        n = 27 * c_in * c_out + bias * c_out + norm_params * c_out
+        n += 27 * c_out * c_out + bias * c_out + norm_params * c_out
+        if residual and c_in != c_out:
+            n += c_in * c_out + bias * c_out + norm_params * c_out
+        return n
+
+    widths = [width * 2**i for i in range(depth)]
+    total, prev = 0, in_ch
+    for level, ch in enumerate(widths):
+        total += block(prev, ch)
+        if level < depth - 1:
+            total += 8 * ch * ch + ch
+        prev = ch
+    for level in range(depth - 2, -1, -1):
+        total += 8 * widths[level + 1] * widths[level] + widths[level]
+        total += block(2 * widths[level], widths[level])
+    return total + widths[0] * out_ch + out_ch
+
+
+def check_architecture_size(card: Mapping[str, Any], source: object = "<model.json>") -> int:
+    """The parameter count of the card's network, refused above :data:`MAX_PARAMETERS`.
+
+    Computed from the arguments (never by allocating the network), so that a card asking for a
+    network of terabytes is refused when the package is added, not when it runs.
+    """
+    name = card["architecture"]["name"]
+    kwargs = card["architecture"].get("kwargs", {})
+    if name == "unet3d":
+        count = unet3d_parameter_count(kwargs, source)
+    else:  # another registered architecture: count on the meta device (no memory)
+        import torch
+
+        from SyntheticCTLib.models.architectures import build_network
+
+        with torch.device("meta"):
+            network = build_network(name, **kwargs)
+        count = sum(p.numel() for p in network.parameters())
+    if count > MAX_PARAMETERS:
+        raise ArchitectureError(
+            f"Model package '{source}': architecture '{name}' with {dict(kwargs)} has {count:.3g} parameters, "
+            f"more than the {MAX_PARAMETERS:.3g} allowed ({count * 4 / 1e9:.3g} GB of weights)."
+        )
+    return count
+
+
+def _zip_card_root(names: List[str], archive: Path) -> str:
+    """The folder prefix (``""`` or ``"dir/"``) of ``model.json`` in a zip's member names."""
+    top = {n.split("/", 1)[0] for n in names if n and not n.split("/", 1)[0].startswith((".", "__MACOSX"))}
+    if MODEL_CARD in names:
+        return ""
+    if len(top) == 1:
+        prefix = next(iter(top)) + "/"
+        if prefix + MODEL_CARD in names:
+            return prefix
+    raise ModelPackageError(
+        f"Model package '{archive}' has no {MODEL_CARD} (looked at its top level"
+        f"{' and in its single folder' if len(top) == 1 else ''})."
+    )
+
+
+def extract_package_zip(archive: PathLike, target: PathLike) -> Path:
+    """Extract a model package ``.zip`` into the new folder ``target``: ``model.json`` and the weight files it
+    names, nothing else. Returns the package folder (``target`` or its single sub-folder)."""
+
+    archive, target = Path(archive), Path(target)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = [i.filename.replace("\\", "/") for i in zf.infolist()]
+            if len(names) > len(set(names)):
+                from SyntheticCTLib.models.errors import UnsafeArchiveError
+
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise UnsafeArchiveError(f"'{archive}': member(s) {', '.join(twice)} are in the archive twice.")
+            prefix = _zip_card_root(names, archive)
+            info = zf.getinfo(prefix + MODEL_CARD)
+            if info.file_size > MAX_CARD_BYTES:
+                raise ModelPackageError(f"'{archive}': its {MODEL_CARD} is {info.file_size} bytes; too large.")
+            text = zf.read(info).decode("utf-8")
+    except (zipfile.BadZipFile, EOFError, KeyError, UnicodeDecodeError) as e:
+        raise ModelPackageError(f"'{archive}' is not a readable model package zip: {e}") from e
+    except OSError as e:
+        if isinstance(e, ModelPackageError):
+            raise
+        raise ModelPackageError(f"Cannot read '{archive}': {e.strerror or e}.") from e
+    card = validate_card(parse_card_json(text, f"{archive}:{prefix}{MODEL_CARD}"), archive)
+    wanted = [prefix + MODEL_CARD] + [prefix + w["file"].replace("\\", "/") for w in card["weights"]]
+    safe_extract_zip(archive, target, members=wanted)
+    return target / prefix.rstrip("/") if prefix else target
 
 
 def load_model_package(path: PathLike, *, verify: bool = True, extract_dir: Optional[PathLike] = None) -> ModelPackage:
@@ -510,7 +641,7 @@ def load_model_package(path: PathLike, *, verify: bool = True, extract_dir: Opti
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="syntheticct-model-", dir=base))
         try:
-            folder = safe_extract_zip(path, tmp / "package")
+            folder = extract_package_zip(path, tmp / "package")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -519,6 +650,7 @@ def load_model_package(path: PathLike, *, verify: bool = True, extract_dir: Opti
     try:
         root = _find_card_root(folder, path)
         card = read_card(root, path)
+        check_architecture_size(card, path)
         from SyntheticCTLib.models.architectures import ARCHITECTURES, known_architectures
         from SyntheticCTLib.models.errors import UnknownArchitectureError
 

@@ -11,8 +11,9 @@ from typing import Optional
 
 import numpy as np
 from scipy import ndimage
+from scipy.special import ndtri
 
-from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
+from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.phantom import tissues as T
 from SyntheticCTLib.phantom.anatomy import centreline, level_frame, pose_frame
 from SyntheticCTLib.phantom.canvas import Canvas
@@ -79,7 +80,6 @@ def _paint_body(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals, r
 
 
 def _paint_abdomen(canvas: Canvas, grid: Grid, anatomy: dict, sig: TissueSignals, rng: np.random.Generator) -> None:
-    from scipy.special import ndtri
 
     pose = pose_frame(anatomy["pose"])
     ramp = grid.voxel_mm
@@ -375,7 +375,6 @@ def paint_anatomy(
     report: Optional[ProgressCallback] = None,
 ) -> None:
     """Paint every structure of ``anatomy`` onto ``canvas``; ``rng`` draws the trabecular grain."""
-    from SyntheticCTLib.kernel.progress import scaled
 
     report = report or no_progress
     report(0.0, "phantom: anatomy", "body")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
 F32 = np.float32
 
@@ -211,7 +212,6 @@ def lattice_noise(rng: np.random.Generator, block: Block, cell_mm: float) -> np.
     Gaussian values on a coarse lattice of ``cell_mm`` spacing (in world coordinates), smoothed, then
     interpolated linearly to the voxels one axis at a time: cheap, and independent of the voxel size.
     """
-    from scipy import ndimage
 
     # A lattice at half the cell size, smoothed over about two of its steps: smooth enough that the
     # piecewise-linear interpolation shows no creases.

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -256,10 +256,6 @@ def export_dicom_series(
     extra_tags
         Keyword -> value set last (e.g. ``{"InstitutionName": "..."}``).
     """
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     report = with_cancel(progress or no_progress, cancel)
     out_dir = Path(out_dir)
     if sct.GetDimension() != 3 or sct.GetNumberOfComponentsPerPixel() != 1:
@@ -270,7 +266,6 @@ def export_dicom_series(
     check_dicom_target(out_dir, inputs, overwrite)
     if "synthetic" not in series_description.lower():
         series_description = f"Synthetic CT - {series_description}"
-    series_description = series_description[:64]
 
     report(0.0, "dicom", "preparing")
     source_ds = _source_dataset(source)
@@ -281,22 +276,36 @@ def export_dicom_series(
     stored, intercept, representation, bits_stored = _hu_storage(array, signed)
     del array
 
-    size = image.GetSize()
-    spacing = image.GetSpacing()
-    origin = np.array(image.GetOrigin(), dtype=float)
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    row_dir, col_dir, slice_dir = direction[:, 0], direction[:, 1], direction[:, 2]
-    normal = np.cross(row_dir, col_dir)
-    iop = [_ds(v) for v in list(row_dir) + list(col_dir)]
+    base, n_copied = _patient_and_study(source_ds)
+    _describe_series(base, sct, source, source_ds, series_description[:64], series_number)
+    _describe_pixels(base, image, intercept, representation, bits_stored)
+    for keyword, value in (extra_tags or {}).items():
+        setattr(base, keyword, value)
+    _write_slices(base, image, stored, representation, out_dir, report)  # report checks ``cancel`` last
+    n_slices = image.GetSize()[2]
+    logger.info(
+        "Wrote the DICOM CT series '%s' (%d slices, SeriesInstanceUID %s).", out_dir, n_slices, base.SeriesInstanceUID
+    )
+    return DicomExport(
+        folder=out_dir,
+        series_instance_uid=str(base.SeriesInstanceUID),
+        study_instance_uid=str(base.StudyInstanceUID),
+        n_files=int(n_slices),
+        copied_tags=n_copied,
+    )
 
-    now = datetime.datetime.now()
-    date, time_ = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-    series_uid = generate_uid()
+
+def _patient_and_study(source_ds: Any) -> Tuple[Any, int]:
+    """A dataset with the source's patient, study and frame-of-reference tags, or new ones; and how many were copied."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
     base = pydicom.Dataset()
     n_copied = _copy_source_tags(base, source_ds)
     if "StudyInstanceUID" not in base:
+        now = datetime.datetime.now()
         base.StudyInstanceUID = generate_uid()
-        base.StudyDate, base.StudyTime = date, time_
+        base.StudyDate, base.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
         base.StudyID = ""
         base.AccessionNumber = ""
         base.ReferringPhysicianName = ""
@@ -311,26 +320,41 @@ def export_dicom_series(
         base.FrameOfReferenceUID = generate_uid()
     if "PositionReferenceIndicator" not in base:
         base.PositionReferenceIndicator = ""
-    if series_number is None:
-        src_number = getattr(source_ds, "SeriesNumber", None) if source_ds is not None else None
-        if src_number is None and isinstance(source, sitk.Image) and source.HasMetaDataKey("0020|0011"):
-            src_number = source.GetMetaData("0020|0011").strip() or None
-        try:
-            series_number = int(src_number) + 1000 if src_number is not None else 1000
-        except (TypeError, ValueError):
-            series_number = 1000
+    return base, n_copied
+
+
+def _series_number(source: Any, source_ds: Any, series_number: Optional[int]) -> int:
+    """The given number, else the source's SeriesNumber + 1000, else 1000."""
+    if series_number is not None:
+        return int(series_number)
+    src_number = getattr(source_ds, "SeriesNumber", None) if source_ds is not None else None
+    if src_number is None and isinstance(source, sitk.Image) and source.HasMetaDataKey("0020|0011"):
+        src_number = source.GetMetaData("0020|0011").strip() or None
+    try:
+        return int(src_number) + 1000 if src_number is not None else 1000
+    except (TypeError, ValueError):
+        return 1000
+
+
+def _describe_series(
+    base: Any, sct: sitk.Image, source: Any, source_ds: Any, description: str, series_number: Optional[int]
+) -> None:
+    """A new DERIVED/SECONDARY CT series, marked synthetic and not for diagnostic use."""
+    from pydicom.uid import generate_uid
+
+    now = datetime.datetime.now()
+    date, time_ = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     model = ""
     if sct.HasMetaDataKey("SyntheticCT|model"):
         model = f" with model {sct.GetMetaData('SyntheticCT|model')}"
         if sct.HasMetaDataKey("SyntheticCT|model_version"):
             model += f" {sct.GetMetaData('SyntheticCT|model_version')}"
-
     base.SOPClassUID = CT_IMAGE_STORAGE
     base.Modality = "CT"
     base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    base.SeriesInstanceUID = series_uid
-    base.SeriesNumber = int(series_number)
-    base.SeriesDescription = series_description
+    base.SeriesInstanceUID = generate_uid()
+    base.SeriesNumber = _series_number(source, source_ds, series_number)
+    base.SeriesDescription = description
     base.SeriesDate, base.SeriesTime = date, time_
     base.ContentDate, base.ContentTime = date, time_
     base.InstanceCreationDate, base.InstanceCreationTime = date, time_
@@ -345,7 +369,13 @@ def export_dicom_series(
     base.LossyImageCompression = "00"
     base.KVP = ""
     base.AcquisitionNumber = ""
-    base.ImageOrientationPatient = iop
+
+
+def _describe_pixels(base: Any, image: sitk.Image, intercept: int, representation: int, bits_stored: int) -> None:
+    """Geometry shared by every slice (orientation, spacing, size) and the HU storage."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    base.ImageOrientationPatient = [_ds(v) for v in list(direction[:, 0]) + list(direction[:, 1])]
     base.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # row spacing (y), column spacing (x)
     base.SliceThickness = _ds(spacing[2])
     base.SpacingBetweenSlices = _ds(spacing[2])
@@ -362,61 +392,67 @@ def export_dicom_series(
     base.WindowCenter = ["40", "500"]
     base.WindowWidth = ["400", "2000"]
     base.WindowCenterWidthExplanation = ["SOFT TISSUE", "BONE"]
-    for keyword, value in (extra_tags or {}).items():
-        setattr(base, keyword, value)
 
+
+def _write_slices(
+    base: Any, image: sitk.Image, stored: np.ndarray, representation: int, out_dir: Path, report: ProgressCallback
+) -> None:
+    """One file per slice into a temporary folder beside ``out_dir``, which then replaces ``out_dir`` at once."""
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
     except OSError as e:
         raise VolumeWriteError(f"Cannot write into '{parent}': {e.strerror or e}.") from e
+    n_slices = image.GetSize()[2]
     try:
-        for k in range(size[2]):
-            report(k / size[2], "dicom", f"slice {k + 1} of {size[2]}")
-            ds = pydicom.Dataset()
-            ds.update(base)
-            sop_uid = generate_uid()
-            ds.SOPInstanceUID = sop_uid
-            ds.InstanceNumber = k + 1
-            # The position of slice k is the image's own (the geometry the sCT was computed on), and is
-            # checked after formatting: a series that a navigation system overlays must not drift.
-            position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)), dtype=float)
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            written = np.array([float(v) for v in ds.ImagePositionPatient])
-            if np.max(np.abs(written - position)) > POSITION_TOL_MM or (
-                np.linalg.norm(position - (origin + k * spacing[2] * slice_dir)) > POSITION_TOL_MM
-            ):
-                raise VolumeWriteError(
-                    f"Slice {k + 1} would be written at {tuple(np.round(written, 3))} instead of "
-                    f"{tuple(np.round(position, 3))} mm; nothing was exported."
-                )
-            ds.SliceLocation = _ds(float(np.dot(position, normal)))
-            ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2" if representation == 0 else "<i2").tobytes()
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
-            if int(pydicom.__version__.split(".")[0]) < 3:
-                ds.is_little_endian, ds.is_implicit_VR = True, False
-            ds["PixelData"].VR = "OW"
-            _save(ds, tmp / f"CT{k + 1:05d}.dcm")
-        report(1.0, "dicom", f"{size[2]} slices")
-        if cancel is not None:
-            cancel.check()
+        for k in range(n_slices):
+            report(k / n_slices, "dicom", f"slice {k + 1} of {n_slices}")
+            _save(_slice_dataset(base, image, stored[k], k, representation), tmp / f"CT{k + 1:05d}.dcm")
+        report(1.0, "dicom", f"{n_slices} slices")  # the last chance to cancel: nothing is replaced yet
         replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("Wrote the DICOM CT series '%s' (%d slices, SeriesInstanceUID %s).", out_dir, size[2], series_uid)
-    return DicomExport(
-        folder=out_dir,
-        series_instance_uid=series_uid,
-        study_instance_uid=str(base.StudyInstanceUID),
-        n_files=int(size[2]),
-        copied_tags=n_copied,
-    )
+
+
+def _slice_dataset(base: Any, image: sitk.Image, pixels: np.ndarray, k: int, representation: int) -> Any:
+    """Slice ``k``: the shared tags, its own UID and position (checked), and its pixels."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    origin = np.array(image.GetOrigin(), dtype=float)
+    ds = pydicom.Dataset()
+    ds.update(base)
+    sop_uid = generate_uid()
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    # The position of slice k is the image's own (the geometry the sCT was computed on), and is
+    # checked after formatting: a series that a navigation system overlays must not drift.
+    position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)), dtype=float)
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    written = np.array([float(v) for v in ds.ImagePositionPatient])
+    if np.max(np.abs(written - position)) > POSITION_TOL_MM or (
+        np.linalg.norm(position - (origin + k * image.GetSpacing()[2] * direction[:, 2])) > POSITION_TOL_MM
+    ):
+        raise VolumeWriteError(
+            f"Slice {k + 1} would be written at {tuple(np.round(written, 3))} instead of "
+            f"{tuple(np.round(position, 3))} mm; nothing was exported."
+        )
+    ds.SliceLocation = _ds(float(np.dot(position, normal)))
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<u2" if representation == 0 else "<i2").tobytes()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    if int(pydicom.__version__.split(".")[0]) < 3:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds["PixelData"].VR = "OW"
+    return ds
 
 
 def source_tags(source: Any) -> Dict[str, str]:

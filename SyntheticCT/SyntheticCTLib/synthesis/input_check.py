@@ -24,14 +24,18 @@ are compared through scale-free ratios: the shape of each channel's distribution
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.models.package import card_orientation
+
+logger = logging.getLogger(__name__)
 
 # How far a quantity may stray from the training data before a warning (a factor either way).
 SPACING_FACTOR = 1.5
@@ -294,6 +298,73 @@ def _check_statistics(
     return warnings
 
 
+LABEL_MAP_MAX_VALUES = 32
+"""An integer image with at most this many distinct values is a label map, not an MRI."""
+
+CT_AIR_FRACTION = 0.05
+"""A channel with at least this fraction of its voxels below -500 looks like a CT (air near -1000 HU)."""
+
+
+def _check_content(images: Sequence[sitk.Image], labels: Sequence[str]) -> List[str]:
+    """What each channel is: an RGB picture, a CT, a label map, an 8-bit export; and channels that repeat."""
+    warnings: List[str] = []
+    arrays = []
+    for label, image in zip(labels, images):
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            warnings.append(
+                f"The {label} volume has {image.GetNumberOfComponentsPerPixel()} values per voxel (a colour "
+                "picture or a screenshot?): an MRI has one."
+            )
+            arrays.append(None)
+            continue
+        array = sitk.GetArrayViewFromImage(image)
+        arrays.append(array)
+        step = max(1, array.size // 2_000_000)
+        sample = np.asarray(array).ravel()[::step]
+        low = float(np.mean(sample < -500))
+        if low >= CT_AIR_FRACTION and float(np.percentile(sample, 1)) < -800:
+            warnings.append(
+                f"The {label} volume looks like a CT, not an MRI: {low:.0%} of its voxels are below -500, "
+                f"as air is in Hounsfield units (values from {float(sample.min()):g} to {float(sample.max()):g})."
+            )
+            continue
+        integral = np.issubdtype(sample.dtype, np.integer) or bool(np.all(np.mod(sample, 1) == 0))
+        values = np.unique(sample)
+        if integral and len(values) <= LABEL_MAP_MAX_VALUES:
+            warnings.append(
+                f"The {label} volume holds only {len(values)} distinct values ({', '.join(f'{v:g}' for v in values[:8])}"
+                f"{', ...' if len(values) > 8 else ''}): a label map or a segmentation, not an MRI."
+            )
+            continue
+        if sample.dtype == np.uint8 or (integral and float(sample.min()) >= 0 and float(sample.max()) <= 255):
+            warnings.append(
+                f"The {label} volume has 8-bit intensities (0 to 255): an export or a screenshot whose contrast "
+                "was cut, not a scanner's 12 to 16 bits; the model may see a different contrast than in training."
+            )
+    for i in range(len(arrays)):
+        for j in range(i + 1, len(arrays)):
+            a, b = arrays[i], arrays[j]
+            if a is None or b is None or a.shape != b.shape:
+                continue
+            if np.array_equal(a, b) or _same_up_to_scale(a, b):
+                warnings.append(
+                    f"The {labels[j]} volume is the same image as the {labels[i]} volume: each input must be "
+                    "its own channel (e.g. its own echo)."
+                )
+    return warnings
+
+
+def _same_up_to_scale(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when ``b`` is ``a`` times a constant (a copy saved with another scaling), on a sample of voxels."""
+    step = max(1, a.size // 500_000)
+    x = np.asarray(a, dtype=np.float64).ravel()[::step]
+    y = np.asarray(b, dtype=np.float64).ravel()[::step]
+    if not np.any(x) or not np.any(y):
+        return False
+    scale = float(np.dot(x, y) / np.dot(x, x))
+    return bool(np.max(np.abs(y - scale * x)) <= 1e-6 * max(float(np.max(np.abs(y))), 1e-12))
+
+
 def check_inputs(
     images: Sequence[sitk.Image], card: Mapping[str, Any], *, mask: Optional[np.ndarray] = None
 ) -> List[str]:
@@ -319,11 +390,12 @@ def check_inputs(
             f"but {len(images)} {'were' if len(images) != 1 else 'was'} given."
         ]
     labels = labels or [f"input {i + 1}" for i in range(len(images))]
-    warnings = _check_grids(images, labels)
+    content = _check_content(images, labels)
+    warnings = content + _check_grids(images, labels)
     warnings += _check_spacing(images[0], card)
     warnings += _check_fov(images[0], card)
     warnings += _check_orientation(images[0], card)
-    if not any("voxel grid" in w for w in warnings):
+    if not content and not any("voxel grid" in w for w in warnings):
         try:
             stats = input_statistics(images, mask)
         except (RuntimeError, IndexError, ValueError):  # different grids: statistics are not comparable
@@ -331,3 +403,40 @@ def check_inputs(
         if stats:
             warnings += _check_statistics(stats, card, labels)
     return warnings
+
+
+META_INPUT_WARNINGS = "SyntheticCT_InputWarnings"
+"""Metadata key of the input-check warnings on a synthetic CT (kept by NRRD and MetaImage files)."""
+
+
+def review_inputs(
+    images: Sequence[sitk.Image],
+    card: Mapping[str, Any],
+    *,
+    strict: bool = False,
+    progress: Optional[Any] = None,
+    source: str = "",
+) -> List[str]:
+    """Run :func:`check_inputs` before any model runs, and tell every face what it found.
+
+    Each warning is logged, and sent through ``progress`` as ``report(0.0, "input check", warning)``
+    (the JSON progress stream a GUI reads). With ``strict`` any warning is an
+    :class:`~SyntheticCTLib.kernel.errors.InvalidParameterError` naming ``source``. Returns the warnings,
+    for the synthetic CT's metadata (:func:`stamp_warnings`).
+    """
+    warnings = check_inputs(images, card)
+    for warning in warnings:
+        logger.warning("%s%s", f"{source}: " if source else "", warning)
+        if progress is not None:
+            progress(0.0, "input check", warning)
+    if strict and warnings:
+        more = f" (and {len(warnings) - 1} more warning{'s' if len(warnings) > 2 else ''})" if len(warnings) > 1 else ""
+        raise InvalidParameterError(
+            f"{source + ': ' if source else ''}the input check warned (--strict makes that an error): {warnings[0]}{more}"
+        )
+    return warnings
+
+
+def stamp_warnings(image: sitk.Image, warnings: Sequence[str]) -> None:
+    """Write the input check's warnings into ``image``'s metadata (empty: "none")."""
+    image.SetMetaData(META_INPUT_WARNINGS, " | ".join(warnings) if warnings else "none")

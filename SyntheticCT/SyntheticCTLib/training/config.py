@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from SyntheticCTLib.kernel.devices import check_device
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MAX_HU, CT_MIN_HU
+from SyntheticCTLib.models.errors import ArchitectureError
 
 ALIGN_MODES = ("none", "rigid", "affine")
 FLIP_AXES = {"x": 2, "y": 1, "z": 0}  # numpy (z, y, x) array axis of each patient axis
@@ -606,7 +607,6 @@ def check_architecture(config: TrainingConfig, in_channels: Optional[int] = None
         ``in_channels`` in ``model.kwargs`` that differs from the number of MRI channels of the cases.
     """
     from SyntheticCTLib.models.architectures import build_network
-    from SyntheticCTLib.models.errors import ArchitectureError
 
     kwargs = dict(config.model.kwargs)
     if in_channels is not None:

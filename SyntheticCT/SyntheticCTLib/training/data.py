@@ -31,9 +31,12 @@ import SimpleITK as sitk
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like, resample_to_spacing, same_grid
 from SyntheticCTLib.kernel.hu import CT_MIN_HU
-from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.io import atomic_output, read_volume
+from SyntheticCTLib.kernel.masks import fill_holes, mri_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
+from SyntheticCTLib.registration.registration import register
 from SyntheticCTLib.synthesis.input_check import input_statistics
+from SyntheticCTLib.synthesis.normalization import normalize_channels
 from SyntheticCTLib.training.config import CaseSpec, ConfigError, PhantomSpec, TrainingConfig, check_architecture
 
 logger = logging.getLogger(__name__)
@@ -168,7 +171,11 @@ def generate_phantom_cases(config: TrainingConfig, *, progress: Optional[Progres
         folder = _phantom_folder(config, spec, seed)
         stamp = folder / "training_key.json"
         key = _phantom_key(spec, seed)
-        if (folder / "case.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        if (
+            (folder / "case.json").is_file()
+            and stamp.is_file()
+            and json.loads(stamp.read_text(encoding="utf-8")) == key
+        ):
             continue
         from SyntheticCTLib.phantom import make_phantom, write_phantom
 
@@ -254,7 +261,6 @@ def align_ct_to_mri(
     Returns the transform (MRI points -> CT points, ITK resampling convention) and a summary dict
     (``metric_value``, ``metric``, ``iterations``, ``elapsed_s`` per stage).
     """
-    from SyntheticCTLib.registration.registration import register
 
     report = progress or no_progress
     rigid = register(mri, ct, mode="rigid", fixed_mask=mri_mask, progress=scaled(report, 0.0, 0.5))
@@ -314,7 +320,6 @@ def normalization_specs(config: TrainingConfig, n_channels: int) -> List[Dict[st
 
 def native_body_mask(mri_native: Sequence[sitk.Image], working_grid: sitk.Image) -> sitk.Image:
     """The body mask as the inference makes it: on the input grid, then nearest-neighbour onto the model grid."""
-    from SyntheticCTLib.kernel.masks import mri_body_mask
 
     body = np.asarray(mri_body_mask([sitk.GetArrayViewFromImage(im) for im in mri_native])).astype(np.uint8)
     image = sitk.GetImageFromArray(body)
@@ -328,8 +333,6 @@ def body_mask_and_normalize(
     mri: Sequence[sitk.Image], specs: Sequence[Dict[str, Any]], body: Optional[np.ndarray] = None
 ):
     """The body mask (the inference's; computed here when not given) and the normalised stack ``(C, Z, Y, X)``."""
-    from SyntheticCTLib.kernel.masks import mri_body_mask
-    from SyntheticCTLib.synthesis.normalization import normalize_channels
 
     arrays = [sitk.GetArrayFromImage(im).astype(np.float32) for im in mri]
     if body is None:
@@ -366,7 +369,7 @@ def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[tuple]:
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if meta.get("key") != key:
@@ -383,7 +386,6 @@ def _load_cached(folder: Path, key: str, n_channels: int) -> Optional[tuple]:
 def _write_cached(
     folder: Path, key: str, mri: Sequence[sitk.Image], ct: sitk.Image, body: sitk.Image, info: dict
 ) -> None:
-    from SyntheticCTLib.kernel.io import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(mri):
@@ -499,7 +501,6 @@ def internal_air_mask(hu: np.ndarray, threshold_hu: float = INTERNAL_AIR_HU) -> 
     MRI body mask is no test of this: it also covers a rim of the outside air along the skin, which
     outnumbers the gas voxels by tens to one.
     """
-    from SyntheticCTLib.kernel.masks import fill_holes
 
     air = hu < threshold_hu
     return fill_holes(~air) & air

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
+from SyntheticCTLib.models.package import write_model_package
 from SyntheticCTLib.training.config import TrainingConfig
 from SyntheticCTLib.training.data import PreparedCase, normalization_specs
 
@@ -57,7 +59,6 @@ def pooled_input_statistics(
     cases: Sequence[PreparedCase], per_case_voxels: int = 200_000, seed: int = 0
 ) -> List[Dict[str, float]]:
     """p1, p50 and p99 of each channel's raw intensities inside the body, pooled over ``cases``."""
-    import SimpleITK as sitk
 
     rng = np.random.default_rng(seed)
     n_channels = len(cases[0].mri)
@@ -132,7 +133,6 @@ def build_card(
 
 def export_package(out_dir: Path, card: Mapping[str, Any], state_dict: Mapping[str, Any]) -> Path:
     """Write the package (replacing one already there) and return its folder."""
-    from SyntheticCTLib.models.package import write_model_package
 
     clean = {_strip(k): v for k, v in state_dict.items()}
     return write_model_package(Path(out_dir), card, clean, overwrite=True)

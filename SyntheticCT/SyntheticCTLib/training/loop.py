@@ -19,6 +19,7 @@ step), ``learning_curves.png``, ``training_summary.json``, ``train.log`` and the
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
 import hashlib
@@ -37,6 +38,8 @@ from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output
 from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.models.errors import ModelPackageError
+from SyntheticCTLib.models.package import load_model_package, load_weights
 from SyntheticCTLib.training.augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
 from SyntheticCTLib.training.config import TrainingConfig, load_config
 from SyntheticCTLib.training.data import (
@@ -46,6 +49,7 @@ from SyntheticCTLib.training.data import (
     generate_phantom_cases,
     prepare_cases,
 )
+from SyntheticCTLib.training.export import build_card, export_package, state_dict_sha256
 from SyntheticCTLib.training.losses import SynthesisLoss
 from SyntheticCTLib.training.validation import VALIDATION_KEYS, selection_score, validate
 
@@ -303,9 +307,6 @@ def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
     or a plain state dict), or a training configuration (YAML/JSON), meaning the package that
     configuration's training wrote (``output_dir/model``). The architecture must be the same.
     """
-    from SyntheticCTLib.models.errors import ModelPackageError
-    from SyntheticCTLib.models.package import load_model_package, load_weights
-    from SyntheticCTLib.training.export import state_dict_sha256
 
     path = Path(config.model.init_weights)
     base = Path(config.source).resolve().parent if config.source else None
@@ -360,7 +361,6 @@ def recalibrated_copy(network, sampler: PatchSampler, config: TrainingConfig, de
     bone-oversampled: the distribution the network was trained on). The training network is not touched,
     so the training run itself does not depend on this. Networks without batch norm are returned as they are.
     """
-    import copy
 
     import torch
 
@@ -838,7 +838,6 @@ class _Run:
     def finish(self) -> TrainResult:
         """Check that the ranks agree; on rank 0, export the best (else the last, recalibrated) weights as the
         package ``model/`` with its card, and write ``training_summary.json``."""
-        from SyntheticCTLib.training.export import build_card, export_package, state_dict_sha256
 
         config, dist, out, best = self.config, self.dist, self.out, self.best
         checksums = dist.gather(state_dict_sha256(self.network.state_dict()))

@@ -26,6 +26,9 @@ from SyntheticCTLib.comparison.compare import DEFAULT_BONE_THRESHOLD_HU, compare
 from SyntheticCTLib.comparison.metric_registry import VALIDATION_KEYS, ComparisonMetrics
 from SyntheticCTLib.kernel.errors import NoBoneError
 from SyntheticCTLib.kernel.progress import ProgressCallback
+from SyntheticCTLib.models.package import load_model_package  # torch: only when validating
+from SyntheticCTLib.synthesis.inference import synthesize
+from SyntheticCTLib.training.export import build_card, export_package
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +89,6 @@ def validate(
     working grid. Returns ``{"mean": {key: float}, "cases": [{key: float, "case": name}]}`` over
     :data:`VALIDATION_KEYS` (NaN where not measurable; the mean ignores NaN).
     """
-    from SyntheticCTLib.models.package import load_model_package  # torch: only when validating
-    from SyntheticCTLib.synthesis.inference import synthesize
-    from SyntheticCTLib.training.export import build_card, export_package
 
     card = build_card(config, train_cases, manifests=manifests)
     if config.validation.overlap is not None:
