@@ -314,6 +314,13 @@ def test_compare_says_when_its_transform_is_graded_failed(phantom, tmp_path, cap
         ln.startswith("syntheticct compare: error:") and "bad.tfm is graded failed" in ln
         for ln in captured.err.splitlines()
     ), captured.err
+    # The grade travels with the figures: in metrics.json and at the top of the report's summary.
+    import json
+
+    settings = json.loads((tmp_path / "cmp" / "metrics.json").read_text(encoding="utf-8"))["settings"]
+    assert settings["registration_grade"] == "failed" and settings["registration_grade_reasons"]
+    page = (tmp_path / "cmp" / "report.html").read_text(encoding="utf-8")
+    assert "graded <b>failed</b>" in page and page.index("graded <b>failed</b>") < page.index("Mean bone-surface")
 
 
 def test_a_small_move_is_not_taken_for_a_turn():

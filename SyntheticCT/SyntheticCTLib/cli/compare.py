@@ -81,9 +81,9 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
     return result
 
 
-def _registration_grade(transform_path: Path):
+def _registration_grade(transform_path: Path) -> dict:
     """The grade of the registration that wrote ``transform_path`` (its record's ``quality``), said on stderr
-    when it is not good: every figure below depends on that transform."""
+    when it is not good: every figure below depends on that transform. ``{}`` when there is no record."""
     from SyntheticCTLib.registration.transforms_io import read_record
 
     quality = (read_record(transform_path) or {}).get("quality") or {}
@@ -95,7 +95,7 @@ def _registration_grade(transform_path: Path):
             f"syntheticct compare: {kind}: the registration {transform_path.name} is graded {verdict} ({reasons}); "
             "the figures that depend on it (surface distances, Dice, MAE) may be meaningless.\n"
         )
-    return verdict
+    return quality
 
 
 def _bone_local_beside(transform_path: Path, reference, labels):
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace, report) -> int:
     reference = read_volume(args.reference)
     synthetic = read_volume(args.synthetic)
     transform = read_transform(args.transform) if args.transform else None
-    grade = _registration_grade(Path(args.transform)) if args.transform else None
+    quality = _registration_grade(Path(args.transform)) if args.transform else {}
+    grade = quality.get("verdict")
     labels = read_volume(args.bone_labels) if args.bone_labels else None
     bone_transforms = _bone_transforms(args.bone_transform, labels is not None)
     if args.transform and not bone_transforms:
@@ -152,6 +153,7 @@ def run(args: argparse.Namespace, report) -> int:
         bone_threshold=args.bone_threshold,
         bone_labels=labels,
         bone_transforms=bone_transforms or None,
+        registration_quality=quality,
         progress=scaled(report, 0.05, 0.8),
     )
     written = write_comparison(result, out_dir, inputs=inputs, progress=scaled(report, 0.8, 1.0))

@@ -18,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -183,6 +183,7 @@ def compare(
     body_threshold: float = DEFAULT_BODY_THRESHOLD_HU,
     label_margin_mm: float = 10.0,
     hu_range: Sequence[float] = HU_RANGE,
+    registration_quality: Optional[Mapping[str, Any]] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> ComparisonResult:
     """Compare ``synthetic_ct`` with ``reference_ct``.
@@ -208,6 +209,9 @@ def compare(
         The patient's body in the reference: objects above this HU without the table, holders or
         devices (see :func:`SyntheticCTLib.kernel.masks.ct_body_mask`). The image metrics are measured
         inside it, and only bone inside it is compared.
+    registration_quality
+        The grade of the registration that gave ``transform`` (its record's ``quality``: ``verdict``
+        and ``reasons``); recorded in the settings and shown beside the figures that depend on it.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -251,6 +255,9 @@ def compare(
         )
     settings = _settings(transform, bone_threshold, body_threshold, hu_range, labels, bone_transforms, label_margin_mm)
     settings.update(_surface_grid_settings(reference_ct, synthetic_ct, native is not None))
+    if registration_quality:
+        settings["registration_grade"] = str(registration_quality.get("verdict", "unknown"))
+        settings["registration_grade_reasons"] = "; ".join(str(r) for r in registration_quality.get("reasons") or [])
     metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
     report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
     return _result(metrics, images, (reference_bone, synthetic_bone), surfaces, labels, per_bone)

@@ -204,12 +204,32 @@ def clinical_bar(metrics: Dict[str, object], *, bar_mm: float = 1.0) -> str:
     )
 
 
+def registration_grade(metrics: Dict[str, object]) -> str:
+    """A line on the grade of the registration behind the figures, and on coarse voxels; empty when neither applies."""
+    settings = metrics.get("settings") if isinstance(metrics.get("settings"), dict) else {}
+    parts = []
+    verdict = settings.get("registration_grade")
+    if verdict:
+        reasons = settings.get("registration_grade_reasons") or ""
+        css = "pass" if verdict == "good" else "fail"
+        parts.append(
+            f'<p class="{css}">The registration behind every figure below is graded <b>{html.escape(str(verdict))}</b>'
+            + (f" ({html.escape(str(reasons))})" if reasons else "")
+            + ("." if verdict == "good" else ": the surface and HU figures may measure a misalignment, not the sCT.")
+            + "</p>"
+        )
+    note = settings.get("voxel_size_note")
+    if note:
+        parts.append(paragraph(str(note)))
+    return "".join(parts)
+
+
 def comparison_report(
     metrics: Dict[str, object], images: Dict[str, bytes], *, title: str = "Synthetic CT vs reference CT"
 ) -> str:
     """The comparison page: verdict, metrics, per-direction and per-bone tables, pictures."""
     sections = [
-        section("Summary", clinical_bar(metrics) + metrics_table(metrics)),
+        section("Summary", registration_grade(metrics) + clinical_bar(metrics) + metrics_table(metrics)),
         section(
             "Bone-surface distances per direction",
             direction_table(metrics)
