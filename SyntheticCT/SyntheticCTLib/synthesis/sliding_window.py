@@ -159,6 +159,150 @@ def estimate_patch_bytes(
     return voxels * element_bytes * (in_channels + 10 * width) + voxels * 4 * (2 + n_flips)
 
 
+def _volume_channels(volume: Union[np.ndarray, Sequence[np.ndarray]]) -> Tuple[List[Any], Tuple[int, int, int]]:
+    """The channels of ``volume`` as a list of 3D arrays (views, not copies) and their common shape."""
+    channels = list(volume) if not isinstance(volume, np.ndarray) else [volume[c] for c in range(volume.shape[0])]
+    if not channels:
+        raise InvalidParameterError("The volume has no channels.")
+    shape = tuple(np.shape(channels[0]))
+    if len(shape) != 3 or any(tuple(np.shape(c)) != shape for c in channels):
+        raise InvalidParameterError(
+            f"Every channel must be 3D and of one shape; got {[np.shape(c) for c in channels]}."
+        )
+    return channels, shape
+
+
+def _checked_flips(flips: Sequence[Flip]) -> List[Flip]:
+    """The flips as tuples of ints (``[()]`` when none); axes other than 0, 1, 2 are refused."""
+    out = [tuple(int(a) for a in f) for f in flips] or [()]
+    if any(a not in (0, 1, 2) for f in out for a in f):
+        raise InvalidParameterError(f"Flip axes must be 0, 1 or 2 (got {out}).")
+    return out
+
+
+@dataclass
+class PatchPlan:
+    """Where the patches of one volume go and how each is weighted (see the module's docstring)."""
+
+    shape: Tuple[int, int, int]
+    """The volume's shape ``(Z, Y, X)``."""
+    patch: Tuple[int, int, int]
+    """The effective patch size."""
+    starts: List[List[int]]
+    """Patch starts along each axis."""
+    profiles: List[List[np.ndarray]]
+    """The 1D weight of each patch along each axis (:func:`tile_profiles`)."""
+    tiles: List[Tuple[int, int, int]]
+    """The patches to run (those holding a mask voxel when a mask is given), by their start ``(z, y, x)``."""
+    n_patches: int
+    """The number of patches of the whole grid (run or skipped)."""
+
+    @classmethod
+    def make(
+        cls,
+        shape: Tuple[int, int, int],
+        patch_size: Sequence[int],
+        overlap: float,
+        *,
+        multiple: int = 1,
+        sigma_scale: float = 0.125,
+        mask: Optional[np.ndarray] = None,
+    ) -> PatchPlan:
+        """The plan of a volume of ``shape``; with ``mask``, the patches holding no True voxel are left out."""
+        if not 0.0 <= float(overlap) < 1.0:
+            raise InvalidParameterError(f"overlap must be in [0, 1) (got {overlap}).")
+        if len(patch_size) != 3:
+            raise InvalidParameterError(f"patch_size needs 3 values (got {tuple(patch_size)}).")
+        if mask is not None and tuple(mask.shape) != tuple(shape):
+            raise InvalidParameterError(f"The mask has shape {mask.shape}, the volume {shape}.")
+        patch = effective_patch_size(shape, patch_size, multiple)
+        # Patches tile the volume padded (virtually, with zeros) to a multiple of the network's size multiple.
+        grid_shape = tuple(int(math.ceil(s / multiple) * multiple) for s in shape)
+        starts = [patch_starts(s, p, overlap, multiple) for s, p in zip(grid_shape, patch)]
+        profiles = [tile_profiles(st, gaussian_1d(p, sigma_scale)) for st, p in zip(starts, patch)]
+        tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        n_patches = len(tiles)
+        if mask is not None:
+            pz, py, px = patch
+            tiles = [t for t in tiles if mask[t[0] : t[0] + pz, t[1] : t[1] + py, t[2] : t[2] + px].any()]
+        return cls(tuple(shape), patch, starts, profiles, tiles, n_patches)
+
+    def extent(self, tile: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        """How many voxels of the patch at ``tile`` lie inside the volume, per axis."""
+        return tuple(min(p, s - t) for p, s, t in zip(self.patch, self.shape, tile))
+
+    def weight_key(self, tile: Tuple[int, int, int]) -> Tuple[int, int, int]:
+        """Per axis: 0 for the first patch, 2 for the last, 1 for an inner one (their weights differ only so)."""
+        key = []
+        for a, t in enumerate(tile):
+            j = self.starts[a].index(t)
+            key.append(2 if j == len(self.starts[a]) - 1 else min(j, 1))
+        return tuple(key)
+
+    def weight(self, tile: Tuple[int, int, int]) -> np.ndarray:
+        """The separable 3D weight of the patch at ``tile``, float32 ``patch``."""
+        pz, py, px = (self.profiles[a][self.starts[a].index(t)] for a, t in enumerate(tile))
+        return pz[:, None, None] * py[None, :, None] * px[None, None, :]
+
+    def weight_sums(self) -> List[np.ndarray]:
+        """Per axis, the sum over the patches of their 1D weights at each voxel (float64)."""
+        return [_axis_weights(s, p, st, pr) for s, p, st, pr in zip(self.shape, self.patch, self.starts, self.profiles)]
+
+
+class _Accumulator:
+    """Weighted sums of the patch predictions (and, with several flips, of their variances) over the volume."""
+
+    def __init__(self, shape: Tuple[int, int, int], with_variance: bool) -> None:
+        self.shape = shape
+        self.with_variance = with_variance
+        self.out: Optional[np.ndarray] = None
+        self.var: Optional[np.ndarray] = None
+
+    def add(self, plan: PatchPlan, batch: Sequence[Tuple[int, int, int]], mean: np.ndarray, var) -> None:
+        """Add the weighted predictions ``mean`` (and ``var``) ``(N, C_out, *patch)`` of the patches in ``batch``."""
+        if self.out is None:
+            self.out = np.zeros((mean.shape[1],) + self.shape, dtype=np.float32)
+            if var is not None:
+                self.var = np.zeros_like(self.out)
+        for k, tile in enumerate(batch):
+            (z, y, x), (dz, dy, dx) = tile, plan.extent(tile)
+            region = (slice(None), slice(z, z + dz), slice(y, y + dy), slice(x, x + dx))
+            self.out[region] += mean[k, :, :dz, :dy, :dx]
+            if self.var is not None:
+                self.var[region] += var[k, :, :dz, :dy, :dx]
+
+    def finish(self, plan: PatchPlan) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Divide by the sum of the weights, slice by slice; return the blend and the spread (standard deviation)."""
+        if self.out is None:  # no patch ran (empty mask)
+            self.out = np.zeros((1,) + self.shape, dtype=np.float32)
+            self.var = np.zeros_like(self.out) if self.with_variance else None
+        out, var = self.out, self.var
+        weights = plan.weight_sums()
+        wyx = weights[1][:, None] * weights[2][None, :]
+        for z in range(self.shape[0]):
+            inv = (1.0 / (weights[0][z] * wyx)).astype(np.float32)
+            out[:, z] *= inv
+            if var is not None:
+                var[:, z] *= inv
+        spread = None
+        if var is not None:
+            np.maximum(var, 0.0, out=var)
+            spread = np.sqrt(var, out=var)
+        self.out = self.var = None
+        return out, spread
+
+
+@dataclass
+class _BatchState:
+    """The batch size as the run adapts it, and the host buffer patches are gathered into."""
+
+    size: int
+    probe: bool = False
+    """On CUDA: the next batch (one patch) measures the memory a patch needs."""
+    buffer: Optional[np.ndarray] = None
+    probe_base: int = 0
+
+
 class SlidingWindow:
     """A network on a device, ready to predict volumes patch by patch.
 
@@ -265,6 +409,91 @@ class SlidingWindow:
         var = m2 / len(flips) if m2 is not None else None
         return mean, var
 
+    def _gather(
+        self,
+        channels: Sequence[Any],
+        plan: PatchPlan,
+        batch: Sequence[Tuple[int, int, int]],
+        state: _BatchState,
+        transform: Optional[Callable[[np.ndarray], Any]],
+    ) -> np.ndarray:
+        """Copy the patches of ``batch`` into the host buffer (zero beyond the volume), then ``transform`` them."""
+        if state.buffer is None or state.buffer.shape[0] < len(batch):
+            state.buffer = self._host_buffer((state.size, len(channels)) + plan.patch)
+        buf = state.buffer[: len(batch)]
+        pz, py, px = plan.patch
+        for k, (z, y, x) in enumerate(batch):
+            if plan.extent((z, y, x)) != plan.patch:
+                buf[k].fill(0.0)  # the patch reaches beyond the volume: zero padding
+            for c, ch in enumerate(channels):
+                src = ch[z : z + pz, y : y + py, x : x + px]
+                buf[k, c, : src.shape[0], : src.shape[1], : src.shape[2]] = src
+        if transform is not None:
+            transform(buf)
+        return buf
+
+    def _predict_batch(
+        self,
+        buf: np.ndarray,
+        plan: PatchPlan,
+        batch: Sequence[Tuple[int, int, int]],
+        flips: Sequence[Flip],
+        state: _BatchState,
+        weight_cache: dict,
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The network's weighted prediction (and variance over the flips) of one batch, on the host.
+
+        On a probing batch (CUDA, automatic batch size), the peak memory of the patch sets the batch size.
+        """
+        import torch
+
+        if state.probe:
+            torch.cuda.synchronize(self.device)
+            state.probe_base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        xb = torch.from_numpy(buf).to(self.device, non_blocking=True)
+        mean, var = self._forward(xb, flips)
+        w = torch.stack([self._tile_weight(plan, t, weight_cache) for t in batch])[:, None]
+        mean = (mean * w).cpu().numpy()
+        var = (var * w).cpu().numpy() if var is not None else None
+        if state.probe:
+            peak = torch.cuda.max_memory_allocated(self.device) - state.probe_base
+            state.size = max(1, min(self._max_batch(), self._budget() // max(int(peak * 1.2), 1)))
+            state.probe = False
+            logger.debug("One patch took %.0f MiB on %s; batch size %d.", peak / 2**20, self.device, state.size)
+        return mean, var
+
+    def _recover_from_out_of_memory(self, error: BaseException, state: _BatchState, patch: Tuple[int, ...]) -> None:
+        """Halve the batch, or at one patch per batch move to the CPU; on the CPU at one patch, raise."""
+        import torch
+
+        state.probe = False
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        if state.size > 1:
+            state.size = max(1, state.size // 2)
+            logger.warning("Out of memory on %s; retrying with %d patches per batch.", self.device, state.size)
+            return
+        if self.device != "cpu":
+            self._fall_back_to_cpu(error)
+            state.buffer = None
+            return
+        raise OutOfMemory(
+            f"Out of memory on the CPU with one patch of {patch} voxels per batch. Free memory, or use "
+            "a smaller patch_size."
+        ) from error
+
+    def _initial_batch(self, plan: PatchPlan, n_channels: int, n_flips: int) -> _BatchState:
+        """The first batch size: the one asked for; on CUDA one probing patch; on the CPU from an estimate."""
+        size, probe = self.batch_size, False
+        if size is None:
+            if self.device.startswith("cuda"):
+                size, probe = 1, True
+            else:
+                per_patch = estimate_patch_bytes(self.network, plan.patch, n_channels, n_flips=n_flips)
+                size = max(1, min(self._max_batch(), self._budget() // max(per_patch, 1)))
+        return _BatchState(size=max(1, min(size, max(1, len(plan.tiles)))), probe=probe)
+
     # -- the volume -------------------------------------------------------------------------------
     def predict(
         self,
@@ -301,169 +530,77 @@ class SlidingWindow:
         progress, cancel
             Checked between batches; a cancellation raises :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
         """
-        import torch
-
         t0 = time.perf_counter()
-        report = progress or no_progress
-        channels = list(volume) if not isinstance(volume, np.ndarray) else [volume[c] for c in range(volume.shape[0])]
-        if not channels:
-            raise InvalidParameterError("The volume has no channels.")
-        shape = tuple(np.shape(channels[0]))
-        if len(shape) != 3 or any(tuple(np.shape(c)) != shape for c in channels):
-            raise InvalidParameterError(
-                f"Every channel must be 3D and of one shape; got {[np.shape(c) for c in channels]}."
-            )
-        if not 0.0 <= float(overlap) < 1.0:
-            raise InvalidParameterError(f"overlap must be in [0, 1) (got {overlap}).")
-        if len(patch_size) != 3:
-            raise InvalidParameterError(f"patch_size needs 3 values (got {tuple(patch_size)}).")
-        if mask is not None and tuple(mask.shape) != shape:
-            raise InvalidParameterError(f"The mask has shape {mask.shape}, the volume {shape}.")
-        flips = [tuple(int(a) for a in f) for f in flips] or [()]
-        if any(a not in (0, 1, 2) for f in flips for a in f):
-            raise InvalidParameterError(f"Flip axes must be 0, 1 or 2 (got {flips}).")
-        n_ch = len(channels)
-        patch = effective_patch_size(shape, patch_size, self.multiple)
-        # Patches tile the volume padded (virtually, with zeros) to a multiple of the network's size multiple.
-        grid_shape = tuple(int(math.ceil(s / self.multiple) * self.multiple) for s in shape)
-        starts = [patch_starts(s, p, overlap, self.multiple) for s, p in zip(grid_shape, patch)]
-        gauss = [gaussian_1d(p, sigma_scale) for p in patch]
-        profiles = [tile_profiles(st, g) for st, g in zip(starts, gauss)]
-        index = [{s: j for j, s in enumerate(st)} for st in starts]
-        tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-        n_patches = len(tiles)
-        if mask is not None:
-            tiles = [
-                t for t in tiles if mask[t[0] : t[0] + patch[0], t[1] : t[1] + patch[1], t[2] : t[2] + patch[2]].any()
-            ]
-
-        out: Optional[np.ndarray] = None
-        var_acc: Optional[np.ndarray] = None
-        w3d_cache = {}
-        batch_size = self.batch_size
-        probe = False
-        if batch_size is None:
-            if self.device.startswith("cuda"):
-                batch_size, probe = 1, True
-            else:
-                per_patch = estimate_patch_bytes(self.network, patch, n_ch, n_flips=len(flips))
-                batch_size = max(1, min(self._max_batch(), self._budget() // max(per_patch, 1)))
-        batch_size = max(1, min(batch_size, max(1, len(tiles))))
-        host_buffer: Optional[np.ndarray] = None
+        channels, shape = _volume_channels(volume)
+        plan = PatchPlan.make(shape, patch_size, overlap, multiple=self.multiple, sigma_scale=sigma_scale, mask=mask)
+        flips = _checked_flips(flips)
+        state = self._initial_batch(plan, len(channels), len(flips))
         logger.debug(
             "Sliding window: %d of %d patches of %s, batch %d, on %s.",
-            len(tiles),
-            n_patches,
-            patch,
-            batch_size,
+            len(plan.tiles),
+            plan.n_patches,
+            plan.patch,
+            state.size,
             self.device,
         )
-
-        i = 0
-        with torch.inference_mode():
-            while i < len(tiles):
-                if cancel is not None:
-                    cancel.check()
-                report(i / max(len(tiles), 1), "inference", f"patch {i + 1} of {len(tiles)} on {self.device}")
-                batch = tiles[i : i + batch_size]
-                if host_buffer is None or host_buffer.shape[0] < len(batch):
-                    host_buffer = self._host_buffer((batch_size, n_ch) + patch)
-                buf = host_buffer[: len(batch)]
-                for k, (z, y, x) in enumerate(batch):
-                    if z + patch[0] > shape[0] or y + patch[1] > shape[1] or x + patch[2] > shape[2]:
-                        buf[k].fill(0.0)  # the patch reaches beyond the volume: zero padding
-                    for c, ch in enumerate(channels):
-                        src = ch[z : z + patch[0], y : y + patch[1], x : x + patch[2]]
-                        buf[k, c, : src.shape[0], : src.shape[1], : src.shape[2]] = src
-                if transform is not None:
-                    transform(buf)
-                try:
-                    if probe:
-                        torch.cuda.synchronize(self.device)
-                        before = torch.cuda.memory_allocated(self.device)
-                        torch.cuda.reset_peak_memory_stats(self.device)
-                    xb = torch.from_numpy(buf).to(self.device, non_blocking=True)
-                    mean, var = self._forward(xb, flips)
-                    w = torch.stack([self._tile_weight(t, index, profiles, w3d_cache) for t in batch])[:, None]
-                    mean = (mean * w).cpu().numpy()
-                    var = (var * w).cpu().numpy() if var is not None else None
-                except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
-                    if not is_out_of_memory(e):
-                        raise
-                    probe = False
-                    if self.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                    if batch_size > 1:
-                        batch_size = max(1, batch_size // 2)
-                        logger.warning(
-                            "Out of memory on %s; retrying with %d patches per batch.", self.device, batch_size
-                        )
-                        continue
-                    if self.device != "cpu":
-                        self._fall_back_to_cpu(e)
-                        host_buffer = None
-                        continue
-                    raise OutOfMemory(
-                        f"Out of memory on the CPU with one patch of {patch} voxels per batch. Free memory, or use "
-                        "a smaller patch_size."
-                    ) from e
-                if probe:
-                    peak = torch.cuda.max_memory_allocated(self.device) - before
-                    per_patch = max(int(peak * 1.2), 1)
-                    batch_size = max(1, min(self._max_batch(), self._budget() // per_patch))
-                    probe = False
-                    logger.debug("One patch took %.0f MiB on %s; batch size %d.", peak / 2**20, self.device, batch_size)
-                if out is None:
-                    out = np.zeros((mean.shape[1],) + shape, dtype=np.float32)
-                    if var is not None:
-                        var_acc = np.zeros_like(out)
-                for k, (z, y, x) in enumerate(batch):
-                    dz, dy, dx = min(patch[0], shape[0] - z), min(patch[1], shape[1] - y), min(patch[2], shape[2] - x)
-                    region = (slice(None), slice(z, z + dz), slice(y, y + dy), slice(x, x + dx))
-                    out[region] += mean[k, :, :dz, :dy, :dx]
-                    if var_acc is not None:
-                        var_acc[region] += var[k, :, :dz, :dy, :dx]
-                i += len(batch)
+        accumulator = _Accumulator(shape, with_variance=len(flips) > 1)
+        self._run_patches(channels, plan, flips, state, accumulator, transform, progress or no_progress, cancel)
         if cancel is not None:
             cancel.check()
-        if out is None:  # no patch ran (empty mask)
-            out = np.zeros((1,) + shape, dtype=np.float32)
-            var_acc = np.zeros_like(out) if len(flips) > 1 else None
-        weights = [_axis_weights(s, p, st, pr) for s, p, st, pr in zip(shape, patch, starts, profiles)]
-        wyx = weights[1][:, None] * weights[2][None, :]
-        for z in range(shape[0]):
-            inv = (1.0 / (weights[0][z] * wyx)).astype(np.float32)
-            out[:, z] *= inv
-            if var_acc is not None:
-                var_acc[:, z] *= inv
-        spread = None
-        if var_acc is not None:
-            np.maximum(var_acc, 0.0, out=var_acc)
-            spread = np.sqrt(var_acc, out=var_acc)
-        report(1.0, "inference", f"{len(tiles)} patches on {self.device}")
+        output, spread = accumulator.finish(plan)
+        (progress or no_progress)(1.0, "inference", f"{len(plan.tiles)} patches on {self.device}")
         return WindowPrediction(
-            output=out,
+            output=output,
             spread=spread,
             device=self.device,
-            batch_size=batch_size,
-            n_patches=n_patches,
-            n_run=len(tiles),
+            batch_size=state.size,
+            n_patches=plan.n_patches,
+            n_run=len(plan.tiles),
             fell_back_to_cpu=self.fell_back_to_cpu,
             elapsed_s=time.perf_counter() - t0,
         )
 
-    def _tile_weight(self, tile, index, profiles, cache):
-        """The separable weight of one patch (cached per kind: first, inner or last patch along each axis)."""
+    def _run_patches(
+        self,
+        channels: Sequence[Any],
+        plan: PatchPlan,
+        flips: Sequence[Flip],
+        state: _BatchState,
+        accumulator: _Accumulator,
+        transform: Optional[Callable[[np.ndarray], Any]],
+        report: ProgressCallback,
+        cancel: Optional[CancelToken],
+    ) -> None:
+        """Run the plan's patches batch by batch into ``accumulator``, adapting the batch to the memory."""
         import torch
 
-        key = tuple(
-            min(j, 1) if j < len(profiles[a]) - 1 else 2 for a, j in enumerate(index[a][t] for a, t in enumerate(tile))
-        )
-        key = (self.device,) + key
+        weight_cache: dict = {}
+        i = 0
+        with torch.inference_mode():
+            while i < len(plan.tiles):
+                if cancel is not None:
+                    cancel.check()
+                report(i / max(len(plan.tiles), 1), "inference", f"patch {i + 1} of {len(plan.tiles)} on {self.device}")
+                batch = plan.tiles[i : i + state.size]
+                buf = self._gather(channels, plan, batch, state, transform)
+                try:
+                    mean, var = self._predict_batch(buf, plan, batch, flips, state, weight_cache)
+                except Exception as e:  # noqa: BLE001 - only out-of-memory errors are handled
+                    if not is_out_of_memory(e):
+                        raise
+                    self._recover_from_out_of_memory(e, state, plan.patch)
+                    continue
+                accumulator.add(plan, batch, mean, var)
+                i += len(batch)
+
+    def _tile_weight(self, plan: PatchPlan, tile: Tuple[int, int, int], cache: dict):
+        """The separable weight of one patch on the device (cached per kind: first, inner or last along each axis)."""
+        import torch
+
+        key = (self.device,) + plan.weight_key(tile)
         w = cache.get(key)
         if w is None:
-            pz, py, px = (profiles[a][index[a][tile[a]]] for a in range(3))
-            w = torch.from_numpy(pz[:, None, None] * py[None, :, None] * px[None, None, :]).to(self.device)
+            w = torch.from_numpy(plan.weight(tile)).to(self.device)
             cache[key] = w
         return w
 
@@ -510,6 +647,7 @@ def sliding_window_predict(
 __all__ = [
     "DEFAULT_TTA_FLIPS",
     "OutOfMemory",
+    "PatchPlan",
     "SlidingWindow",
     "WindowPrediction",
     "effective_patch_size",
