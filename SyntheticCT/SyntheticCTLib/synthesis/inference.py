@@ -16,7 +16,9 @@ Steps of :func:`synthesize`:
 4. Resampling to the model's ``spacing_mm`` (linear; skipped when every spacing is within 1 % of it).
 5. Normalisation per channel (statistics inside the body), applied patch by patch.
 6. Sliding-window inference with Gaussian blending (:mod:`SyntheticCTLib.synthesis.sliding_window`); patches
-   outside the body are skipped.
+   outside the body are skipped. The network runs as an accelerated inference copy (batch norms folded into
+   the convolutions; channels-last on the CPU), the loaded network being the fallback; with test-time flips,
+   the flipped copies of each batch run in one network call.
 7. HU = ``clip(y * scale + offset, *clip)``; outside the body, air (-1000 HU).
 8. Back onto the input grid (linear), the input-resolution body mask applied again, int16.
 
@@ -77,6 +79,9 @@ class WindowSettings:
     body_mask: bool = True
     """Set voxels outside the body to air; False keeps the network's output everywhere."""
     sigma_scale: float = 0.125
+    accelerate: bool = True
+    """Run the accelerated inference copy of the network (batch norms folded, channels-last on the CPU);
+    False: the network as loaded (the eager path). Same result to float rounding; see :class:`SlidingWindow`."""
     tta_flips: Sequence[Tuple[int, ...]] = DEFAULT_TTA_FLIPS
 
     @classmethod
@@ -110,6 +115,8 @@ class SynthesisResult:
     n_patches: int
     n_run: int
     fell_back_to_cpu: bool = False
+    path: str = "eager"
+    """The network that ran: ``"accelerated"`` or ``"eager"`` (:attr:`WindowPrediction.path`)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -121,6 +128,7 @@ class SynthesisResult:
             "n_patches": self.n_patches,
             "n_patches_run": self.n_run,
             "fell_back_to_cpu": self.fell_back_to_cpu,
+            "inference_path": self.path,
             "uncertainty": self.uncertainty is not None,
             "size": list(self.image.GetSize()),
             "notice": NOT_FOR_DIAGNOSTIC_USE,
@@ -306,6 +314,7 @@ class Synthesizer:
             amp=self.window.amp,
             batch_size=self.window.batch_size,
             memory_budget=self.window.memory_budget,
+            accelerate=self.window.accelerate,
         )
         logger.info("Model %s %s on %s.", model.name, model.version, self.device)
 
@@ -345,7 +354,7 @@ class Synthesizer:
         prediction = self._predict(grid, tta, report, cancel)
         report(0.9, "finishing", "HU and resampling back")
         hu, spread = self._to_hu(prediction, grid.mask)
-        stats = (prediction.batch_size, prediction.n_patches, prediction.n_run)
+        stats = (prediction.batch_size, prediction.n_patches, prediction.n_run, prediction.path)
         del prediction
         grid.images, grid.mask = [], None
         result_image = self._sct_on_input_grid(hu, grid, reference, body)
@@ -359,12 +368,13 @@ class Synthesizer:
         elapsed = time.perf_counter() - t0
         report(1.0, "finishing", f"done on {device} in {elapsed:.1f} s")
         logger.info(
-            "Synthetic CT computed on %s in %.1f s (%d of %d patches run, batch %d).",
+            "Synthetic CT computed on %s in %.1f s (%d of %d patches run, batch %d, %s network).",
             device,
             elapsed,
             stats[2],
             stats[1],
             stats[0],
+            stats[3],
         )
         return SynthesisResult(
             image=result_image,
@@ -377,6 +387,7 @@ class Synthesizer:
             n_patches=stats[1],
             n_run=stats[2],
             fell_back_to_cpu=self.runner.fell_back_to_cpu,
+            path=stats[3],
         )
 
     # -- the stages of run ------------------------------------------------------------------------------

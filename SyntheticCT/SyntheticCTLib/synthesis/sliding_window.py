@@ -60,6 +60,8 @@ class WindowPrediction:
     n_run: int = 0
     fell_back_to_cpu: bool = False
     elapsed_s: float = 0.0
+    path: str = "eager"
+    """Which network ran: ``"eager"`` (the network as given) or ``"accelerated"`` (see :class:`SlidingWindow`)."""
     notes: List[str] = field(default_factory=list)
 
 
@@ -301,6 +303,8 @@ class _BatchState:
     """On CUDA: the next batch (one patch) measures the memory a patch needs."""
     buffer: Optional[np.ndarray] = None
     probe_base: int = 0
+    flips_per_call: int = 1
+    """Test-time flips stacked into one network call (all of them, until memory runs short)."""
 
 
 class SlidingWindow:
@@ -321,6 +325,12 @@ class SlidingWindow:
     max_batch_size
         Upper bound of the automatic batch size (default 32 on a GPU, 2 on the CPU, where larger
         batches gain nothing).
+    accelerate
+        Run an inference copy of the network (default on): batch norms folded into the convolutions
+        before them (:func:`~SyntheticCTLib.models.architectures.fold_batch_norm`) and, on the CPU, the
+        channels-last 3D memory layout (oneDNN's fast convolutions). Same weights, same result to float
+        rounding. Where the copy cannot be made or fails, the network as given runs ("eager"); the log
+        and :attr:`WindowPrediction.path` say which ran.
     """
 
     def __init__(
@@ -332,6 +342,7 @@ class SlidingWindow:
         batch_size: Optional[int] = None,
         memory_budget: Optional[int] = None,
         max_batch_size: Optional[int] = None,
+        accelerate: bool = True,
     ) -> None:
         import torch
 
@@ -348,6 +359,73 @@ class SlidingWindow:
         self.max_batch_size = max_batch_size
         self.fell_back_to_cpu = False
         self.multiple = int(getattr(network, "size_multiple", 1) or 1)
+        self.accelerate = bool(accelerate)
+        self._accelerated: Any = None
+        self._accelerated_device: Optional[str] = None
+        self._path_note = "eager (acceleration off)"
+        self._channels_last = False
+
+    # -- the network that runs --------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """``"accelerated"`` or ``"eager"``: the network that runs on the current device."""
+        return "accelerated" if self._inference_network() is not self.network else "eager"
+
+    def _inference_network(self) -> Any:
+        """The accelerated copy of the network for the current device (built on first use), else the network."""
+        if not self.accelerate:
+            return self.network
+        if self._accelerated_device != self.device:
+            self._accelerated_device = self.device
+            self._accelerated = self._build_accelerated()
+        return self._accelerated if self._accelerated is not None else self.network
+
+    def _build_accelerated(self) -> Any:
+        """Fold the batch norms and, on the CPU, go channels-last; None (and a note why) where that is impossible."""
+        import torch
+
+        from SyntheticCTLib.models.architectures import fold_batch_norm
+
+        if not isinstance(self.network, torch.nn.Module):
+            self._path_note = "eager (the network is not a torch module)"
+            return None
+        try:
+            n_norms = sum(isinstance(m, torch.nn.BatchNorm3d) for m in self.network.modules())
+            net = fold_batch_norm(self.network)
+            folded = n_norms - sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+            channels_last = self.device == "cpu"
+            if channels_last:
+                net = net.to(memory_format=torch.channels_last_3d)
+        except Exception as e:  # noqa: BLE001 - any failure leaves the eager network, which always works
+            self._path_note = f"eager (no accelerated copy: {type(e).__name__}: {e})"
+            return None
+        self._channels_last = channels_last
+        parts = [f"{folded} batch norm(s) folded into convolutions"] + (["channels-last 3D"] if channels_last else [])
+        self._path_note = f"accelerated ({', '.join(parts)})"
+        return net
+
+    def _run_network(self, x):
+        """The network on ``x`` (autocast on CUDA when ``amp``); a failing accelerated copy gives way to the eager one."""
+        import torch
+
+        net = self._inference_network()
+        if net is not self.network and getattr(self, "_channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        try:
+            if self.amp:
+                with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
+                    return net(x)
+            return net(x)
+        except Exception as e:  # noqa: BLE001 - out of memory is the caller's; anything else: eager
+            if net is self.network or is_out_of_memory(e):
+                raise
+            logger.warning(
+                "The accelerated network failed (%s: %s); continuing with the eager one.", type(e).__name__, e
+            )
+            self.accelerate = False
+            self._accelerated = None
+            self._path_note = f"eager (the accelerated network failed: {type(e).__name__})"
+            return self._run_network(x.contiguous())
 
     # -- device handling --------------------------------------------------------------------------
     def _fall_back_to_cpu(self, error: BaseException) -> None:
@@ -382,32 +460,28 @@ class SlidingWindow:
         return 32 if self.device != "cpu" else 2
 
     # -- one batch --------------------------------------------------------------------------------
-    def _forward(self, x, flips: Sequence[Flip]):
-        """Mean and (with several flips) variance over the flips, float32, on the device."""
+    def _forward(self, x, flips: Sequence[Flip], per_call: int):
+        """Mean and (with several flips) population variance over the flips, float32, on the device.
+
+        The flipped copies of the batch are stacked into one network call (``per_call`` flips at a time),
+        so that the flips of a patch share a batch; each output is flipped back before the statistics.
+        """
         import torch
 
-        mean = None
-        m2 = None
-        for k, flip in enumerate(flips):
-            dims = tuple(2 + a for a in flip)
-            xin = torch.flip(x, dims) if dims else x
-            if self.amp:
-                with torch.autocast(device_type="cuda", dtype=self.amp_dtype):
-                    y = self.network(xin)
-            else:
-                y = self.network(xin)
-            y = y.float()
-            if dims:
-                y = torch.flip(y, dims)
-            if mean is None:
-                mean = y.clone() if len(flips) > 1 else y
-                m2 = torch.zeros_like(y) if len(flips) > 1 else None
-            else:  # Welford
-                delta = y - mean
-                mean += delta / (k + 1)
-                m2 += delta * (y - mean)
-        var = m2 / len(flips) if m2 is not None else None
-        return mean, var
+        n = x.shape[0]
+        outputs = []
+        for j in range(0, len(flips), max(1, per_call)):
+            group = flips[j : j + max(1, per_call)]
+            dims = [tuple(2 + a for a in flip) for flip in group]
+            xin = [torch.flip(x, d) if d else x for d in dims]
+            y = self._run_network(xin[0] if len(xin) == 1 else torch.cat(xin)).float()
+            for k, d in enumerate(dims):
+                yk = y[k * n : (k + 1) * n]
+                outputs.append(torch.flip(yk, d) if d else yk)
+        if len(outputs) == 1:
+            return outputs[0], None
+        stacked = torch.stack(outputs)
+        return stacked.mean(dim=0), stacked.var(dim=0, unbiased=False)
 
     def _gather(
         self,
@@ -452,7 +526,7 @@ class SlidingWindow:
             state.probe_base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         xb = torch.from_numpy(buf).to(self.device, non_blocking=True)
-        mean, var = self._forward(xb, flips)
+        mean, var = self._forward(xb, flips, state.flips_per_call)
         w = torch.stack([self._tile_weight(plan, t, weight_cache) for t in batch])[:, None]
         mean = (mean * w).cpu().numpy()
         var = (var * w).cpu().numpy() if var is not None else None
@@ -464,7 +538,7 @@ class SlidingWindow:
         return mean, var
 
     def _recover_from_out_of_memory(self, error: BaseException, state: _BatchState, patch: Tuple[int, ...]) -> None:
-        """Halve the batch, or at one patch per batch move to the CPU; on the CPU at one patch, raise."""
+        """Halve the batch, then the flips per network call; at one of each move to the CPU; on the CPU, raise."""
         import torch
 
         state.probe = False
@@ -473,6 +547,14 @@ class SlidingWindow:
         if state.size > 1:
             state.size = max(1, state.size // 2)
             logger.warning("Out of memory on %s; retrying with %d patches per batch.", self.device, state.size)
+            return
+        if state.flips_per_call > 1:
+            state.flips_per_call = max(1, state.flips_per_call // 2)
+            logger.warning(
+                "Out of memory on %s; retrying with %d test-time flips per network call.",
+                self.device,
+                state.flips_per_call,
+            )
             return
         if self.device != "cpu":
             self._fall_back_to_cpu(error)
@@ -484,15 +566,20 @@ class SlidingWindow:
         ) from error
 
     def _initial_batch(self, plan: PatchPlan, n_channels: int, n_flips: int) -> _BatchState:
-        """The first batch size: the one asked for; on CUDA one probing patch; on the CPU from an estimate."""
+        """The first batch size (in patches; each runs once per flip, stacked in the same network call).
+
+        The one asked for; on CUDA one probing patch (with its flips); on the CPU from an estimate of the
+        memory of one network input, the automatic maximum counting network inputs (patches x flips).
+        """
         size, probe = self.batch_size, False
         if size is None:
             if self.device.startswith("cuda"):
                 size, probe = 1, True
             else:
-                per_patch = estimate_patch_bytes(self.network, plan.patch, n_channels, n_flips=n_flips)
-                size = max(1, min(self._max_batch(), self._budget() // max(per_patch, 1)))
-        return _BatchState(size=max(1, min(size, max(1, len(plan.tiles)))), probe=probe)
+                per_input = estimate_patch_bytes(self.network, plan.patch, n_channels, n_flips=n_flips)
+                size = max(1, min(self._max_batch(), self._budget() // max(per_input, 1)) // n_flips)
+        size = max(1, min(size, max(1, len(plan.tiles))))
+        return _BatchState(size=size, probe=probe, flips_per_call=n_flips)
 
     # -- the volume -------------------------------------------------------------------------------
     def predict(
@@ -535,13 +622,16 @@ class SlidingWindow:
         plan = PatchPlan.make(shape, patch_size, overlap, multiple=self.multiple, sigma_scale=sigma_scale, mask=mask)
         flips = _checked_flips(flips)
         state = self._initial_batch(plan, len(channels), len(flips))
-        logger.debug(
-            "Sliding window: %d of %d patches of %s, batch %d, on %s.",
+        self._inference_network()  # builds the accelerated copy now, so that the log says which path runs
+        logger.info(
+            "Sliding window: %d of %d patches of %s, batch %d x %d flip(s), on %s: %s.",
             len(plan.tiles),
             plan.n_patches,
             plan.patch,
             state.size,
+            len(flips),
             self.device,
+            self._path_note,
         )
         accumulator = _Accumulator(shape, with_variance=len(flips) > 1)
         self._run_patches(channels, plan, flips, state, accumulator, transform, progress or no_progress, cancel)
@@ -558,6 +648,7 @@ class SlidingWindow:
             n_run=len(plan.tiles),
             fell_back_to_cpu=self.fell_back_to_cpu,
             elapsed_s=time.perf_counter() - t0,
+            path=self.path,
         )
 
     def _run_patches(
