@@ -173,10 +173,17 @@ def test_batched_flips_equal_the_four_sequential_passes_in_one_call_per_batch(tm
         volume, (16, 24, 24), 0.5, flips=DEFAULT_TTA_FLIPS
     )
     counting = Counting(package.build_network("cpu"))
-    new = SlidingWindow(counting, "cpu", batch_size=2, accelerate=False).predict(
+    new = SlidingWindow(counting, "cpu", batch_size=8, accelerate=False).predict(
         volume, (16, 24, 24), 0.5, flips=DEFAULT_TTA_FLIPS
     )
-    assert counting.calls == int(np.ceil(new.n_run / 2)) and counting.inputs == 4 * new.n_run
+    # batch_size counts network inputs: 2 patches x 4 flips in one call per batch.
+    assert new.batch_size == 2 and counting.calls == int(np.ceil(new.n_run / 2)) and counting.inputs == 4 * new.n_run
+    lean = Counting(package.build_network("cpu"))
+    same = SlidingWindow(lean, "cpu", batch_size=2, accelerate=False).predict(
+        volume, (16, 24, 24), 0.5, flips=DEFAULT_TTA_FLIPS
+    )
+    assert lean.calls == 2 * new.n_run and lean.inputs == 4 * new.n_run  # 1 patch x 2 flips per call: memory as before
+    np.testing.assert_allclose(same.spread, new.spread, atol=1e-6)
     scale = float(package.output["scale"])
     assert np.abs(new.output - old.output).max() * scale < 1e-2  # HU
     assert np.abs(new.spread - old.spread).max() * scale < 1e-2

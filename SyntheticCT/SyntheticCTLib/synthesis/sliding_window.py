@@ -15,6 +15,14 @@ With a ``mask``, patches holding no mask voxel are skipped (their voxels stay 0)
 the mask is still covered by all of its patches, so the blended value there is exactly what a full
 run gives; callers overwrite the voxels outside the mask (the synthesis sets them to air).
 
+The network runs as an accelerated inference copy unless ``accelerate=False``: batch norms folded
+into the convolutions before them, and on the CPU the channels-last 3D memory layout, for which
+oneDNN has faster 3D convolutions (measured about 2x on the bundled network, patch 96^3). The result
+is the eager network's to float rounding (far below 0.01 HU). If the copy cannot be built or fails
+to run, the network as given runs instead; the log says which path ran. With test-time flips the
+flipped copies of a batch are stacked into one network call (the same arithmetic as one pass per
+flip, in fewer, larger calls); mean and population variance are taken over the flips per patch.
+
 The batch size follows a memory budget: on CUDA the first patch is run alone and its peak memory
 measured; on the CPU an estimate from the network's width is used. A GPU out-of-memory error halves
 the batch and retries; at batch size 1 the run moves to the CPU (with a warning) and continues.
@@ -320,7 +328,7 @@ class SlidingWindow:
     amp
         Autocast (bf16 where the GPU supports it, else fp16) on CUDA; None: on for CUDA only.
     batch_size
-        Patches per batch; None: from ``memory_budget`` (bytes; None: 80 % of free GPU memory, or on the
+        Network inputs per call (patches, or with test-time flips patches x flips); None: from ``memory_budget`` (bytes; None: 80 % of free GPU memory, or on the
         CPU a quarter of the available memory, at most 2 GiB).
     max_batch_size
         Upper bound of the automatic batch size (default 32 on a GPU, 2 on the CPU, where larger
@@ -566,20 +574,21 @@ class SlidingWindow:
         ) from error
 
     def _initial_batch(self, plan: PatchPlan, n_channels: int, n_flips: int) -> _BatchState:
-        """The first batch size (in patches; each runs once per flip, stacked in the same network call).
+        """The first batch: patches per batch and test-time flips per network call.
 
-        The one asked for; on CUDA one probing patch (with its flips); on the CPU from an estimate of the
-        memory of one network input, the automatic maximum counting network inputs (patches x flips).
+        A batch size (asked for, or on the CPU from a memory estimate) counts network inputs, so that
+        flips cost no more memory than before they were batched: ``batch_size // n_flips`` patches per
+        batch (at least one), with up to ``batch_size`` flips of them stacked in one call. On CUDA one
+        probing patch with all its flips measures the memory instead.
         """
-        size, probe = self.batch_size, False
-        if size is None:
+        inputs, probe = self.batch_size, False
+        if inputs is None:
             if self.device.startswith("cuda"):
-                size, probe = 1, True
-            else:
-                per_input = estimate_patch_bytes(self.network, plan.patch, n_channels, n_flips=n_flips)
-                size = max(1, min(self._max_batch(), self._budget() // max(per_input, 1)) // n_flips)
-        size = max(1, min(size, max(1, len(plan.tiles))))
-        return _BatchState(size=size, probe=probe, flips_per_call=n_flips)
+                return _BatchState(size=1, probe=True, flips_per_call=n_flips)
+            per_input = estimate_patch_bytes(self.network, plan.patch, n_channels, n_flips=n_flips)
+            inputs = max(1, min(self._max_batch(), self._budget() // max(per_input, 1)))
+        size = max(1, min(inputs // n_flips, max(1, len(plan.tiles))))
+        return _BatchState(size=size, probe=probe, flips_per_call=max(1, min(n_flips, inputs)))
 
     # -- the volume -------------------------------------------------------------------------------
     def predict(
