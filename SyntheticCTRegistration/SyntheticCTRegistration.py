@@ -33,36 +33,24 @@ from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
 
+from SyntheticCT import OUTPUT_ATTRIBUTE, SyntheticCTJobLogic
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
-from SyntheticCTLib.apps.runner import ChildJob, JobResult, RunnerEvent, child_environment
+from SyntheticCTLib.apps.runner import JobResult, RunnerEvent, compare_args, missing_packages, register_args
+from SyntheticCTLib.comparison.metric_registry import METRICS, REPORT_KEYS
 
-POLL_MS = 100
 FLICKER_MS = 500
 DISTANCE_ARRAY = "SignedDistance_mm"
 DISTANCE_COLORS = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
 DISTANCE_RANGE_MM = 2.0
 DIFFERENCE_WINDOW_HU = 400.0
 COMPARISON_PACKAGES = {"matplotlib": "matplotlib>=3.5"}  # for the report's pictures; Slicer does not ship it
-METRIC_ROWS = (
-    ("surface_mean_mm", _("Bone surface distance, mean absolute"), "mm"),
-    ("surface_median_mm", _("Bone surface distance, median"), "mm"),
-    ("surface_rms_mm", _("Bone surface distance, RMS"), "mm"),
-    ("surface_p95_mm", _("Bone surface distance, 95th percentile"), "mm"),
-    ("surface_max_mm", _("Bone surface distance, maximum (Hausdorff)"), "mm"),
-    ("surface_within_1mm", _("Surface points within 1 mm"), "fraction"),
-    ("surface_within_2mm", _("Surface points within 2 mm"), "fraction"),
-    ("bone_dice", _("Bone Dice"), ""),
-    ("mae_hu", _("MAE (body)"), "HU"),
-    ("me_hu", _("ME (body)"), "HU"),
-    ("psnr_db", _("PSNR"), "dB"),
-    ("ssim", _("SSIM"), ""),
-)
+METRIC_ROWS = tuple((key, METRICS[key].label, METRICS[key].value_unit) for key in REPORT_KEYS)
+"""(key, label, unit of the stored value) of the statistics table, from the library's one metric registry."""
 
 
 #
@@ -77,7 +65,7 @@ class SyntheticCTRegistration(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Synthetic CT Registration")
         self.parent.categories = [_("Synthetic CT")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["SyntheticCT"]  # its logic (jobs, files, scene handling) and SyntheticCTLib
         self.parent.contributors = ["SyntheticCT contributors"]
         self.parent.helpText = _(
             "Register a synthetic CT (or the MRI) to an existing CT of the same patient, check the alignment "
@@ -173,6 +161,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SyntheticCTRegistrationLogic()
+        self.logic.jobs.schedule = lambda ms, callback: qt.QTimer.singleShot(ms, callback)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -200,8 +189,6 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         if self._flickerTimer is not None:
             self._flickerTimer.stop()
         if self.logic is not None:
-            if self.logic.isRunning():
-                self.logic.cancel()
             self.logic.cleanup()
         self.removeObservers()
 
@@ -224,17 +211,9 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        p = self._parameterNode
-        if not p.fixedVolume or not p.movingVolume:
-            volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-            synthetic = [v for v in volumes if v.GetAttribute("SyntheticCT.Synthetic") == "1"]
-            others = [v for v in volumes if not v.GetAttribute("SyntheticCT.Synthetic")]
-            others.sort(key=lambda v: "ct" in v.GetName().lower().replace("sct", ""))  # CTs last
-            if not p.movingVolume and synthetic:
-                p.movingVolume = synthetic[0]
-            if not p.fixedVolume and others:
-                p.fixedVolume = others[-1]
+        parameters = self.logic.getParameterNode()
+        self.logic.initializeParameters(parameters)
+        self.setParameterNode(parameters)
 
     def setParameterNode(self, inputParameterNode: Optional[SyntheticCTRegistrationParameterNode]) -> None:
         if self._parameterNode:
@@ -379,7 +358,9 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             return
         with slicer.util.tryWithErrorDisplay(_("Bone-surface comparison failed."), waitCursor=True):
             p = self._parameterNode
-            if not self.logic.ensurePythonPackages(COMPARISON_PACKAGES):
+            if not self.logic.ensurePythonPackages(
+                COMPARISON_PACKAGES, confirm=lambda text, title: slicer.util.confirmOkCancelDisplay(text, title)
+            ):
                 self.ui.logTextEdit.appendPlainText(_("Not started: the report's pictures need matplotlib."))
                 return
             bar = self.ui.compareProgressBar
@@ -399,8 +380,21 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         if result.ok and not outcome.get("error"):
             self.ui.statisticsTableView.setMRMLTableNode(p.statisticsTable)
             self._observeProbe(p.probePoints)
-            self.logic.showComparison(p, dual3D=p.dual3D)
+            self._showComparison()
         self._jobEnded(result, outcome, self.ui.compareProgressBar, _("Bone-surface comparison failed:"))
+
+    def _showComparison(self) -> None:
+        """The layout (Qt), then the logic places the surfaces in its views."""
+        p = self._parameterNode
+        layoutManager = slicer.app.layoutManager()
+        if p.dual3D:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
+            self.logic.showComparison(p, [layoutManager.threeDWidget(i).mrmlViewNode() for i in range(2)])
+        else:
+            if p.histogramChart is not None:
+                layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
+            self.logic.showComparison(p)
+        slicer.util.resetThreeDViews()
 
     def _observeProbe(self, probe) -> None:
         if self._observedProbe is not None:
@@ -451,6 +445,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 parameterNode=p,
             )
             self.ui.trajectoryReportLabel.text = result["report"].replace("\n", "<br>")
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
 
 
 #
@@ -458,114 +453,80 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
 #
 
 
-class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
-    """MRML glue: writes nodes for the child process, runs it, and shows the results in the scene."""
+class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
+    """All MRML work of the registration module, without Qt: writes the volumes for the child process,
+    runs it, and shows the results in the scene (transforms, alignment views, surfaces, tables, plots).
+
+    The job plumbing, the files and the scene-close handling come from :class:`SyntheticCTJobLogic`
+    (module SyntheticCT, a declared dependency).
+    """
 
     def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._job: Optional[ChildJob] = None
+        SyntheticCTJobLogic.__init__(self)
         self._boneTransforms: Dict[str, Dict[int, str]] = {}  # transform node ID -> {bone label: file}
-        self._keep: List[str] = []  # folders of results the user may still save (removed on cleanup)
 
     def getParameterNode(self):
         return SyntheticCTRegistrationParameterNode(super().getParameterNode())
 
-    # -- child processes ---------------------------------------------------------------------------
-    def isRunning(self) -> bool:
-        return self._job is not None and self._job.running
+    def onSceneStartClose(self, caller=None, event=None) -> None:
+        SyntheticCTJobLogic.onSceneStartClose(self, caller, event)
+        self._boneTransforms = {}
 
-    def cancel(self) -> None:
-        """Stop the running child process and everything it started; the scene is left unchanged."""
-        if self._job is not None:
-            self._job.cancel()
+    def initializeParameters(self, p) -> None:
+        """Pick a synthetic CT as the moving volume and a CT as the fixed one, when not chosen yet."""
+        if p.fixedVolume and p.movingVolume:
+            return
+        synthetic = self.candidateVolumes(synthetic=True)
+        others = self.candidateVolumes(synthetic=False)
+        others.sort(key=lambda v: "ct" in v.GetName().lower().replace("sct", ""))  # CTs last
+        if not p.movingVolume and synthetic:
+            p.movingVolume = synthetic[0]
+        if not p.fixedVolume and others:
+            p.fixedVolume = others[-1]
 
+    # -- transforms as files -----------------------------------------------------------------------
     @staticmethod
-    def pythonExecutable() -> str:
-        executable = shutil.which("PythonSlicer")
-        if not executable:
-            raise RuntimeError(_("PythonSlicer was not found next to Slicer; cannot start the child process."))
-        return executable
-
-    @staticmethod
-    def childEnvironment() -> dict:
-        import SyntheticCTLib
-
-        paths = [os.path.dirname(os.path.dirname(os.path.abspath(SyntheticCTLib.__file__)))]
-        return child_environment(slicer.util.startupEnvironment(), python_paths=paths)
-
-    @staticmethod
-    def ensurePythonPackages(packages: dict) -> bool:
-        import importlib
-        import importlib.util
-
-        missing = [req for name, req in packages.items() if importlib.util.find_spec(name) is None]
-        if not missing:
-            return True
-        if hasattr(slicer, "packaging"):  # Slicer 5.12+: asks the user itself
-            slicer.packaging.pip_ensure(missing, requester="SyntheticCT", skip_packages=["SimpleITK", "numpy", "vtk"])
-        elif slicer.app.testingEnabled() or slicer.util.confirmOkCancelDisplay(
-            _("The comparison report needs these Python packages: {p}. Install them now?").format(p=", ".join(missing)),
-            _("Install Python packages"),
-        ):
-            slicer.util.pip_install(" ".join(missing))
-        importlib.invalidate_caches()
-        return all(importlib.util.find_spec(name) is not None for name in packages)
-
-    def _run(self, args: List[str], onEvent, finished, wait: bool) -> ChildJob:
-        if self.isRunning():
-            raise RuntimeError(_("Another job is running; wait for it or cancel it."))
-        logging.info("SyntheticCT: running %s", " ".join(args))
-        job = ChildJob(args, env=self.childEnvironment(), on_event=onEvent, on_finished=finished).start()
-        self._job = job
-        if wait:
-            job.wait(idle=slicer.app.processEvents)
-        else:
-
-            def poll():
-                try:
-                    running = job.pump()
-                except Exception:
-                    logging.exception("SyntheticCT: error while handling the child process's output")
-                    job.cancel()
-                    running = job.pump()
-                if running:
-                    qt.QTimer.singleShot(POLL_MS, poll)
-
-            qt.QTimer.singleShot(POLL_MS, poll)
-        return job
-
-    @staticmethod
-    def _writeVolume(node, path: pathlib.Path) -> pathlib.Path:
-        """The node's voxels and grid (without its parent transform), as a file for the child."""
-        import SimpleITK as sitk
-        import sitkUtils
-
-        sitk.WriteImage(sitkUtils.PullVolumeFromSlicer(node), str(path), False)
+    def _writeTransform(node, path: pathlib.Path) -> pathlib.Path:
+        """A transform node as an ITK file, through an MRML storage node (Slicer writes "from parent")."""
+        storage = slicer.vtkMRMLTransformStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(node):
+            raise RuntimeError(_("Could not write the transform to {p}.").format(p=path))
         return path
 
-    @staticmethod
-    def _writeCurrentAlignment(fixedVolume, movingVolume, path: pathlib.Path) -> Optional[pathlib.Path]:
+    def _writeMatrix(self, matrix, path: pathlib.Path) -> pathlib.Path:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SyntheticCT temporary")
+        try:
+            node.SetMatrixTransformToParent(matrix)
+            return self._writeTransform(node, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(node)
+
+    def _writeCurrentAlignment(self, fixedVolume, movingVolume, path: pathlib.Path) -> Optional[pathlib.Path]:
         """The moving volume's current placement relative to the fixed one, as a file; None when there is none.
 
         The matrix maps the moving volume's own space to the fixed volume's (the "to parent" of a
-        transform node). Slicer writes a transform node's "from parent" to ITK files, which is the
-        registration's fixed -> moving convention. A non-linear placement is not used.
+        transform node), whichever of the two carries a transform (after Invert it is the CT).
+        A non-linear placement is not used.
         """
         movingParent, fixedParent = movingVolume.GetParentTransformNode(), fixedVolume.GetParentTransformNode()
-        if movingParent is None or movingParent == fixedParent:
+        if movingParent is fixedParent or (movingParent is not None and movingParent == fixedParent):
             return None
         matrix = vtk.vtkMatrix4x4()
         if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(movingParent, fixedParent, matrix):
-            logging.info("SyntheticCT: the moving volume's transform is not linear; the registration searches.")
+            logging.info("SyntheticCT: the current placement is not linear; the registration searches.")
             return None
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SyntheticCT initial alignment")
-        try:
-            node.SetMatrixTransformToParent(matrix)
-            if not slicer.util.saveNode(node, str(path)):
-                raise RuntimeError(_("Could not write the current alignment to {p}.").format(p=path))
-        finally:
-            slicer.mrmlScene.RemoveNode(node)
-        return path
+        return self._writeMatrix(matrix, path)
+
+    @staticmethod
+    def _isAncestorOf(transform, node) -> bool:
+        """True when ``transform`` is ``node``'s parent transform or one of that transform's parents."""
+        parent = node.GetParentTransformNode() if node is not None else None
+        while parent is not None:
+            if parent == transform:
+                return True
+            parent = parent.GetParentTransformNode()
+        return False
 
     # -- register ----------------------------------------------------------------------------------
     def startRegistration(
@@ -581,69 +542,88 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         onEvent: Optional[Callable] = None,
         onFinished: Optional[Callable] = None,
         wait: bool = False,
-    ) -> ChildJob:
+    ):
         """Register ``movingVolume`` to ``fixedVolume`` in a child process.
 
         With ``startFromCurrent``, a linear transform between the two volumes' parents (a rough manual
-        alignment, an earlier result) is the starting point (``--initial-transform``) instead of the search.
-        On success the transform is loaded (into ``outputTransform`` when it can hold it, else a new
-        node) and set as the moving volume's parent, so the alignment shows at once.
-        ``onFinished(result, outcome)`` gets the :class:`JobResult` and ``{"transform", "message"}``
-        or ``{"error"}``. A failed or cancelled run changes nothing in the scene.
+        alignment, an earlier result, an inverted one on the CT) is the starting point
+        (``--initial-transform``) instead of the search. On success the transform is loaded (into
+        ``outputTransform`` when it can hold it and does not place the fixed volume, else a new node),
+        put under the fixed volume's parent, and set as the moving volume's parent, so the alignment
+        shows at once. ``onFinished(result, outcome)`` gets the :class:`JobResult` and
+        ``{"transform", "message"}`` or ``{"error"}``. A failed or cancelled run changes nothing.
         """
-        from SyntheticCTLib.apps.runner import register_args
-
         if fixedVolume is None or movingVolume is None or fixedVolume == movingVolume:
             raise ValueError(_("Choose two different volumes: the fixed CT and the moving sCT or MRI."))
-        work = pathlib.Path(slicer.util.tempDirectory("SyntheticCTRegistration"))
-        fixed = self._writeVolume(fixedVolume, work / "fixed.nrrd")
-        moving = self._writeVolume(movingVolume, work / "moving.nrrd")
-        labels = self._writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
-        initial = (
-            self._writeCurrentAlignment(fixedVolume, movingVolume, work / "initial.h5") if startFromCurrent else None
+        work = self.workDirectory("SyntheticCTRegistration")
+        try:
+            fixed = self.writeVolume(fixedVolume, work / "fixed.nrrd")
+            moving = self.writeVolume(movingVolume, work / "moving.nrrd")
+            labels = self.writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
+            initial = (
+                self._writeCurrentAlignment(fixedVolume, movingVolume, work / "initial.tfm")
+                if startFromCurrent
+                else None
+            )
+            transform = work / "transform.h5" if mode == "deformable" else work / "transform.tfm"
+            args = register_args(
+                fixed,
+                moving,
+                transform,
+                mode=mode,
+                bone_labels=labels,
+                bone_threshold=boneThreshold if mode == "bone-local" else None,
+                initial_transform=initial,
+                python=self.pythonExecutable(),
+            )
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+        def load() -> dict:
+            outcome = self.loadRegistration(
+                fixedVolume,
+                movingVolume,
+                transform,
+                mode=mode,
+                outputTransform=outputTransform,
+                withLabels=labels is not None,
+            )
+            for copy in (fixed, moving, labels):  # keep only the per-bone transforms, not the volume copies
+                if copy is not None and copy.exists():
+                    copy.unlink()
+            return outcome
+
+        return self.runJob(
+            args,
+            env=self.childEnvironment(),
+            work=str(work),
+            importResult=load,
+            onEvent=onEvent,
+            onFinished=onFinished,
+            keepWork=lambda outcome: bool(outcome.get("boneTransforms")),
+            wait=wait,
         )
-        transform = work / "transform.h5" if mode == "deformable" else work / "transform.tfm"
-        args = register_args(
-            fixed,
-            moving,
-            transform,
-            mode=mode,
-            bone_labels=labels,
-            bone_threshold=boneThreshold if mode == "bone-local" else None,
-            initial_transform=initial,
-            python=self.pythonExecutable(),
-        )
 
-        def finished(result: JobResult) -> None:
-            outcome: dict = {}
-            try:
-                if result.ok:
-                    outcome = self._importRegistration(
-                        fixedVolume, movingVolume, transform, mode, outputTransform, labels is not None
-                    )
-            except Exception as e:
-                logging.exception("SyntheticCT: could not load the registration result")
-                outcome = {"error": str(e)}
-            finally:
-                if not outcome.get("boneTransforms"):
-                    shutil.rmtree(work, ignore_errors=True)
-                else:
-                    self._keep.append(str(work))
-            if onFinished is not None:
-                onFinished(result, outcome)
-
-        return self._run(args, onEvent, finished, wait)
-
-    def _importRegistration(
-        self, fixedVolume, movingVolume, path: pathlib.Path, mode: str, outputTransform, withLabels: bool
+    def loadRegistration(
+        self, fixedVolume, movingVolume, path, *, mode: str = "rigid", outputTransform=None, withLabels: bool = False
     ) -> dict:
-        loaded = slicer.util.loadTransform(str(path))
+        """Load the registration's transform file and make it the moving volume's parent (see startRegistration)."""
+        path = pathlib.Path(path)
+        loaded = slicer.modules.transforms.logic().AddTransform(str(path), slicer.mrmlScene)
         if loaded is None:
             raise RuntimeError(_("Slicer could not load the transform written by the registration."))
         name = f"{movingVolume.GetName()} to {fixedVolume.GetName()} ({mode})"
         node = loaded
         if outputTransform is not None and outputTransform != loaded:
-            if outputTransform.IsA("vtkMRMLLinearTransformNode") and loaded.IsLinear():
+            if outputTransform == fixedVolume.GetParentTransformNode() or self._isAncestorOf(
+                outputTransform, fixedVolume
+            ):
+                logging.info(
+                    "SyntheticCT: '%s' places the fixed volume (after Invert); the result goes into a new node.",
+                    outputTransform.GetName(),
+                )
+            elif outputTransform.IsA("vtkMRMLLinearTransformNode") and loaded.IsLinear():
                 matrix = vtk.vtkMatrix4x4()
                 loaded.GetMatrixTransformToParent(matrix)
                 outputTransform.SetMatrixTransformToParent(matrix)
@@ -691,7 +671,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
     def hardenTransform(volume) -> None:
         if volume is None or volume.GetParentTransformNode() is None:
             raise ValueError(_("The moving volume has no transform to harden."))
-        volume.HardenTransform()
+        slicer.modules.transforms.logic().hardenTransform(volume)
 
     @staticmethod
     def invertTransform(movingVolume, fixedVolume) -> None:
@@ -717,62 +697,90 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
             composite.SetForegroundOpacity(opacity)
 
     @staticmethod
-    def _resampledMoving(fixedVolume, movingVolume):
-        """The moving volume resampled onto the fixed grid through its transforms (a temporary node)."""
-        resampled = slicer.modules.volumes.logic().ResampleVolumeToReferenceVolume(movingVolume, fixedVolume)
-        if resampled is None:
-            raise RuntimeError(_("Could not resample the moving volume onto the fixed volume."))
-        resampled.SetAndObserveTransformNodeID(fixedVolume.GetTransformNodeID())
-        return resampled
+    def resampledMovingArray(fixedVolume, movingVolume):
+        """The moving volume's voxels on the fixed volume's grid, through both volumes' transforms.
+
+        ``ResampleVolumeToReferenceVolume`` applies the input's transforms but not the reference's,
+        so both go in as temporary nodes: the moving one under the transform that maps it into the
+        fixed volume's own space, the reference (the fixed grid) under none.
+        """
+        scene = slicer.mrmlScene
+        between = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+            movingVolume.GetParentTransformNode(), fixedVolume.GetParentTransformNode(), between
+        )
+        temporary = []
+        try:
+            placement = scene.AddNewNodeByClass("vtkMRMLTransformNode", "SyntheticCT temporary placement")
+            temporary.append(placement)
+            placement.SetAndObserveTransformToParent(between)
+            moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SyntheticCT temporary moving")
+            temporary.append(moving)
+            SyntheticCTRegistrationLogic._copyGrid(movingVolume, moving, withVoxels=True)
+            moving.SetAndObserveTransformNodeID(placement.GetID())
+            reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "SyntheticCT temporary reference")
+            temporary.append(reference)
+            SyntheticCTRegistrationLogic._copyGrid(fixedVolume, reference, withVoxels=True)
+            resampled = slicer.modules.volumes.logic().ResampleVolumeToReferenceVolume(moving, reference)
+            if resampled is None:
+                raise RuntimeError(_("Could not resample the moving volume onto the fixed volume."))
+            temporary.append(resampled)
+            return slicer.util.arrayFromVolume(resampled).copy()
+        finally:
+            for node in temporary:
+                scene.RemoveNode(node)
 
     @staticmethod
-    def _outputVolume(node, name: str):
+    def _copyGrid(source, target, withVoxels: bool = False) -> None:
+        matrix = vtk.vtkMatrix4x4()
+        source.GetIJKToRASMatrix(matrix)
+        target.SetIJKToRASMatrix(matrix)
+        if withVoxels:
+            image = vtk.vtkImageData()
+            image.ShallowCopy(source.GetImageData())
+            target.SetAndObserveImageData(image)
+
+    def _outputVolume(self, node, name: str, fixedVolume, voxels):
+        """``voxels`` on the fixed volume's grid and under its parent, in ``node`` (a new node when None)."""
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(name)
+            )
+        node.SetAttribute(OUTPUT_ATTRIBUTE, name)
+        matrix = vtk.vtkMatrix4x4()
+        fixedVolume.GetIJKToRASMatrix(matrix)
+        slicer.util.updateVolumeFromArray(node, voxels)
+        node.SetIJKToRASMatrix(matrix)
+        node.SetAndObserveTransformNodeID(fixedVolume.GetTransformNodeID())
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
         return node
 
     def checkerboard(self, fixedVolume, movingVolume, squareMm: float, outputVolume=None):
         """A checkerboard of the fixed volume and the resampled moving volume, squares of ``squareMm``."""
-        resampled = self._resampledMoving(fixedVolume, movingVolume)
-        try:
-            output = self._outputVolume(outputVolume, _("Checkerboard CT / moving"))
-            dims = fixedVolume.GetImageData().GetDimensions()
-            spacing = fixedVolume.GetSpacing()
-            pattern = ",".join(str(max(1, int(round(d * s / max(squareMm, 1e-3))))) for d, s in zip(dims, spacing))
-            slicer.cli.runSync(
-                slicer.modules.checkerboardfilter,
-                None,
-                {
-                    "checkerPattern": pattern,
-                    "inputVolume1": fixedVolume,
-                    "inputVolume2": resampled,
-                    "outputVolume": output,
-                },
-            )
-        finally:
-            slicer.mrmlScene.RemoveNode(resampled)
-        output.SetAndObserveTransformNodeID(fixedVolume.GetTransformNodeID())
+        import numpy as np
+
+        fixed = slicer.util.arrayFromVolume(fixedVolume)
+        moving = self.resampledMovingArray(fixedVolume, movingVolume).astype(fixed.dtype, copy=False)
+        spacing = fixedVolume.GetSpacing()  # x, y, z; the arrays are z, y, x
+        size = max(float(squareMm), 1e-3)
+        squares = [np.floor(np.arange(n) * spacing[2 - axis] / size).astype(int) for axis, n in enumerate(fixed.shape)]
+        parity = (squares[0][:, None, None] + squares[1][None, :, None] + squares[2][None, None, :]) % 2 == 1
+        output = self._outputVolume(
+            outputVolume, _("Checkerboard CT / moving"), fixedVolume, np.where(parity, moving, fixed)
+        )
         self._copyWindowLevel(fixedVolume, output)
         slicer.util.setSliceViewerLayers(background=output, foreground=None)
         return output
 
     def difference(self, fixedVolume, movingVolume, outputVolume=None):
-        """The resampled moving volume minus the fixed volume, on a diverging colour map (blue < 0 < red)."""
-        resampled = self._resampledMoving(fixedVolume, movingVolume)
-        try:
-            output = self._outputVolume(outputVolume, _("Difference moving - CT"))
-            slicer.cli.runSync(
-                slicer.modules.subtractscalarvolumes,
-                None,
-                {"inputVolume1": resampled, "inputVolume2": fixedVolume, "outputVolume": output, "order": 1},
-            )
-        finally:
-            slicer.mrmlScene.RemoveNode(resampled)
-        output.SetAndObserveTransformNodeID(fixedVolume.GetTransformNodeID())
+        """The resampled moving volume minus the fixed volume (HU), on a diverging colour map (blue < 0 < red)."""
+        import numpy as np
+
+        fixed = slicer.util.arrayFromVolume(fixedVolume).astype(np.float32)
+        moving = self.resampledMovingArray(fixedVolume, movingVolume).astype(np.float32)
+        output = self._outputVolume(outputVolume, _("Difference moving - CT"), fixedVolume, moving - fixed)
         displayNode = output.GetScalarVolumeDisplayNode()
-        if displayNode is None:
-            output.CreateDefaultDisplayNodes()
-            displayNode = output.GetScalarVolumeDisplayNode()
         displayNode.SetAndObserveColorNodeID(DISTANCE_COLORS)
         displayNode.SetAutoWindowLevel(False)
         displayNode.SetWindowLevel(DIFFERENCE_WINDOW_HU, 0.0)
@@ -802,15 +810,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         if linear:
             matrix = vtk.vtkMatrix4x4()
             slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(movingParent, fixedParent, matrix)
-            temporary = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "SyntheticCT temporary")
-            try:
-                temporary.SetMatrixTransformToParent(matrix)
-                path = folder / "moving_to_fixed.tfm"
-                if not slicer.util.exportNode(temporary, str(path)):
-                    raise RuntimeError(_("Could not write the transform for the comparison."))
-            finally:
-                slicer.mrmlScene.RemoveNode(temporary)
-            return path
+            return self._writeMatrix(matrix, folder / "moving_to_fixed.tfm")
         if fixedParent is not None or movingParent.GetParentTransformNode() is not None:
             raise ValueError(
                 _(
@@ -818,10 +818,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
                     "harden the fixed volume's transform (or the outer ones) first."
                 )
             )
-        path = folder / "moving_to_fixed.h5"
-        if not slicer.util.exportNode(movingParent, str(path)):
-            raise RuntimeError(_("Could not write the transform for the comparison."))
-        return path
+        return self._writeTransform(movingParent, folder / "moving_to_fixed.h5")
 
     def startComparison(
         self,
@@ -830,71 +827,79 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         *,
         boneThreshold: float = 200.0,
         boneLabels=None,
-        parameterNode: Optional[SyntheticCTRegistrationParameterNode] = None,
+        parameterNode=None,
         onEvent: Optional[Callable] = None,
         onFinished: Optional[Callable] = None,
         wait: bool = False,
-    ) -> ChildJob:
+    ):
         """Compare the bone surfaces of the fixed CT and the (transformed) moving sCT in a child process.
 
         On success: both surfaces as model nodes, a statistics table, a per-bone table, a distance
-        histogram chart and a probe markup, all recorded in ``parameterNode``.
+        histogram chart and a probe markup, all recorded in ``parameterNode``. The copies of the
+        volumes are removed at once; the comparison folder (the report) stays until the next
+        comparison, the scene's closing or the module's cleanup.
         """
-        from SyntheticCTLib.apps.runner import compare_args
-
         if fixedVolume is None or movingVolume is None or fixedVolume == movingVolume:
             raise ValueError(_("Choose two different volumes: the CT and the synthetic CT."))
         parameterNode = parameterNode or self.getParameterNode()
-        work = pathlib.Path(slicer.util.tempDirectory("SyntheticCTComparison"))
-        fixed = self._writeVolume(fixedVolume, work / "reference.nrrd")
-        moving = self._writeVolume(movingVolume, work / "synthetic.nrrd")
-        transform = self._exportMovingToFixed(fixedVolume, movingVolume, work)
-        labels = self._writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
-        bones = None
-        parent = movingVolume.GetParentTransformNode()
-        if labels is not None and parent is not None and fixedVolume.GetParentTransformNode() is None:
-            bones = self._boneTransforms.get(parent.GetID())
-        out = work / "comparison"
-        args = compare_args(
-            fixed,
-            moving,
-            out,
-            transform=transform,
-            bone_threshold=boneThreshold,
-            bone_labels=labels,
-            bone_transforms=bones,
-            python=self.pythonExecutable(),
+        work = self.workDirectory("SyntheticCTComparison")
+        try:
+            fixed = self.writeVolume(fixedVolume, work / "reference.nrrd")
+            moving = self.writeVolume(movingVolume, work / "synthetic.nrrd")
+            transform = self._exportMovingToFixed(fixedVolume, movingVolume, work)
+            labels = self.writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
+            bones = None
+            parent = movingVolume.GetParentTransformNode()
+            if labels is not None and parent is not None and fixedVolume.GetParentTransformNode() is None:
+                bones = self._boneTransforms.get(parent.GetID())
+            out = work / "comparison"
+            args = compare_args(
+                fixed,
+                moving,
+                out,
+                transform=transform,
+                bone_threshold=boneThreshold,
+                bone_labels=labels,
+                bone_transforms=bones,
+                python=self.pythonExecutable(),
+            )
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+        def load() -> dict:
+            outcome = self.loadComparison(out, fixedVolume, parameterNode)
+            for copy in (fixed, moving, labels):
+                if copy is not None and copy.exists():
+                    copy.unlink()
+            old = parameterNode.comparisonFolder
+            if old and str(pathlib.Path(old).parent) in self._keptFolders:
+                shutil.rmtree(pathlib.Path(old).parent, ignore_errors=True)
+                self._keptFolders.remove(str(pathlib.Path(old).parent))
+            parameterNode.comparisonFolder = str(out)
+            return outcome
+
+        return self.runJob(
+            args,
+            env=self.childEnvironment(),
+            work=str(work),
+            importResult=load,
+            onEvent=onEvent,
+            onFinished=onFinished,
+            keepWork=lambda outcome: True,
+            wait=wait,
         )
 
-        def finished(result: JobResult) -> None:
-            outcome: dict = {}
-            try:
-                if result.ok:
-                    outcome = self._importComparison(out, fixedVolume, parameterNode)
-            except Exception as e:
-                logging.exception("SyntheticCT: could not load the comparison")
-                outcome = {"error": str(e)}
-            if outcome.get("error") or not result.ok:
-                shutil.rmtree(work, ignore_errors=True)
-            else:
-                old = parameterNode.comparisonFolder
-                if old and old in self._keep:
-                    shutil.rmtree(pathlib.Path(old).parent, ignore_errors=True)
-                    self._keep.remove(old)
-                parameterNode.comparisonFolder = str(out)
-                self._keep.append(str(out))
-            if onFinished is not None:
-                onFinished(result, outcome)
-
-        return self._run(args, onEvent, finished, wait)
-
-    def _importComparison(self, out: pathlib.Path, fixedVolume, p) -> dict:
+    def loadComparison(self, out, fixedVolume, p) -> dict:
+        """Load a comparison folder (metrics.json, the two surfaces) as model nodes, tables and a chart."""
+        out = pathlib.Path(out)
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         for old in (p.syntheticSurface, p.referenceSurface):
             if old is not None:
                 slicer.mrmlScene.RemoveNode(old)
-        synthetic = slicer.util.loadModel(str(out / "synthetic_surface.vtp"))
-        reference = slicer.util.loadModel(str(out / "reference_surface.vtp"))
+        models = slicer.modules.models.logic()
+        synthetic = models.AddModel(str(out / "synthetic_surface.vtp"))
+        reference = models.AddModel(str(out / "reference_surface.vtp"))
         if synthetic is None or reference is None:
             raise RuntimeError(_("Slicer could not load the bone surfaces written by the comparison."))
         synthetic.SetName(_("sCT bone surface (signed distance)"))
@@ -938,17 +943,16 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         ct.SetColor(0.93, 0.87, 0.75)
         ct.SetOpacity(0.35)
 
-    def showComparison(self, p, dual3D: bool = False) -> None:
-        """Show the surfaces in one 3D view, or side by side in two views with linked cameras."""
-        layoutManager = slicer.app.layoutManager()
+    def showComparison(self, p, views: Optional[list] = None) -> None:
+        """The surfaces together in every 3D view, or side by side: the CT's in ``views[0]``, the sCT's (and
+        its legend) in ``views[1]``, with linked cameras. The widget picks the layout and passes its view nodes.
+        """
         synthetic, reference = p.syntheticSurface, p.referenceSurface
-        if synthetic is None or reference is None or layoutManager is None:
+        if synthetic is None or reference is None:
             return
         displays = [synthetic.GetDisplayNode(), reference.GetDisplayNode()]
         legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(synthetic)
-        if dual3D:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
-            views = [layoutManager.threeDWidget(i).mrmlViewNode() for i in range(2)]
+        if views:
             reference.GetDisplayNode().SetViewNodeIDs([views[0].GetID()])
             synthetic.GetDisplayNode().SetViewNodeIDs([views[1].GetID()])
             if legend is not None:
@@ -961,11 +965,14 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
                 display.RemoveAllViewNodeIDs()
             reference.GetDisplayNode().SetOpacity(0.35)
             if p.histogramChart is not None:
-                layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-                appLogic = slicer.app.applicationLogic()
-                appLogic.GetSelectionNode().SetActivePlotChartID(p.histogramChart.GetID())
-                appLogic.PropagatePlotChartSelection()
-        slicer.util.resetThreeDViews()
+                self.showChart(p.histogramChart)
+
+    @staticmethod
+    def showChart(chart) -> None:
+        """Make ``chart`` the one the plot views show (the selection node)."""
+        appLogic = slicer.app.applicationLogic()
+        appLogic.GetSelectionNode().SetActivePlotChartID(chart.GetID())
+        appLogic.PropagatePlotChartSelection()
 
     @staticmethod
     def statisticsTable(metrics: dict, table=None):
@@ -987,7 +994,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
             value = metrics.get(key)
             if value is None:
                 continue
-            names.InsertNextValue(label)
+            names.InsertNextValue(_(label))
             keys.InsertNextValue(key)
             values.InsertNextValue(float(value))
             units.InsertNextValue(unit)
@@ -1116,7 +1123,6 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
     ) -> dict:
         """Sample the sCT (and the CT) along the planned screw; plot the HU profiles and report breaches."""
         import numpy as np
-        import sitkUtils
 
         from SyntheticCTLib.comparison.trajectory import breach_report, compare_profiles, find_breaches, sample_profile
 
@@ -1131,7 +1137,7 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
         volumes = [("sCT", syntheticVolume)] + ([("CT", ctVolume)] if ctVolume is not None else [])
         profiles = {}
         for name, volume in volumes:
-            image = sitkUtils.PullVolumeFromSlicer(volume)
+            image = self.sitkImage(volume)
             kwargs = {"n_steps": len(profiles["sCT"].distance_mm)} if profiles else {}
             profiles[name] = sample_profile(
                 image, self._localLps(volume, start), self._localLps(volume, end), radius_mm=radiusMm, **kwargs
@@ -1197,19 +1203,8 @@ class SyntheticCTRegistrationLogic(ScriptedLoadableModuleLogic):
                 points.SetNthControlPointDescription(index, breach.describe())
                 points.SetNthControlPointLocked(index, True)
 
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalPlotView)
-            appLogic = slicer.app.applicationLogic()
-            appLogic.GetSelectionNode().SetActivePlotChartID(chart.GetID())
-            appLogic.PropagatePlotChartSelection()
+        self.showChart(chart)
         return {"report": report, "profiles": profiles, "breaches": breaches, "comparison": comparison}
-
-    def cleanup(self) -> None:
-        """Remove the folders kept for 'Save report'."""
-        for folder in self._keep:
-            shutil.rmtree(pathlib.Path(folder).parent if folder.endswith("comparison") else folder, ignore_errors=True)
-        self._keep = []
 
 
 #
@@ -1288,6 +1283,9 @@ class SyntheticCTRegistrationTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Registration test passed")
 
     def _compare(self, logic, fixed, moving):
+        missing = missing_packages(COMPARISON_PACKAGES)
+        if missing:
+            self.skipTest(f"the comparison child needs {', '.join(missing)}, which is not installed")
         p = logic.getParameterNode()
         outcome = {}
         job = logic.startComparison(

@@ -14,9 +14,9 @@ from vtk.util import numpy_support
 
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.comparison.compare import REQUIRED_KEYS, compare, write_comparison
-from SyntheticCTLib.comparison.metrics import body_mask
 from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
+from SyntheticCTLib.kernel.masks import ct_body_mask
 
 PNGS = (
     "surface_front.png",
@@ -47,25 +47,25 @@ def written(identical, tmp_path_factory):
 
 def test_identical_ct_is_perfect(identical):
     m = identical.metrics
-    assert m["mae_hu"] == 0.0 and m["me_hu"] == 0.0
-    assert m["psnr_db"] is None  # infinite: written as null in JSON
-    assert m["ssim"] == pytest.approx(1.0, abs=1e-6)
-    assert m["bone_dice"] == 1.0
-    assert m["surface_max_mm"] < 1e-6 and m["surface_mean_mm"] < 1e-6
-    assert m["surface_within_1mm"] == 1.0
+    assert m.mae_hu == 0.0 and m.me_hu == 0.0
+    assert m.psnr_db is None  # infinite: written as null in JSON
+    assert m.ssim == pytest.approx(1.0, abs=1e-6)
+    assert m.bone_dice == 1.0
+    assert m.surface_max_mm < 1e-6 and m.surface_mean_mm < 1e-6
+    assert m.surface_within_1mm == 1.0
     labels = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(identical.bone_labels)) if v > 0)
-    assert [row["label"] for row in m["per_bone"]] == labels
-    assert all(row["surface_mean_mm"] < 1e-3 for row in m["per_bone"])
+    assert [row["label"] for row in m.per_bone] == labels
+    assert all(row["surface_mean_mm"] < 1e-3 for row in m.per_bone)
 
 
 def test_known_hu_offset_inside_body(small_phantom):
     ct = small_phantom.ct
-    body = sitk.GetArrayFromImage(body_mask(ct)) > 0
+    body = sitk.GetArrayFromImage(ct_body_mask(ct)) > 0
     array = sitk.GetArrayFromImage(ct)
     offset = 50.0
     sct = sitk.GetImageFromArray(np.where(body, array + offset, array).astype(np.float32))
     sct.CopyInformation(ct)
-    m = compare(ct, sct).metrics
+    m = compare(ct, sct).metrics.to_dict()
     assert m["me_hu"] == pytest.approx(offset, abs=1e-3)
     assert m["mae_hu"] == pytest.approx(offset, abs=1e-3)
     # PSNR: the offset survives clipping except where CT + 50 exceeds 3000 HU (nowhere in the phantom).
@@ -78,12 +78,12 @@ def test_shift_without_and_with_the_transform(small_phantom, tmp_path):
     ct = small_phantom.ct
     shift = (4.0, 0.0, 0.0)
     sct = translated(ct, shift)
-    unaligned = compare(ct, sct).metrics
+    unaligned = compare(ct, sct).metrics.to_dict()
     assert unaligned["surface_mean_mm"] > 1.0
     assert 2.5 < unaligned["surface_p95_mm"] < 4.3  # at most the shift, up to voxelization
     # Reference point x maps to synthetic point x + shift: fixed -> moving, ITK convention.
     transform = sitk.TranslationTransform(3, shift)
-    aligned = compare(ct, sct, transform=transform).metrics
+    aligned = compare(ct, sct, transform=transform).metrics.to_dict()
     assert aligned["surface_max_mm"] < 1e-3
     assert aligned["bone_dice"] == 1.0
     assert aligned["mae_hu"] < 1e-3
@@ -144,7 +144,7 @@ def test_surface_picture_shows_the_colour_map(small_phantom, tmp_path):
     sct = sitk.GetImageFromArray(np.where(bone & (array < 200), 400.0, array).astype(np.float32))
     sct.CopyInformation(ct)
     result = compare(ct, sct)
-    assert result.metrics["surface_mean_signed_mm"] > 0.5
+    assert result.metrics.surface_mean_signed_mm > 0.5
     write_comparison(result, tmp_path)
     from matplotlib.image import imread
 
@@ -173,8 +173,10 @@ def test_per_bone_with_bone_local_transforms(small_phantom):
     ct, labels = small_phantom.ct, small_phantom.bone_labels
     shift = (2.0, 0.0, 0.0)
     sct = translated(ct, shift)
-    plain = compare(ct, sct, bone_labels=labels).metrics
-    local = compare(ct, sct, bone_labels=labels, bone_transforms={1: sitk.TranslationTransform(3, shift)}).metrics
+    plain = compare(ct, sct, bone_labels=labels).metrics.to_dict()
+    local = compare(
+        ct, sct, bone_labels=labels, bone_transforms={1: sitk.TranslationTransform(3, shift)}
+    ).metrics.to_dict()
     rows_plain = {row["label"]: row for row in plain["per_bone"]}
     rows_local = {row["label"]: row for row in local["per_bone"]}
     assert set(rows_plain) == set(rows_local) and 1 in rows_plain and len(rows_plain) >= 2
@@ -259,17 +261,17 @@ def test_cuts_of_the_field_of_view_are_not_measured():
     reference = rod_ct(8.0)
     synthetic = rod_ct(9.0)
     result = compare(reference, synthetic)
-    assert result.metrics["surface_mean_mm"] == pytest.approx(1.0, abs=0.1)
-    assert result.metrics["surface_mean_signed_mm"] == pytest.approx(1.0, abs=0.1)
+    assert result.metrics.surface_mean_mm == pytest.approx(1.0, abs=0.1)
+    assert result.metrics.surface_mean_signed_mm == pytest.approx(1.0, abs=0.1)
     measured = numpy_support.vtk_to_numpy(result.synthetic_surface.GetPointData().GetArray("Measured"))
     assert 0 < measured.sum() < len(measured)  # the end caps are there, but not measured
     # A synthetic CT covering only the lower half of the reference: its cut is not measured either.
     half = rod_ct(9.0, size=(48, 48, 20))
     partial = compare(reference, half)
-    assert partial.metrics["body_overlap_fraction"] == pytest.approx(0.5, abs=0.05)
-    assert partial.metrics["surface_mean_mm"] == pytest.approx(1.0, abs=0.1)
-    assert partial.metrics["synthetic_to_reference"]["area_mm2"] == pytest.approx(
-        result.metrics["synthetic_to_reference"]["area_mm2"] / 2, rel=0.15
+    assert partial.metrics.body_overlap_fraction == pytest.approx(0.5, abs=0.05)
+    assert partial.metrics.surface_mean_mm == pytest.approx(1.0, abs=0.1)
+    assert partial.metrics.synthetic_to_reference["area_mm2"] == pytest.approx(
+        result.metrics.synthetic_to_reference["area_mm2"] / 2, rel=0.15
     )
 
 
@@ -283,9 +285,9 @@ def test_real_ct_against_a_shifted_copy(real_data_dir):
     ct = read_volume(path)
     shift = (6.0, 0.0, 0.0)
     sct = translated(sitk.Cast(ct, sitk.sitkFloat32), shift)
-    unaligned = compare(ct, sct).metrics
+    unaligned = compare(ct, sct).metrics.to_dict()
     assert unaligned["surface_mean_mm"] > 1.5
     assert unaligned["surface_p95_mm"] <= 6.5
-    aligned = compare(ct, sct, transform=sitk.TranslationTransform(3, shift)).metrics
+    aligned = compare(ct, sct, transform=sitk.TranslationTransform(3, shift)).metrics.to_dict()
     assert aligned["surface_max_mm"] < 1e-3
     assert aligned["mae_hu"] < 1e-3 and aligned["bone_dice"] == 1.0

@@ -144,7 +144,8 @@ def test_inversion_maps_dark_to_bone_and_bright_to_fat():
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """Two small phantom cases and a tiny (untrained) model package at their spacing."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from SyntheticCTLib.models.architectures import build_network
     from SyntheticCTLib.models.package import write_model_package
     from SyntheticCTLib.phantom import make_phantom, write_phantom

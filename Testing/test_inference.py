@@ -16,6 +16,7 @@ from scipy import ndimage
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
+from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.kernel.progress import CancelToken
 from SyntheticCTLib.models.architectures import build_network
 from SyntheticCTLib.models.package import load_model_package, write_model_package
@@ -28,7 +29,7 @@ from SyntheticCTLib.synthesis.inference import (
     synthesize,
     synthesize_with_uncertainty,
 )
-from SyntheticCTLib.synthesis.normalization import channel_normalization, mri_body_mask, normalize_channels
+from SyntheticCTLib.synthesis.normalization import channel_normalization, normalize_channels
 from SyntheticCTLib.synthesis.sliding_window import (
     OutOfMemory,
     SlidingWindow,

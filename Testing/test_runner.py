@@ -18,12 +18,18 @@ import pytest
 
 from SyntheticCTLib.apps.runner import (
     ChildJob,
+    JobBusyError,
     JobResult,
+    JobSlot,
     ProcessRunner,
     RunnerEvent,
     child_environment,
     compare_args,
     describe_event,
+    ensure_packages,
+    find_python,
+    library_path,
+    missing_packages,
     models_add_args,
     models_fetch_args,
     register_args,
@@ -54,8 +60,7 @@ def _subparsers():
 def _parse_with_cli(args):
     """Parse a built argument list (without ``python -m SyntheticCTLib``) with the real parser."""
     parser, subs = _subparsers()
-    if args[0] not in subs:
-        pytest.skip(f"the '{args[0]}' subcommand is not in the command line yet")
+    assert args[0] in subs, f"the '{args[0]}' subcommand is missing from the command line"
     return parser.parse_args(args)
 
 
@@ -297,8 +302,7 @@ def test_runner_reports_failure_and_the_error_line():
 def test_runner_with_the_real_command_line_error(tmp_path):
     """The real CLI: a missing model ends with exit code 1 and one clear stderr line naming it."""
     _, subs = _subparsers()
-    if "synthesize" not in subs:
-        pytest.skip("the 'synthesize' subcommand is not in the command line yet")
+    assert "synthesize" in subs, "the 'synthesize' subcommand is missing from the command line"
     args = synthesize_args(
         [tmp_path / "mri.nii.gz"], tmp_path / "sct.nii.gz", model=str(tmp_path / "no-model.zip"), device="cpu"
     )
@@ -312,8 +316,7 @@ def test_runner_with_the_real_command_line_error(tmp_path):
 
 def test_runner_with_the_real_phantom_command(tmp_path):
     _, subs = _subparsers()
-    if "phantom" not in subs:
-        pytest.skip("the 'phantom' subcommand is not in the command line yet")
+    assert "phantom" in subs, "the 'phantom' subcommand is missing from the command line"
     from SyntheticCTLib.apps.runner import base_command
 
     args = base_command() + [
@@ -453,3 +456,72 @@ def test_child_job_cancel():
     assert result is not None and result.cancelled and not result.ok
     assert result.describe() == "Cancelled; nothing was changed."
     assert finished == [result]
+
+
+class _Timer:
+    """A GUI timer for JobSlot: callbacks run when the test calls fire(), as a Qt event loop would."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.delays: list = []
+
+    def __call__(self, ms, callback) -> None:
+        self.delays.append(ms)
+        self.pending.append(callback)
+
+    def fire(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            self.pending.pop(0)()
+            time.sleep(0.01)
+
+
+def test_job_slot_polls_through_the_timer_passed_in_and_runs_one_job_at_a_time():
+    timer = _Timer()
+    slot = JobSlot(schedule=timer, poll_ms=25)
+    events, finished = [], []
+    env = child_environment(python_paths=LIB_PATHS)
+    job = slot.start([PY, "-c", PROGRESS_SCRIPT, "0"], env=env, on_event=events.append, on_finished=finished.append)
+    assert slot.is_running() and timer.pending and timer.delays == [25]
+    with pytest.raises(JobBusyError, match="Another SyntheticCT job is running"):
+        slot.start([PY, "-c", "pass"], wait=True)
+    timer.fire()
+    assert not slot.is_running() and not timer.pending
+    assert finished == [job.result] and job.result.ok
+    assert [e.fraction for e in events if e.kind == "progress"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all(d == 25 for d in timer.delays)
+
+
+def test_job_slot_cancels_the_child_when_a_callback_raises_and_needs_a_timer_to_not_wait():
+    timer = _Timer()
+    slot = JobSlot(schedule=timer, poll_ms=10)
+
+    def broken(event):
+        raise RuntimeError("GUI callback failed")
+
+    finished = []
+    slot.start(
+        [PY, "-c", "import time; print('x', flush=True); time.sleep(60)"], on_event=broken, on_finished=finished.append
+    )
+    t0 = time.monotonic()
+    timer.fire(timeout=30)
+    assert finished and finished[0].cancelled and time.monotonic() - t0 < 20
+    with pytest.raises(InvalidParameterError, match="schedule"):
+        JobSlot().start([PY, "-c", "pass"])
+    waited = JobSlot().start([PY, "-c", "pass"], wait=True)
+    assert waited.result is not None and waited.result.ok
+
+
+def test_find_python_library_path_and_packages():
+    assert find_python((Path(PY).name, "python3")) and Path(find_python((Path(PY).name,))).exists()
+    with pytest.raises(InvalidParameterError, match="NoSuchPythonSlicer was not found"):
+        find_python(("NoSuchPythonSlicer",))
+    assert (Path(library_path()) / "SyntheticCTLib" / "__init__.py").is_file()
+    assert missing_packages({"json": "json", "no_such_module_x": "no-such-module-x>=1"}) == ["no-such-module-x>=1"]
+    installed = []
+    assert ensure_packages({"json": "json"}) is True
+    assert ensure_packages({"no_such_module_x": "nsm"}) is False  # no installer: nothing installed, no prompt
+    assert ensure_packages({"no_such_module_x": "nsm"}, install=installed.append, confirm=lambda m: False) is False
+    assert installed == []
+    assert ensure_packages({"no_such_module_x": "nsm"}, install=installed.append) is False  # still missing after
+    assert installed == [["nsm"]]

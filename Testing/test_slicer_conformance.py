@@ -758,15 +758,27 @@ def test_module_cmake_builds_and_registers_the_test(module):
     assert re.search(rf"set\(MODULE_NAME\s+{module}\)", text)
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
-    tree = _tree(_module_file(module))
-    classes = {c.name: [(_dotted(b) or "") for b in c.bases] for c in tree.body if isinstance(c, ast.ClassDef)}
+    # Classes of both module files (a module may derive from a class of a module it depends on).
+    classes: Dict[str, List[str]] = {}
+    for name in MODULES:
+        for c in _tree(_module_file(name)).body:
+            if isinstance(c, ast.ClassDef) and (name == module or c.name not in classes):
+                classes[c.name] = [(_dotted(b) or "") for b in c.bases]
+
+    def derives(name: str, base: str, depth: int = 0) -> bool:
+        bases = classes.get(name, [])
+        return base in bases or (depth < 5 and any(derives(b, base, depth + 1) for b in bases if b in classes))
+
+    own = {c.name for c in _tree(_module_file(module)).body if isinstance(c, ast.ClassDef)}
     for suffix, base in (
         ("", "ScriptedLoadableModule"),
         ("Widget", "ScriptedLoadableModuleWidget"),
         ("Logic", "ScriptedLoadableModuleLogic"),
         ("Test", "ScriptedLoadableModuleTest"),
     ):
-        assert base in classes.get(module + suffix, []), f"{module}.py lacks class {module}{suffix}({base})"
+        assert module + suffix in own and derives(module + suffix, base), (
+            f"{module}.py lacks class {module}{suffix}({base})"
+        )
 
 
 def test_top_level_cmake():
@@ -779,6 +791,48 @@ def test_top_level_cmake():
         assert f"add_subdirectory({module})" in text
     assert text.index("include(${Slicer_EXTENSION_GENERATE_CONFIG})") < text.index("include(${Slicer_EXTENSION_CPACK})")
     assert "Apache License" in (REPO / "LICENSE.txt").read_text(encoding="utf-8")
+
+
+def test_extension_urls_point_to_files_of_this_repository():
+    """ICONURL and SCREENSHOTURLS on the project's main branch name files that exist here."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = re.findall(r"https://raw\.githubusercontent\.com/[^/\s\"]+/[^/\s\"]+/main/([^\s\"]+)", text)
+    assert len(urls) >= 2, "ICONURL and SCREENSHOTURLS should point to raw files of the repository"
+    missing = [u for u in urls if not (REPO / u).is_file()]
+    assert not missing, f"CMakeLists.txt points to files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_transform_selectors_show_every_transform_class(module):
+    """A selector of vtkMRMLTransformNode must list its subclasses: results are Linear or BSpline nodes."""
+    root = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui").getroot()
+    problems = []
+    for widget in root.iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        props = {p.get("name"): p for p in widget.findall("property")}
+        types = [t.text for t in props["nodeTypes"].iter("string")] if "nodeTypes" in props else []
+        show = props.get("showChildNodeTypes")
+        shows_children = show is None or (show.find("bool") is not None and show.find("bool").text == "true")
+        if "vtkMRMLTransformNode" in types and not shows_children:
+            problems.append(
+                f"{module}.ui: '{widget.get('name')}' hides vtkMRMLLinearTransformNode and the other subclasses"
+            )
+    assert not problems, "\n".join(problems)
+
+
+def test_registration_declares_its_dependency_on_syntheticct():
+    """SyntheticCTRegistration uses SyntheticCTLib and SyntheticCT's logic, so Slicer must load SyntheticCT first."""
+    tree = _tree(_module_file("SyntheticCTRegistration"))
+    declared = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and any((_dotted(t) or "") == "self.parent.dependencies" for t in node.targets)
+    ]
+    assert declared and any(
+        isinstance(v, ast.List) and any(isinstance(e, ast.Constant) and e.value == "SyntheticCT" for e in v.elts)
+        for v in declared
+    ), "SyntheticCTRegistration does not list SyntheticCT in self.parent.dependencies"
 
 
 @pytest.mark.parametrize("module", MODULES)

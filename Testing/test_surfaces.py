@@ -221,3 +221,29 @@ def test_empty_masks_are_refused():
 
 def weighted_p99(result: S.SurfaceDistances) -> float:
     return S.weighted_quantile(np.abs(result.synthetic_distances), result.synthetic_weights, 0.99)
+
+
+def test_p95_and_median_are_the_inverted_weighted_cdf_by_hand():
+    """Hand-computed quantiles where the 90th and 95th percentiles differ (a p90 in place of the p95 fails)."""
+    # 20 points of unit area at |d| = 1, 2, ..., 20 mm (signs alternate: statistics are of |d|).
+    # Inverted CDF: the smallest |d| whose cumulative area reaches q * 20: p95 -> 19 points -> 19 mm;
+    # p90 would be 18 mm, the median 10 mm.
+    values = np.arange(1.0, 21.0) * np.where(np.arange(20) % 2 == 0, 1.0, -1.0)
+    stats = S.DistanceStats.from_values(values)
+    assert stats.p95_mm == 19.0
+    assert stats.median_mm == 10.0
+    assert stats.max_mm == 20.0
+    # Area-weighted: |d| = 0.5, 1, 2, 4 mm over 85, 5, 5, 5 mm^2. The cumulative areas are 85, 90, 95, 100:
+    # p95 = 2 mm (p90 would be 1 mm), median = 0.5 mm, mean = (42.5 + 5 + 10 + 20) / 100 = 0.775 mm.
+    weighted = S.DistanceStats.from_values(np.array([0.5, -1.0, 2.0, -4.0]), np.array([85.0, 5.0, 5.0, 5.0]))
+    assert weighted.p95_mm == 2.0
+    assert weighted.median_mm == 0.5
+    assert weighted.mean_abs_mm == pytest.approx(0.775)
+    assert weighted.within_1mm == pytest.approx(0.90)
+    # Both directions pooled: 20 points at 1..20 mm and 20 at 0.5 mm; 95 % of 40 = 38 points -> 18 mm
+    # (p90: 36 -> 16 mm). HD95 is the larger directed p95: max(19, 0.5) = 19 mm.
+    pooled = S.SurfaceDistances.from_arrays(np.arange(1.0, 21.0), np.ones(20), np.full(20, -0.5), np.ones(20))
+    assert pooled.symmetric.p95_mm == 18.0
+    assert pooled.synthetic_to_reference.p95_mm == 19.0
+    assert pooled.reference_to_synthetic.p95_mm == 0.5
+    assert pooled.hd95_mm == 19.0

@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 import yaml
 
-torch = pytest.importorskip("torch")
-
-from SyntheticCTLib.cli.main import main  # noqa: E402
-from SyntheticCTLib.kernel.errors import Cancelled  # noqa: E402
-from SyntheticCTLib.phantom import make_phantom, write_phantom  # noqa: E402
-from SyntheticCTLib.training.config import ConfigError, load_config  # noqa: E402
-from SyntheticCTLib.training.loop import TrainingError, train  # noqa: E402
+from SyntheticCTLib.cli.main import main
+from SyntheticCTLib.kernel.errors import Cancelled
+from SyntheticCTLib.phantom import make_phantom, write_phantom
+from SyntheticCTLib.training.config import ConfigError, load_config
+from SyntheticCTLib.training.loop import TrainingError, train
 
 SIZE = (48, 48, 32)
 SPACING = 2.0

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+import torch
 import yaml
 
-torch = pytest.importorskip("torch")
-
-from SyntheticCTLib.phantom import make_phantom, write_phantom  # noqa: E402
-from SyntheticCTLib.training.export import state_dict_sha256  # noqa: E402
-from SyntheticCTLib.training.loop import train  # noqa: E402
+from SyntheticCTLib.phantom import make_phantom, write_phantom
+from SyntheticCTLib.training.export import state_dict_sha256
+from SyntheticCTLib.training.loop import train
 
 
 def config(cases: Path, out: Path, batch_size: int) -> dict:

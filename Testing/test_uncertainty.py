@@ -18,10 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.models.architectures import build_network
 from SyntheticCTLib.models.package import load_model_package, write_model_package
 from SyntheticCTLib.synthesis.inference import Synthesizer
-from SyntheticCTLib.synthesis.normalization import mri_body_mask
 from SyntheticCTLib.synthesis.sliding_window import DEFAULT_TTA_FLIPS, SlidingWindow
 
 STEP = 0.01

@@ -131,7 +131,8 @@ def _network(in_channels: int, cfg: dict):
 
 
 def _normalised(channels):
-    from SyntheticCTLib.synthesis.normalization import mri_body_mask, normalize_channels
+    from SyntheticCTLib.kernel.masks import mri_body_mask
+    from SyntheticCTLib.synthesis.normalization import normalize_channels
 
     body = mri_body_mask(channels)
     spec = {"method": "percentile", "lower": 0.5, "upper": 99.5, "mask": "body"}

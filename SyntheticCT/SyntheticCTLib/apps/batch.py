@@ -33,11 +33,11 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
 from SyntheticCTLib.kernel.io import atomic_output, check_not_input, read_volume, write_volume
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 SUMMARY_FILE = "synthesis_summary.json"
 _ID_PATTERN = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,10 +44,11 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
+from SyntheticCTLib.kernel.hu import CT_MIN_HU
 from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, write_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ MAX_ROTATION_DEG = 10.0
 MAX_SHIFT_MM = 15.0
 CT_SPACING_FACTOR = (1.0, 1.0, 1.25)
 """The moved CT's grid: the phantom's spacing times this (thicker slices, as a clinical CT often has)."""
-CT_AIR_HU = -1024.0
 TRE_MAX_POINTS = 20000
 
 STEPS = ("phantom", "move CT", "synthesize", "register", "compare", "baselines", "report")
@@ -88,7 +88,7 @@ class StepRecord:
             "seconds": round(self.seconds, 3),
             "component": self.component,
             "version": self.version,
-            "parameters": _jsonable(self.parameters),
+            "parameters": json_safe(self.parameters),
         }
 
 
@@ -229,23 +229,6 @@ def bone_tre(
 # -- helpers ------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, paths and tuples inside ``value`` to plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _publish(work: Path, out_dir: Path) -> None:
     """Move everything from ``work`` into ``out_dir``, replacing files and folders of the same name."""
     for item in sorted(work.iterdir(), key=lambda p: (p.name in (REPORT_FILE, METRICS_FILE), p.name)):
@@ -261,7 +244,7 @@ def _publish(work: Path, out_dir: Path) -> None:
 
 def _write_json(data: Dict[str, Any], path: Path) -> Path:
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -379,189 +362,259 @@ def run_demo(
     out = ensure_output_dir(out_path, what="demo's output folder (OUT_DIR)")
     report = with_cancel(progress or no_progress, cancel)
     work = Path(tempfile.mkdtemp(prefix=".demo-", suffix=".partial", dir=out))
+    settings = _Settings(
+        work=work,
+        seed=seed,
+        size=size,
+        spacing=float(spacing),
+        device=device,
+        package=package,
+        max_rotation_deg=max_rotation_deg,
+        max_shift_mm=max_shift_mm,
+        run_baselines=run_baselines,
+    )
     try:
-        result = _run(
-            work,
-            out,
-            seed,
-            size,
-            float(spacing),
-            device,
-            package,
-            max_rotation_deg,
-            max_shift_mm,
-            run_baselines,
-            report,
-        )
+        result = _run(settings, out, report)
         _publish(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
 
 
-def _run(
-    work: Path,
-    out: Path,
-    seed: int,
-    size: Tuple[int, int, int],
-    spacing: float,
-    device: str,
-    package: Any,
-    max_rotation_deg: float,
-    max_shift_mm: float,
-    run_baselines: bool,
-    report: ProgressCallback,
-) -> DemoResult:
-    from SyntheticCTLib import phantom
-    from SyntheticCTLib.comparison import compare as compare_lib
-    from SyntheticCTLib.registration import registration as registration_lib
-    from SyntheticCTLib.synthesis import inference
+@dataclass(frozen=True)
+class _Settings:
+    """What one demo run was asked for, and the hidden folder it is assembled in."""
 
+    work: Path
+    seed: int
+    size: Tuple[int, int, int]
+    spacing: float
+    device: str
+    package: Any
+    max_rotation_deg: float
+    max_shift_mm: float
+    run_baselines: bool
+
+
+def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
+    """The seven steps (:data:`STEPS`) in order, each timed and recorded, then ``metrics.json``."""
     steps = _Steps(report)
-    images_dir = work / "images"
-    images_dir.mkdir()
-
-    # 1. phantom ------------------------------------------------------------------------------------
-    def _phantom(progress: ProgressCallback):
-        case = phantom.make_phantom(seed, size=size, spacing=spacing, progress=_scaled(progress, 0.0, 0.8, ""))
-        progress(0.8, "", "writing the case")
-        phantom.write_phantom(case, work / "case")
-        return case
-
-    case = steps.run(
-        "phantom",
-        _phantom,
-        component="SyntheticCTLib.phantom.make_phantom",
-        version=__version__,
-        parameters={"seed": seed, "size": list(size), "spacing_mm": spacing},
-    )
-
-    # 2. move the CT ----------------------------------------------------------------------------------
-    def _move(progress: ProgressCallback):
-        centre = grid_centre(case.ct)
-        true = random_rigid_transform(seed, centre, max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
-        grid = moved_ct_grid(case.ct, true)
-        ct = resample_like(case.ct, grid, transform=true, interpolator=sitk.sitkLinear, default_value=CT_AIR_HU)
-        progress(0.4, "", "resampled the CT")
-        bones = resample_like(case.bone_labels, grid, transform=true, interpolator=sitk.sitkNearestNeighbor)
-        write_volume(ct, work / "ct_moved.nii.gz")
-        write_volume(bones, work / "bone_labels_moved.nii.gz")
-        registration_lib.write_transform(true, work / "transform_true.tfm")
-        return true, ct, bones
-
+    (s.work / "images").mkdir()
+    case = steps.run("phantom", lambda p: _make_case(s, p), **_step_record("phantom", s))
     true_transform, ct_moved, bones_moved = steps.run(
-        "move CT",
-        _move,
-        component="SyntheticCTLib.apps.demo.random_rigid_transform",
-        version=__version__,
-        parameters={
-            "max_rotation_deg": max_rotation_deg,
-            "max_shift_mm": max_shift_mm,
-            "ct_spacing_factor": list(CT_SPACING_FACTOR),
-            "interpolator": "linear (CT), nearest (bone labels)",
-        },
+        "move CT", lambda p: _move_ct(s, case, p), **_step_record("move CT", s)
     )
-    true_params = rigid_parameters(true_transform, true_transform.GetCenter())
-
-    # 3. synthesize ---------------------------------------------------------------------------------
-
-    def _synthesize(progress: ProgressCallback):
-        sct = inference.synthesize(list(case.mri), package, device=device, progress=progress)
-        write_volume(sct, work / "sct.nii.gz")
-        return sct
-
-    sct = steps.run(
-        "synthesize",
-        _synthesize,
-        component="SyntheticCTLib.synthesis.inference.synthesize",
-        version=__version__,
-        parameters={
-            "model": f"{package.name} {package.version}",
-            "device": device,
-            "working_spacing_mm": list(package.spacing_mm),
-            "patch_size": list(package.patch_size),
-            "overlap": package.overlap,
-        },
-    )
-
-    # 4. register -----------------------------------------------------------------------------------
-    def _register(progress: ProgressCallback):
-        result = registration_lib.register(ct_moved, sct, mode="rigid", metric="auto", progress=progress)
-        registration_lib.write_transform(result.transform, work / "transform_registration.tfm")
-        progress(0.9, "", "target registration error")
-        bone_mask = sitk.Cast(bones_moved > 0, sitk.sitkUInt8)
-        tre = bone_tre(result.transform, true_transform, bone_mask)
-        return result, tre
-
+    sct = steps.run("synthesize", lambda p: _synthesize(s, case, p), **_step_record("synthesize", s))
     registration, tre = steps.run(
         "register",
-        _register,
-        component="SyntheticCTLib.registration.registration.register",
-        version=__version__,
-        parameters={"fixed": "moved CT", "moving": "sCT", "mode": "rigid", "metric": "auto"},
+        lambda p: _register(s, ct_moved, sct, bones_moved, true_transform, p),
+        **_step_record("register", s),
     )
-    recovered_params = rigid_parameters(registration.transform, true_transform.GetCenter())
-    difference = transform_difference(registration.transform, true_transform, true_transform.GetCenter())
-
-    # 5. compare ------------------------------------------------------------------------------------
-    def _compare(progress: ProgressCallback):
-        result = compare_lib.compare(
-            ct_moved,
-            sct,
-            transform=registration.transform,
-            bone_labels=bones_moved,
-            progress=_scaled(progress, 0.0, 0.8, ""),
-        )
-        files = compare_lib.write_comparison(result, work / "comparison", progress=_scaled(progress, 0.8, 1.0, ""))
-        return result, files
-
     comparison, comparison_files = steps.run(
         "compare",
-        _compare,
-        component="SyntheticCTLib.comparison.compare.compare",
-        version=__version__,
-        parameters={
-            "reference": "moved CT",
-            "synthetic": "sCT",
-            "transform": "registration",
-            "bone_labels": "phantom bone labels, moved",
-        },
+        lambda p: _compare(s, ct_moved, sct, bones_moved, registration.transform, p),
+        **_step_record("compare", s),
     )
-
-    # 6. baselines ----------------------------------------------------------------------------------
-    def _run_baselines(progress: ProgressCallback):
-        results: Dict[str, Any] = {}
-        pairs = _baselines() if run_baselines else []
-        for i, (name, func) in enumerate(pairs):
-            image = func(list(case.mri))
-            sub = _scaled(progress, i / len(pairs), (i + 1) / len(pairs), name)
-            results[name] = compare_lib.compare(
-                ct_moved, image, transform=registration.transform, bone_labels=bones_moved, progress=sub
-            )
-        return results
-
     baseline_results = steps.run(
         "baselines",
-        _run_baselines,
-        component="SyntheticCTLib.synthesis.baselines",
-        version=__version__,
-        parameters={"transform": "the model's registration (synthesis compared alone)", "run": run_baselines},
+        lambda p: _compare_baselines(s, case, ct_moved, bones_moved, registration.transform, p),
+        **_step_record("baselines", s),
+    )
+    metrics = _metrics_document(
+        s, case, ct_moved, true_transform, registration, tre, comparison.metrics.to_dict(), baseline_results
     )
 
-    # 7. report -------------------------------------------------------------------------------------
-    metrics: Dict[str, Any] = {
+    def _report(progress: ProgressCallback) -> None:
+        _record_steps(metrics, steps)  # the report shows the steps done so far
+        _write_report(s, metrics, case, ct_moved, comparison, registration.transform, comparison_files, progress)
+
+    steps.run("report", _report, **_step_record("report", s))
+    _record_steps(metrics, steps)
+    _write_json(metrics, s.work / METRICS_FILE)
+    return DemoResult(
+        out_dir=out,
+        report_path=out / REPORT_FILE,
+        metrics_path=out / METRICS_FILE,
+        metrics=json_safe(metrics),
+        steps=steps.records,
+    )
+
+
+def _step_record(name: str, s: _Settings) -> Dict[str, Any]:
+    """What ``metrics.json`` records of step ``name``: the code that ran it, its version and its parameters."""
+    records: Dict[str, Tuple[str, Dict[str, Any]]] = {
+        "phantom": (
+            "SyntheticCTLib.phantom.make_phantom",
+            {"seed": s.seed, "size": list(s.size), "spacing_mm": s.spacing},
+        ),
+        "move CT": (
+            "SyntheticCTLib.apps.demo.random_rigid_transform",
+            {
+                "max_rotation_deg": s.max_rotation_deg,
+                "max_shift_mm": s.max_shift_mm,
+                "ct_spacing_factor": list(CT_SPACING_FACTOR),
+                "interpolator": "linear (CT), nearest (bone labels)",
+            },
+        ),
+        "synthesize": (
+            "SyntheticCTLib.synthesis.inference.synthesize",
+            {
+                "model": f"{s.package.name} {s.package.version}",
+                "device": s.device,
+                "working_spacing_mm": list(s.package.spacing_mm),
+                "patch_size": list(s.package.patch_size),
+                "overlap": s.package.overlap,
+            },
+        ),
+        "register": (
+            "SyntheticCTLib.registration.registration.register",
+            {"fixed": "moved CT", "moving": "sCT", "mode": "rigid", "metric": "auto"},
+        ),
+        "compare": (
+            "SyntheticCTLib.comparison.compare.compare",
+            {
+                "reference": "moved CT",
+                "synthetic": "sCT",
+                "transform": "registration",
+                "bone_labels": "phantom bone labels, moved",
+            },
+        ),
+        "baselines": (
+            "SyntheticCTLib.synthesis.baselines",
+            {"transform": "the model's registration (synthesis compared alone)", "run": s.run_baselines},
+        ),
+        "report": (
+            "SyntheticCTLib.apps.report.write_demo_report",
+            {"hu_window": list(HU_WINDOW), "difference_window_hu": DIFFERENCE_WINDOW_HU, "pictures": "embedded"},
+        ),
+    }
+    component, parameters = records[name]
+    return {"component": component, "version": __version__, "parameters": parameters}
+
+
+# -- the steps ------------------------------------------------------------------------------------------
+
+
+def _make_case(s: _Settings, progress: ProgressCallback):
+    """1. phantom: generate the case and write it to ``case/``."""
+    from SyntheticCTLib import phantom
+
+    case = phantom.make_phantom(s.seed, size=s.size, spacing=s.spacing, progress=_scaled(progress, 0.0, 0.8, ""))
+    progress(0.8, "", "writing the case")
+    phantom.write_phantom(case, s.work / "case")
+    return case
+
+
+def _move_ct(s: _Settings, case: Any, progress: ProgressCallback) -> Tuple[sitk.Transform, sitk.Image, sitk.Image]:
+    """2. move CT: the recorded random rigid move, the moved CT and bone labels on the CT's own grid."""
+    from SyntheticCTLib.registration import registration as registration_lib
+
+    centre = grid_centre(case.ct)
+    true = random_rigid_transform(s.seed, centre, max_rotation_deg=s.max_rotation_deg, max_shift_mm=s.max_shift_mm)
+    grid = moved_ct_grid(case.ct, true)
+    ct = resample_like(case.ct, grid, transform=true, interpolator=sitk.sitkLinear, default_value=CT_MIN_HU)
+    progress(0.4, "", "resampled the CT")
+    bones = resample_like(case.bone_labels, grid, transform=true, interpolator=sitk.sitkNearestNeighbor)
+    write_volume(ct, s.work / "ct_moved.nii.gz")
+    write_volume(bones, s.work / "bone_labels_moved.nii.gz")
+    registration_lib.write_transform(true, s.work / "transform_true.tfm")
+    return true, ct, bones
+
+
+def _synthesize(s: _Settings, case: Any, progress: ProgressCallback) -> sitk.Image:
+    """3. synthesize: the sCT from the phantom's MRI echoes with the model package."""
+    from SyntheticCTLib.synthesis import inference
+
+    sct = inference.synthesize(list(case.mri), s.package, device=s.device, progress=progress)
+    write_volume(sct, s.work / "sct.nii.gz")
+    return sct
+
+
+def _register(
+    s: _Settings,
+    ct_moved: sitk.Image,
+    sct: sitk.Image,
+    bones_moved: sitk.Image,
+    true_transform: sitk.Transform,
+    progress: ProgressCallback,
+) -> Tuple[Any, Dict[str, Any]]:
+    """4. register: the sCT to the moved CT (rigid), and the TRE over the moved CT's bone voxels."""
+    from SyntheticCTLib.registration import registration as registration_lib
+
+    result = registration_lib.register(ct_moved, sct, mode="rigid", metric="auto", progress=progress)
+    registration_lib.write_transform(result.transform, s.work / "transform_registration.tfm")
+    progress(0.9, "", "target registration error")
+    bone_mask = sitk.Cast(bones_moved > 0, sitk.sitkUInt8)
+    tre = bone_tre(result.transform, true_transform, bone_mask)
+    return result, tre
+
+
+def _compare(
+    s: _Settings,
+    ct_moved: sitk.Image,
+    sct: sitk.Image,
+    bones_moved: sitk.Image,
+    transform: sitk.Transform,
+    progress: ProgressCallback,
+) -> Tuple[Any, Any]:
+    """5. compare: bone surfaces and image metrics of the sCT against the moved CT, written to ``comparison/``."""
+    from SyntheticCTLib.comparison import compare as compare_lib
+
+    result = compare_lib.compare(
+        ct_moved, sct, transform=transform, bone_labels=bones_moved, progress=_scaled(progress, 0.0, 0.8, "")
+    )
+    files = compare_lib.write_comparison(result, s.work / "comparison", progress=_scaled(progress, 0.8, 1.0, ""))
+    return result, files
+
+
+def _compare_baselines(
+    s: _Settings,
+    case: Any,
+    ct_moved: sitk.Image,
+    bones_moved: sitk.Image,
+    transform: sitk.Transform,
+    progress: ProgressCallback,
+) -> Dict[str, Any]:
+    """6. baselines: each non-learning baseline through the same comparison (none unless ``run_baselines``)."""
+    from SyntheticCTLib.comparison import compare as compare_lib
+
+    results: Dict[str, Any] = {}
+    pairs = _baselines() if s.run_baselines else []
+    for i, (name, func) in enumerate(pairs):
+        image = func(list(case.mri))
+        sub = _scaled(progress, i / len(pairs), (i + 1) / len(pairs), name)
+        results[name] = compare_lib.compare(ct_moved, image, transform=transform, bone_labels=bones_moved, progress=sub)
+    return results
+
+
+def _metrics_document(
+    s: _Settings,
+    case: Any,
+    ct_moved: sitk.Image,
+    true_transform: sitk.Transform,
+    registration: Any,
+    tre: Dict[str, Any],
+    model_metrics: Dict[str, Any],
+    baseline_results: Dict[str, Any],
+) -> Dict[str, Any]:
+    """The content of ``metrics.json`` (the steps and total time are added as they complete)."""
+    centre = true_transform.GetCenter()
+    true_params = rigid_parameters(true_transform, centre)
+    recovered_params = rigid_parameters(registration.transform, centre)
+    difference = transform_difference(registration.transform, true_transform, centre)
+    return {
         "disclaimer": NOT_FOR_DIAGNOSTIC_USE,
         "syntheticct_version": __version__,
-        "seed": seed,
+        "seed": s.seed,
         "case": {
-            "phantom_size": list(size),
-            "phantom_spacing_mm": spacing,
+            "phantom_size": list(s.size),
+            "phantom_spacing_mm": s.spacing,
             "ct_size": list(ct_moved.GetSize()),
             "ct_spacing_mm": list(ct_moved.GetSpacing()),
             "echo_times_ms": case.params.get("echo_times_ms"),
             "parameters": case.params,
         },
-        "model": _model_summary(package),
+        "model": _model_summary(s.package),
         "true_transform": {
             "type": "Euler3D",
             "convention": "maps points of the moved CT (fixed) to the phantom/MRI space (moving), ITK resampling",
@@ -569,52 +622,48 @@ def _run(
             "file": "transform_true.tfm",
         },
         "registration": {
-            **_jsonable(registration.to_dict()),
+            **json_safe(registration.to_dict()),
             "recovered": {k: v for k, v in recovered_params.items() if k != "matrix"},
             **difference,
             "tre_bone": tre,
             "file": "transform_registration.tfm",
         },
-        "metrics": _jsonable(comparison.metrics),
-        "baselines": {name: _jsonable(r.metrics) for name, r in baseline_results.items()},
+        "metrics": json_safe(model_metrics),
+        "baselines": {name: json_safe(r.metrics.to_dict()) for name, r in baseline_results.items()},
         "versions": _library_versions(),
     }
 
-    def _report(progress: ProgressCallback):
-        from SyntheticCTLib.apps import report as report_lib
 
-        metrics["steps"] = [s.to_dict() for s in steps.records]
-        metrics["total_seconds"] = round(sum(s.seconds for s in steps.records), 3)
-        report_lib.write_demo_report(
-            work / REPORT_FILE,
-            metrics,
-            mri=case.mri[0],
-            ct=ct_moved,
-            synthetic_on_ct=comparison.synthetic,
-            transform=registration.transform,
-            comparison_files=comparison_files,
-            model_card=package.card,
-            images_dir=images_dir,
-            progress=progress,
-        )
-        return None
+def _record_steps(metrics: Dict[str, Any], steps: _Steps) -> None:
+    """Put the steps done so far and their total time into ``metrics``."""
+    metrics["steps"] = [r.to_dict() for r in steps.records]
+    metrics["total_seconds"] = round(sum(r.seconds for r in steps.records), 3)
 
-    steps.run(
-        "report",
-        _report,
-        component="SyntheticCTLib.apps.report.write_demo_report",
-        version=__version__,
-        parameters={"hu_window": list(HU_WINDOW), "difference_window_hu": DIFFERENCE_WINDOW_HU, "pictures": "embedded"},
-    )
-    metrics["steps"] = [s.to_dict() for s in steps.records]
-    metrics["total_seconds"] = round(sum(s.seconds for s in steps.records), 3)
-    _write_json(metrics, work / METRICS_FILE)
-    return DemoResult(
-        out_dir=out,
-        report_path=out / REPORT_FILE,
-        metrics_path=out / METRICS_FILE,
-        metrics=_jsonable(metrics),
-        steps=steps.records,
+
+def _write_report(
+    s: _Settings,
+    metrics: Dict[str, Any],
+    case: Any,
+    ct_moved: sitk.Image,
+    comparison: Any,
+    transform: sitk.Transform,
+    comparison_files: Any,
+    progress: ProgressCallback,
+) -> None:
+    """7. report: the self-contained ``report.html``, its pictures in ``images/``."""
+    from SyntheticCTLib.apps import report as report_lib
+
+    report_lib.write_demo_report(
+        s.work / REPORT_FILE,
+        metrics,
+        mri=case.mri[0],
+        ct=ct_moved,
+        synthetic_on_ct=comparison.synthetic,
+        transform=transform,
+        comparison_files=comparison_files,
+        model_card=s.package.card,
+        images_dir=s.work / "images",
+        progress=progress,
     )
 
 

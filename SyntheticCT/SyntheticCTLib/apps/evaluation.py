@@ -31,15 +31,18 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
-from SyntheticCTLib.comparison.compare import SUMMARY_KEYS
+from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
+from SyntheticCTLib.kernel.jsonio import json_safe
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
+from SyntheticCTLib.training.validation import score
 
 logger = logging.getLogger(__name__)
 
 MODEL_METHOD = "model"
-METRIC_KEYS = SUMMARY_KEYS
+METRIC_KEYS = EVALUATION_KEYS
 ALIGN_MODES = ("none", "rigid", "affine")
 
 
@@ -101,18 +104,6 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
     return cases
 
 
-def _metrics_of(result: Any) -> Dict[str, float]:
-    metrics = getattr(result, "metrics", result)
-    out = {}
-    for key in METRIC_KEYS:
-        value = metrics.get(key)
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            out[key] = math.nan
-    return out
-
-
 def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Mean, standard deviation (population), median, min, max and count of each metric per method."""
     methods: List[str] = []
@@ -152,58 +143,21 @@ def compare_images(
     sct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> Dict[str, float]:
-    """The evaluation metrics of one sCT against its CT (through ``transform``: CT points -> sCT points).
+    """The evaluation metrics (:data:`METRIC_KEYS`) of one sCT against its CT (``transform``: CT points -> sCT points).
 
-    :func:`SyntheticCTLib.comparison.compare.compare` does the work. When the sCT (or the CT) holds no
-    bone at all, the bone metrics cannot be measured: the image metrics are still returned, with a bone
-    Dice of 0 and NaN surface distances (a model that finds no bone scores as such, and the run goes on).
+    :func:`SyntheticCTLib.training.validation.score` does the work, through
+    :func:`SyntheticCTLib.comparison.compare.compare`. When the sCT (or the CT) holds no bone at all, the
+    bone metrics cannot be measured: compare's image metrics are still returned, with a bone Dice of 0 and
+    NaN surface distances (a model that finds no bone scores as such, and the run goes on).
     """
-    from SyntheticCTLib.comparison.compare import compare
-
-    try:
-        result = compare(
-            ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
-        )
-    except InvalidParameterError as e:
-        # compare() has no dedicated error type for "no bone": recognise it by its message, or by the images.
-        no_bone = "no bone" in str(e).lower() or not (_has_bone(ct, bone_threshold) and _has_bone(sct, bone_threshold))
-        if not no_bone:
-            raise
-        return image_metrics_only(ct, sct, transform=transform, bone_threshold=bone_threshold, reason=str(e))
-    return _metrics_of(result)
-
-
-def _has_bone(image: sitk.Image, threshold: float) -> bool:
-    return bool((sitk.GetArrayViewFromImage(image) >= threshold).any())
-
-
-def image_metrics_only(
-    ct: sitk.Image,
-    sct: sitk.Image,
-    *,
-    transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
-    reason: str = "",
-) -> Dict[str, float]:
-    """MAE, ME, PSNR and SSIM in the CT's body (the comparison's definitions); bone Dice 0, surfaces NaN."""
-    from SyntheticCTLib.comparison.metrics import body_mask, image_metrics
-    from SyntheticCTLib.kernel.geometry import resample_like
-
-    logger.warning(
-        "Bone metrics not measurable (%s): bone Dice 0, no surface distances.",
-        reason or f"no bone at {bone_threshold:g} HU",
+    metrics = score(
+        ct, sct, transform=transform, bone_threshold=bone_threshold, bone_labels=bone_labels, progress=progress
     )
-    reference = sitk.Cast(ct, sitk.sitkFloat32)
-    moved = resample_like(sct, reference, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
-    body = sitk.GetArrayFromImage(body_mask(reference)).astype(bool)
-    metrics = {k: math.nan for k in METRIC_KEYS}
-    metrics.update(image_metrics(sitk.GetArrayFromImage(reference), sitk.GetArrayFromImage(moved), mask=body))
-    metrics["bone_dice"] = 0.0
-    return {k: float(v) for k, v in metrics.items()}
+    return metrics.scalars(METRIC_KEYS)
 
 
 def _align(ct: sitk.Image, mri: sitk.Image, mode: str, progress: ProgressCallback) -> Optional[sitk.Transform]:
@@ -264,18 +218,6 @@ def _write_csvs(
     return {"metrics_csv": metrics_csv, "summary_csv": summary_csv}
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _case_png(
     path: Path, mri: sitk.Image, sct: sitk.Image, ct: sitk.Image, transform: Optional[sitk.Transform]
 ) -> None:
@@ -283,7 +225,7 @@ def _case_png(
     from SyntheticCTLib.kernel.geometry import resample_like
 
     mri_on_ct = resample_like(mri, ct, transform=transform, pixel_type=sitk.sitkFloat32)
-    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=-1000.0, pixel_type=sitk.sitkFloat32)
+    sct_on_ct = resample_like(sct, ct, transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
     png = slices_png(mri_on_ct, sct_on_ct, sitk.Cast(ct, sitk.sitkFloat32))
     with atomic_output(path) as tmp:
         tmp.write_bytes(png)
@@ -296,7 +238,7 @@ def evaluate(
     *,
     baselines: bool = True,
     align: str = "none",
-    bone_threshold: float = 200.0,
+    bone_threshold: float = BONE_THRESHOLD_HU,
     use_bone_labels: bool = False,
     device: str = "auto",
     images: bool = True,
@@ -320,8 +262,6 @@ def evaluate(
         Also write each sCT as ``sct/<case>_<method>.nii.gz``.
     """
     from SyntheticCTLib.synthesis.baselines import BASELINES
-    from SyntheticCTLib.synthesis.inference import synthesize
-    from SyntheticCTLib.training.data import read_mri_channels
 
     if align not in ALIGN_MODES:
         raise InvalidParameterError(f"align must be one of {', '.join(ALIGN_MODES)} (got {align!r}).")
@@ -332,69 +272,117 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [MODEL_METHOD] + (list(BASELINES) if baselines else [])
+    settings = _CaseSettings(
+        package, methods, align, bone_threshold, use_bone_labels, device, images, save_sct, out_dir, cancel
+    )
     per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
     times: Dict[str, Dict[str, float]] = {}
-    index_cases = []
     files: Dict[str, Path] = {}
     n = len(cases)
     for i, case in enumerate(cases):
         sub = scaled(report, i / n, (i + 1) / n)
         sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
-        mri = read_mri_channels(case.mri)
-        ct = read_volume(case.ct)
-        labels = read_volume(case.bone_labels) if (use_bone_labels and case.bone_labels) else None
-        if len(mri) != package.in_channels:
-            raise InvalidParameterError(
-                f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
-                f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
-            )
-        transform = _align(ct, mri[0], align, scaled(sub, 0.0, 0.1))
-        per_case[case.name] = {}
-        times[case.name] = {}
-        model_sct = None
-        for j, method in enumerate(methods):
-            step = scaled(sub, 0.1 + 0.9 * j / len(methods), 0.1 + 0.9 * (j + 1) / len(methods))
-            step(0.0, "evaluate", f"{case.name}: {method}")
-            t0 = time.perf_counter()
-            if method == MODEL_METHOD:
-                sct = synthesize(mri, package, device=device, progress=scaled(step, 0.0, 0.6), cancel=cancel)
-                model_sct = sct
-            else:
-                sct = BASELINES[method](mri)
-            elapsed = time.perf_counter() - t0
-            metrics = compare_images(
-                ct,
-                sct,
-                transform=transform,
-                bone_threshold=bone_threshold,
-                bone_labels=labels,
-                progress=scaled(step, 0.6, 1.0),
-            )
-            per_case[case.name][method] = metrics
-            times[case.name][method] = elapsed
-            logger.info(
-                "%s, %s: MAE %.1f HU, ME %.1f HU, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm (%.1f s)",
-                case.name,
-                method,
-                metrics["mae_hu"],
-                metrics["me_hu"],
-                metrics["bone_dice"],
-                metrics["surface_mean_mm"],
-                metrics["surface_p95_mm"],
-                elapsed,
-            )
-            if save_sct:
-                from SyntheticCTLib.kernel.io import write_volume
-
-                write_volume(
-                    sct, out_dir / "sct" / f"{case.name}_{method.replace(' ', '_')}.nii.gz", inputs=[*case.mri, case.ct]
-                )
-        if images and model_sct is not None:
-            png = out_dir / "images" / f"{case.name}.png"
-            _case_png(png, mri[0], model_sct, ct, transform)
-            files[f"image:{case.name}"] = png
-        index_cases.append({"name": case.name, "report": None, "metrics": per_case[case.name]})
+        per_case[case.name], times[case.name], picture = _evaluate_case(case, settings, sub)
+        if picture is not None:
+            files[f"image:{case.name}"] = picture
     summary = summarize(per_case)
+    files.update(_write_outputs(out_dir, package, cases, methods, align, bone_threshold, per_case, times, summary))
+    report(1.0, "evaluate", "done")
+    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+
+
+@dataclass(frozen=True)
+class _CaseSettings:
+    """What every case of one evaluation shares."""
+
+    package: Any
+    methods: List[str]
+    align: str
+    bone_threshold: float
+    use_bone_labels: bool
+    device: str
+    images: bool
+    save_sct: bool
+    out_dir: Path
+    cancel: Optional[CancelToken]
+
+
+def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: ProgressCallback):
+    """Synthesize and score every method on one case; return its metrics, times and picture (or None)."""
+    from SyntheticCTLib.synthesis.baselines import BASELINES
+    from SyntheticCTLib.synthesis.inference import synthesize
+    from SyntheticCTLib.training.data import read_mri_channels
+
+    package = settings.package
+    mri = read_mri_channels(case.mri)
+    ct = read_volume(case.ct)
+    labels = read_volume(case.bone_labels) if (settings.use_bone_labels and case.bone_labels) else None
+    if len(mri) != package.in_channels:
+        raise InvalidParameterError(
+            f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
+            f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
+        )
+    transform = _align(ct, mri[0], settings.align, scaled(report, 0.0, 0.1))
+    metrics_of: Dict[str, Dict[str, float]] = {}
+    times: Dict[str, float] = {}
+    model_sct = None
+    n = len(settings.methods)
+    for j, method in enumerate(settings.methods):
+        step = scaled(report, 0.1 + 0.9 * j / n, 0.1 + 0.9 * (j + 1) / n)
+        step(0.0, "evaluate", f"{case.name}: {method}")
+        t0 = time.perf_counter()
+        if method == MODEL_METHOD:
+            sct = synthesize(
+                mri, package, device=settings.device, progress=scaled(step, 0.0, 0.6), cancel=settings.cancel
+            )
+            model_sct = sct
+        else:
+            sct = BASELINES[method](mri)
+        times[method] = time.perf_counter() - t0
+        metrics = compare_images(
+            ct,
+            sct,
+            transform=transform,
+            bone_threshold=settings.bone_threshold,
+            bone_labels=labels,
+            progress=scaled(step, 0.6, 1.0),
+        )
+        metrics_of[method] = metrics
+        logger.info(
+            "%s, %s: MAE %.1f HU, ME %.1f HU, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm (%.1f s)",
+            case.name,
+            method,
+            metrics["mae_hu"],
+            metrics["me_hu"],
+            metrics["bone_dice"],
+            metrics["surface_mean_mm"],
+            metrics["surface_p95_mm"],
+            times[method],
+        )
+        if settings.save_sct:
+            from SyntheticCTLib.kernel.io import write_volume
+
+            name = f"{case.name}_{method.replace(' ', '_')}.nii.gz"
+            write_volume(sct, settings.out_dir / "sct" / name, inputs=[*case.mri, case.ct])
+    picture = None
+    if settings.images and model_sct is not None:
+        picture = settings.out_dir / "images" / f"{case.name}.png"
+        _case_png(picture, mri[0], model_sct, ct, transform)
+    return metrics_of, times, picture
+
+
+def _write_outputs(
+    out_dir: Path,
+    package: Any,
+    cases: Sequence[EvaluationCase],
+    methods: List[str],
+    align: str,
+    bone_threshold: float,
+    per_case: Dict[str, Dict[str, Dict[str, float]]],
+    times: Dict[str, Dict[str, float]],
+    summary: Dict[str, Dict[str, Dict[str, float]]],
+) -> Dict[str, Path]:
+    """Write ``metrics.json``, the CSVs and ``index.html``; return their paths."""
     document = {
         "disclaimer": NOT_FOR_DIAGNOSTIC_USE,
         "syntheticct_version": __version__,
@@ -414,11 +402,13 @@ def evaluate(
         ],
         "summary": summary,
     }
+    files: Dict[str, Path] = {}
     metrics_json = out_dir / "metrics.json"
     with atomic_output(metrics_json) as tmp:
-        tmp.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(json_safe(document), indent=2) + "\n", encoding="utf-8")
     files["metrics_json"] = metrics_json
     files.update(_write_csvs(out_dir, per_case, times, summary))
+    index_cases = [{"name": c.name, "report": None, "metrics": per_case[c.name]} for c in cases]
     try:
         from SyntheticCTLib.apps.report import write_index
 
@@ -430,8 +420,7 @@ def evaluate(
         )
     except (ImportError, SyntheticCTError, ValueError) as e:  # the index is a convenience; metrics are written
         logger.warning("Could not write index.html: %s", e)
-    report(1.0, "evaluate", "done")
-    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+    return files
 
 
 def _resolve_model(model: Any):
@@ -439,12 +428,10 @@ def _resolve_model(model: Any):
 
     if isinstance(model, ModelPackage):
         return model
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # pragma: no cover - the catalog ships with the models package
-        resolve_model = None
+    from SyntheticCTLib.models.catalog import resolve_model
+
     path = Path(str(model))
-    if path.exists() or resolve_model is None:
+    if path.exists():
         from SyntheticCTLib.models.package import load_model_package
 
         return load_model_package(path)
@@ -485,7 +472,7 @@ def record_in_card(
     evaluations = card.get("held_out_evaluation")
     if not isinstance(evaluations, dict):
         evaluations = {}
-    evaluations[str(label)] = _json_safe(block)
+    evaluations[str(label)] = json_safe(block)
     card["held_out_evaluation"] = evaluations
     with atomic_output(folder / MODEL_CARD) as tmp:
         tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")

@@ -23,16 +23,16 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.comparison.metric_registry import METRICS, REPORT_KEYS, spec_of
 from SyntheticCTLib.kernel.io import atomic_output
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +41,6 @@ HU_WINDOW = (-600.0, 1400.0)
 DIFFERENCE_WINDOW_HU = 500.0
 """The difference map (sCT - CT) is shown on ±this, on a diverging map."""
 
-# key -> (label, unit, digits, better): better is "lower", "higher" or "zero" (closest to zero).
-METRICS: Dict[str, Tuple[str, str, int, str]] = {
-    "surface_mean_mm": ("Bone surface distance, mean", "mm", 3, "lower"),
-    "surface_median_mm": ("Bone surface distance, median", "mm", 3, "lower"),
-    "surface_rms_mm": ("Bone surface distance, RMS", "mm", 3, "lower"),
-    "surface_p95_mm": ("Bone surface distance, p95", "mm", 3, "lower"),
-    "surface_hd95_mm": ("Bone surface distance, HD95", "mm", 3, "lower"),
-    "surface_max_mm": ("Bone surface distance, max (Hausdorff)", "mm", 3, "lower"),
-    "surface_within_1mm": ("Bone surface within 1 mm", "%", 1, "higher"),
-    "surface_within_2mm": ("Bone surface within 2 mm", "%", 1, "higher"),
-    "surface_mean_signed_mm": ("Bone surface distance, signed mean", "mm", 3, "zero"),
-    "bone_dice": ("Bone Dice", "", 4, "higher"),
-    "mae_hu": ("MAE (body)", "HU", 1, "lower"),
-    "me_hu": ("ME, sCT - CT (body)", "HU", 1, "zero"),
-    "psnr_db": ("PSNR", "dB", 2, "higher"),
-    "ssim": ("SSIM", "", 4, "higher"),
-}
-"""The metrics a report shows, in order, with their display label, unit, digits and which way is better."""
 SUMMARY_METRICS = ("surface_mean_mm", "surface_p95_mm", "bone_dice", "mae_hu")
 """The key figures of a summary: bone-surface mean and p95, bone Dice and MAE."""
 
@@ -81,12 +63,7 @@ def _html():
 
 def metric_text(key: str, value: Any) -> str:
     """A metric value as the reports show it (fixed digits per metric; fractions as %; '—' when missing)."""
-    label, unit, digits, _ = METRICS.get(key, (key, "", 3, "lower"))
-    if unit == "%":
-        if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            return "\u2014"
-        return f"{100.0 * float(value):.{digits}f}"
-    return _html().format_number(_float_or_none(value), digits)
+    return spec_of(key).text(_float_or_none(value))
 
 
 def _float_or_none(value: Any) -> Any:
@@ -107,7 +84,7 @@ def _best(values: Sequence[Any], better: str) -> Optional[int]:
 
 
 def comparison_table(
-    columns: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = tuple(METRICS), *, data_attributes: bool = True
+    columns: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = REPORT_KEYS, *, data_attributes: bool = True
 ) -> str:
     """A metrics table with one column per method (``columns[method][key]``); the best value of each row in bold.
 
@@ -124,8 +101,9 @@ def comparison_table(
         values = [columns[n].get(key) for n in names]
         if all(v is None for v in values):
             continue
-        label, unit, _, better = METRICS.get(key, (key, "", 3, "lower"))
-        best = _best(values, better)
+        spec = spec_of(key)
+        label, unit = spec.label, spec.unit
+        best = _best(values, spec.better)
         cells = "".join(
             f'<td class="num{" best" if i == best else ""}"'
             + (f' data-key="{h.escape(key)}" data-method="{h.escape(n)}"' if data_attributes else "")
@@ -197,6 +175,15 @@ def slice_point(image: sitk.Image, *, threshold: float = 200.0) -> Tuple[int, in
     return int(x), int(y), int(z)
 
 
+def display_oriented(image: sitk.Image) -> sitk.Image:
+    """``image`` with its voxels reordered (permuted and flipped, never resampled) to the nearest LPS axes.
+
+    Index x then grows towards the patient's left, y towards posterior, z towards superior, so that a
+    plane drawn with row 0 on top is in the radiological convention. The physical geometry is kept.
+    """
+    return sitk.DICOMOrient(image, "LPS")
+
+
 def _planes(array: np.ndarray, spacing: Sequence[float], point: Sequence[int]):
     """Axial, coronal and sagittal planes with their extents (mm) and origins for ``imshow``.
 
@@ -226,8 +213,17 @@ def slices_png(
 
     The sCT and CT share the fixed ``hu_window``; the difference is on ±``difference_window`` HU (blank
     where both are air); the MRI is windowed on its 1st-99.5th percentile inside the CT's body. ``point`` is the voxel index
-    (x, y, z) the planes cross (default: the centroid of the CT's bone).
+    (x, y, z) of the CT grid the planes cross (default: the centroid of the CT's bone).
+
+    Whatever the CT's storage order (LPS, RAS, feet-first, ...), the planes are shown in the radiological
+    convention: the images are first reoriented to the nearest LPS axes (:func:`display_oriented`), so
+    the axial plane has anterior up and the patient's left on the right, the coronal and sagittal planes
+    superior up.
     """
+    physical = None if point is None else ct.TransformIndexToPhysicalPoint([int(v) for v in point])
+    mri, sct, ct = (display_oriented(image) for image in (mri, sct, ct))
+    if physical is not None:
+        point = ct.TransformPhysicalPointToIndex(physical)
     spacing = ct.GetSpacing()
     point = tuple(point) if point is not None else slice_point(ct)
     mri_a = sitk.GetArrayFromImage(mri).astype(np.float32)
@@ -259,7 +255,9 @@ def slices_png(
         figure.colorbar(image, ax=list(axes[r, :]), shrink=0.85, pad=0.01, label=unit)
     figure.suptitle(
         f"CT window [{hu_window[0]:g}, {hu_window[1]:g}] HU; difference \u00b1{difference_window:g} HU; "
-        f"planes through voxel (x, y, z) = {tuple(point)} of the CT grid",
+        "planes through (x, y, z) = ({:.0f}, {:.0f}, {:.0f}) mm, LPS; radiological convention".format(
+            *ct.TransformIndexToPhysicalPoint([int(v) for v in point])
+        ),
         fontsize=11,
     )
     return _png(figure)
@@ -280,8 +278,9 @@ def box_plots_png(
     axes = figure.subplots(1, len(metric_keys), squeeze=False)[0]
     colours = ("#2a6ebb", "#e08a2c", "#7d8a96", "#4caf50", "#9c27b0")
     for ax, key in zip(axes, metric_keys):
-        label, unit, _, _ = METRICS.get(key, (key, "", 3, "lower"))
-        scale = 100.0 if unit == "%" else 1.0
+        spec = spec_of(key)
+        label, unit = spec.label, spec.unit
+        scale = 100.0 if spec.fraction else 1.0
         data = [
             [scale * float(v) for v in values[m].get(key, []) if isinstance(v, (int, float)) and math.isfinite(v)]
             for m in methods
@@ -381,6 +380,23 @@ def write_demo_report(
             ),
         ),
     ]
+    sections += _picture_sections(pictures)
+    sections.append(_steps_section(metrics))
+    page = _page(
+        "SyntheticCT demo report",
+        sections,
+        f"Phantom case, seed {metrics.get('seed')}: synthetic CT from MRI, registration to a CT and bone-surface "
+        "deviation",
+    )
+    _write_text(path, page)
+    report(1.0, "report", "written")
+    return path
+
+
+def _picture_sections(pictures: Mapping[str, bytes]) -> List[str]:
+    """The sections of the comparison's pictures that are there: checkerboard, surfaces, histogram, difference."""
+    h = _html()
+    sections: List[str] = []
     if "checkerboard" in pictures:
         sections.append(
             h.section("Checkerboard overlay", h.figure(pictures["checkerboard"], COMPARISON_PICTURES["checkerboard"]))
@@ -412,26 +428,14 @@ def write_demo_report(
         sections.append(
             h.section("Difference map", h.figure(pictures["difference"], COMPARISON_PICTURES["difference"]))
         )
-    sections.append(_steps_section(metrics))
-    page = _page(
-        "SyntheticCT demo report",
-        sections,
-        f"Phantom case, seed {metrics.get('seed')}: synthetic CT from MRI, registration to a CT and bone-surface "
-        "deviation",
-    )
-    _write_text(path, page)
-    report(1.0, "report", "written")
-    return path
+    return sections
 
 
 def _summary_section(metrics: Mapping[str, Any]) -> str:
     h = _html()
     m = metrics.get("metrics", {})
     tre = metrics.get("registration", {}).get("tre_bone", {})
-    rows = [
-        (METRICS[k][0], metric_text(k, m.get(k)) + (f" {METRICS[k][1]}" if METRICS[k][1] else ""))
-        for k in SUMMARY_METRICS
-    ]
+    rows = [(METRICS[k].label, METRICS[k].text(_float_or_none(m.get(k)), with_unit=True)) for k in SUMMARY_METRICS]
     if tre:
         rows.append(
             ("Registration error (TRE over bone)", f"{metric_text('surface_mean_mm', tre.get('mean_mm'))} mm mean")
@@ -622,6 +626,39 @@ def _href(target: Optional[PathLike], base: Path) -> Optional[str]:
     return p.as_posix()
 
 
+def _summary_table(
+    values: Mapping[str, Mapping[str, Sequence[float]]], methods: Sequence[str], metric_keys: Sequence[str]
+) -> str:
+    """The index's summary: mean ± SD (median, n) of each metric per method; the best mean in bold."""
+    h = _html()
+    parts = [
+        "<table>",
+        "<tr><th>Metric</th><th>Unit</th>" + "".join(f"<th>{h.escape(m)}</th>" for m in methods) + "</tr>",
+    ]
+    for k in metric_keys:
+        spec = spec_of(k)
+        label, unit = spec.label, spec.unit
+        means = [float(np.mean(values[m][k])) if values[m][k] else None for m in methods]
+        best = _best(means, spec.better)
+        cells = []
+        for i, m in enumerate(methods):
+            v = values[m][k]
+            if not v:
+                cells.append('<td class="num">\u2014</td>')
+                continue
+            text = (
+                f"{metric_text(k, float(np.mean(v)))} \u00b1 {metric_text(k, float(np.std(v)))} "
+                f"(median {metric_text(k, float(np.median(v)))}, n = {len(v)})"
+            )
+            cells.append(
+                f'<td class="num{" best" if i == best else ""}" data-key="{h.escape(k)}" '
+                f'data-method="{h.escape(m)}">{h.escape(text)}</td>'
+            )
+        parts.append(f"<tr><td>{h.escape(label)}</td><td>{h.escape(unit)}</td>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
+
 def write_index(
     path: PathLike,
     cases: Sequence[Mapping[str, Any]],
@@ -664,37 +701,13 @@ def write_index(
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     values[m][k].append(float(v))
 
-    # Summary: mean ± SD (median) per method; the best mean in bold.
-    parts = [
-        "<table>",
-        "<tr><th>Metric</th><th>Unit</th>" + "".join(f"<th>{h.escape(m)}</th>" for m in methods) + "</tr>",
-    ]
-    for k in metric_keys:
-        label, unit, _, better = METRICS.get(k, (k, "", 3, "lower"))
-        means = [float(np.mean(values[m][k])) if values[m][k] else None for m in methods]
-        best = _best(means, better)
-        cells = []
-        for i, m in enumerate(methods):
-            v = values[m][k]
-            if not v:
-                cells.append('<td class="num">\u2014</td>')
-                continue
-            text = (
-                f"{metric_text(k, float(np.mean(v)))} \u00b1 {metric_text(k, float(np.std(v)))} "
-                f"(median {metric_text(k, float(np.median(v)))}, n = {len(v)})"
-            )
-            cells.append(
-                f'<td class="num{" best" if i == best else ""}" data-key="{h.escape(k)}" '
-                f'data-method="{h.escape(m)}">{h.escape(text)}</td>'
-            )
-        parts.append(f"<tr><td>{h.escape(label)}</td><td>{h.escape(unit)}</td>{''.join(cells)}</tr>")
-    parts.append("</table>")
-    summary = h.paragraph(
-        f"{len(cases)} cases; mean \u00b1 SD (median, number of cases). Best mean in bold."
-    ) + "".join(parts)
+    summary_table = _summary_table(values, methods, metric_keys)
+    summary = (
+        h.paragraph(f"{len(cases)} cases; mean \u00b1 SD (median, number of cases). Best mean in bold.") + summary_table
+    )
 
     # One row per case, linked to its report or picture.
-    head = ["Case"] + [f"{m}: {METRICS.get(k, (k,))[0]}" for m in methods for k in metric_keys]
+    head = ["Case"] + [f"{m}: {spec_of(k).label}" for m in methods for k in metric_keys]
     rows = ["<tr>" + "".join(f"<th>{h.escape(c)}</th>" for c in head) + "<th>Files</th></tr>"]
     for case in cases:
         links = []
@@ -727,11 +740,11 @@ __all__ = [
     "COMPARISON_PICTURES",
     "DIFFERENCE_WINDOW_HU",
     "HU_WINDOW",
-    "METRICS",
     "SUMMARY_METRICS",
     "box_plots_png",
     "comparison_table",
     "metric_text",
+    "display_oriented",
     "slice_point",
     "slices_png",
     "write_demo_report",

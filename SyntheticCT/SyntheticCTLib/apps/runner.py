@@ -8,7 +8,12 @@ Two parts, both free of Qt and Slicer:
 - :class:`ProcessRunner`, which starts that command with :class:`subprocess.Popen` (list arguments,
   never a shell) in a new process group, reads its stdout and stderr on two reader threads into a
   queue, and turns each line into a :class:`RunnerEvent`. The GUI drains the queue with
-  :meth:`ProcessRunner.poll` from its own timer (``qt.QTimer`` in Slicer), so nothing blocks.
+  :meth:`ProcessRunner.poll` from its own timer (``qt.QTimer`` in Slicer), so nothing blocks;
+- :class:`JobSlot`, the one job helper of both Slicer modules: at most one :class:`ChildJob` at a
+  time, started with the command line found by :func:`find_python` and the environment of
+  :func:`child_environment`, pumped by a timer that the GUI passes in (``schedule(ms, callback)``);
+  :func:`missing_packages` and :func:`ensure_packages` check and install the child's packages through
+  an installer the GUI passes in.
 
 :meth:`ProcessRunner.cancel` stops the whole process tree: on POSIX it signals the child's process
 group (SIGINT first, so the command line removes its partial output, then SIGKILL after a grace
@@ -20,10 +25,13 @@ tree (the ``PythonSlicer`` launcher and the Python it starts); otherwise the chi
 from __future__ import annotations
 
 import collections
+import importlib
+import importlib.util
 import logging
 import math
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,18 +39,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
+from SyntheticCTLib.kernel.devices import check_device
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.progress import parse_progress_line
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 CLI_MODULE = "SyntheticCTLib"
 """``python -m SyntheticCTLib`` runs the ``syntheticct`` command line."""
-DEVICES = ("auto", "cpu", "cuda")
 REGISTRATION_MODES = ("rigid", "affine", "deformable", "bone-local")
 EXIT_CANCELLED = 130
 
@@ -93,7 +101,7 @@ def synthesize_args(
     args = base_command(python) + ["synthesize"]
     for i, path in enumerate(inputs):
         args += ["-i", _path(path, f"Input {i + 1}")]
-    args += ["-o", _path(output, "The output"), "--model", str(model), "--device", _choice(device, DEVICES, "device")]
+    args += ["-o", _path(output, "The output"), "--model", str(model), "--device", check_device(device)]
     if uncertainty is not None:
         args += ["--uncertainty", _path(uncertainty, "The uncertainty output")]
     if dicom_out is not None:
@@ -232,7 +240,7 @@ def child_environment(
         paths.append(env["PYTHONPATH"])
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
-    if _choice(device, DEVICES, "device") == "cpu":
+    if check_device(device) == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     if cache_dir is not None and os.fspath(cache_dir):
         env["SYNTHETICCT_HOME"] = os.fspath(cache_dir)
@@ -589,10 +597,18 @@ class ChildJob:
         self.runner.cancel()
 
     def pump(self) -> bool:
-        """Handle the queued events; return True while the job runs (call again later)."""
+        """Handle the queued events; return True while the job runs (call again later).
+
+        Events are taken one at a time, so that a callback that raises loses no later event (the
+        ``finished`` one above all).
+        """
         if self.result is not None:
             return False
-        for event in self.runner.poll():
+        while True:
+            events = self.runner.poll(max_events=1)
+            if not events:
+                return True
+            event = events[0]
             if event.kind == "finished":
                 code = event.returncode if event.returncode is not None else -1
                 self.result = JobResult(code, event.cancelled, "" if event.cancelled else self.runner.error_message())
@@ -601,7 +617,6 @@ class ChildJob:
                 return False
             if self.on_event is not None:
                 self.on_event(event)
-        return True
 
     def wait(self, timeout: Optional[float] = None, *, interval: float = 0.02, idle=None) -> Optional[JobResult]:
         """Pump until the job ends (or ``timeout``); ``idle()`` runs between pumps (e.g. processEvents)."""
@@ -633,6 +648,120 @@ def run_to_completion(
         code = runner.wait()
     assert code is not None
     return code, runner.poll()
+
+
+Schedule = Callable[[int, Callable[[], None]], Any]
+"""``schedule(milliseconds, callback)`` calls ``callback`` once, later, on the GUI thread (``qt.QTimer.singleShot``)."""
+
+
+class JobBusyError(InvalidParameterError):
+    """A job was started while another one still runs."""
+
+
+class JobSlot:
+    """At most one :class:`ChildJob` at a time for a GUI, pumped by a timer passed in; free of Qt.
+
+    Both Slicer modules keep one slot in their Logic. ``schedule`` (``qt.QTimer.singleShot`` in
+    Slicer, set by the widget) runs the poll loop; :meth:`start` with ``wait=True`` pumps in place
+    instead (self-tests, scripts). A callback that raises while events are handled cancels the job,
+    so that a broken GUI never leaves an orphan child.
+    """
+
+    def __init__(self, *, schedule: Optional[Schedule] = None, poll_ms: int = 100, label: str = "SyntheticCT") -> None:
+        self.schedule = schedule
+        self.poll_ms = int(poll_ms)
+        self.label = label
+        self.job: Optional[ChildJob] = None
+
+    def is_running(self) -> bool:
+        """True while the last job started has not finished."""
+        return self.job is not None and self.job.running
+
+    def cancel(self) -> None:
+        """Stop the running job's whole process tree (a ``finished`` event follows); no-op when idle."""
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+
+    def start(
+        self,
+        args: Sequence[PathLike],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        on_event=None,
+        on_finished=None,
+        wait: bool = False,
+        idle=None,
+        timeout: Optional[float] = None,
+    ) -> ChildJob:
+        """Start ``args``; pump it through ``schedule`` (or in place with ``wait``); return the job."""
+        if self.is_running():
+            raise JobBusyError(f"Another {self.label} job is running; wait for it or cancel it.")
+        if not wait and self.schedule is None:
+            raise InvalidParameterError("JobSlot needs a schedule(ms, callback) to poll without waiting.")
+        logger.info("%s: running %s", self.label, subprocess.list2cmdline([os.fspath(a) for a in args]))
+        job = ChildJob(args, env=env, on_event=on_event, on_finished=on_finished).start()
+        self.job = job
+        if wait:
+            if job.wait(timeout, idle=idle) is None:
+                job.cancel()
+                job.wait(idle=idle)
+        else:
+            self._later(job)
+        return job
+
+    def _later(self, job: ChildJob) -> None:
+        assert self.schedule is not None
+        self.schedule(self.poll_ms, lambda: self._poll(job))
+
+    def _poll(self, job: ChildJob) -> None:
+        try:
+            running = job.pump()
+        except Exception:  # a GUI callback failed: stop the child rather than leave it running unseen
+            logger.exception("%s: error while handling the child process's output", self.label)
+            job.cancel()
+            running = job.result is None
+        if running:
+            self._later(job)
+
+
+def find_python(names: Sequence[str] = ("PythonSlicer",)) -> str:
+    """The first of ``names`` on ``PATH`` (Slicer's ``PythonSlicer`` launcher); a clear error otherwise."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise InvalidParameterError(f"{' or '.join(names)} was not found on PATH; cannot start the child process.")
+
+
+def library_path() -> str:
+    """The folder holding the ``SyntheticCTLib`` package, for the child's ``PYTHONPATH``."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def missing_packages(packages: Mapping[str, str]) -> List[str]:
+    """The requirements of ``packages`` (``{import name: requirement}``) whose module cannot be found."""
+    importlib.invalidate_caches()
+    return [req for name, req in packages.items() if importlib.util.find_spec(name) is None]
+
+
+def ensure_packages(
+    packages: Mapping[str, str],
+    *,
+    install: Optional[Callable[[List[str]], Any]] = None,
+    confirm: Optional[Callable[[List[str]], bool]] = None,
+) -> bool:
+    """True when every module of ``packages`` is importable, after ``install(missing)`` if needed.
+
+    Without ``install`` nothing is installed (a self-test on an offline build then skips). ``confirm``
+    is asked first when given; False declines.
+    """
+    missing = missing_packages(packages)
+    if not missing:
+        return True
+    if install is None or (confirm is not None and not confirm(missing)):
+        return False
+    install(missing)
+    return not missing_packages(packages)
 
 
 def describe_event(event: RunnerEvent) -> str:

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Dict
 
+from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+
 DESCRIPTION = """\
 Compare a synthetic CT with a reference CT of the same patient.
 
@@ -21,8 +24,6 @@ SignedDistance_mm), distance_histogram.csv, PNG pictures and report.html (self-c
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "compare",
@@ -39,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--bone-threshold",
         type=float,
-        default=200.0,
+        default=BONE_THRESHOLD_HU,
         metavar="HU",
         help="bone threshold in HU for both images (default: 200)",
     )
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace, report) -> int:
         progress=scaled(report, 0.05, 0.8),
     )
     written = write_comparison(result, out_dir, inputs=inputs, progress=scaled(report, 0.8, 1.0))
-    m = result.metrics
+    m = result.metrics.to_dict()
 
     def fmt(value, digits):
         return "n/a" if value is None else f"{value:.{digits}f}"

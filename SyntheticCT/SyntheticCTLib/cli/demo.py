@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any, Dict, List, Mapping, Optional, TextIO
 
+from SyntheticCTLib.cli.options import add_command, add_device_option
+
 SUMMARY_ROWS = (
     ("surface_mean_mm", "bone surface mean (mm)", "{:.3f}"),
     ("surface_p95_mm", "bone surface p95 (mm)", "{:.3f}"),
@@ -15,8 +17,6 @@ SUMMARY_ROWS = (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "demo",
@@ -35,9 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="seed of the phantom and of the CT's move (default: 900, a seed the bundled model never saw in training)",
     )
-    p.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="where the model runs (default: auto)"
-    )
+    add_device_option(p)
     p.add_argument(
         "--size",
         type=int,

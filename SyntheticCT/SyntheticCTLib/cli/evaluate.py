@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 
+from SyntheticCTLib.cli.options import add_command, add_device_option
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "evaluate",
@@ -30,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--cases", nargs="+", required=True, metavar="CASE", help="case.json files or case folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    add_device_option(p)
     p.add_argument(
         "--align",
         choices=("none", "rigid", "affine"),
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--bone-threshold",
         type=float,
-        default=200.0,
+        default=BONE_THRESHOLD_HU,
         metavar="HU",
         help="bone threshold in HU for Dice and surfaces (default 200)",
     )

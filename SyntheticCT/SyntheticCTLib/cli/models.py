@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from SyntheticCTLib.cli.options import add_command
+
 ACTIONS = ("list", "add", "add-catalog", "fetch", "verify", "remove", "path", "clear")
 
 
@@ -32,8 +34,6 @@ def _sub_options() -> argparse.ArgumentParser:
 
 
 def add_parser(subparsers) -> None:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "models",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from SyntheticCTLib.cli.options import add_command
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "phantom",

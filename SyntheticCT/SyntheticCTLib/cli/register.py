@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import List
 
+from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+
 DESCRIPTION = """\
 Register the moving image (synthetic CT, CT or MRI) to the fixed image (normally the CT).
 
@@ -23,8 +26,6 @@ each bone's rigid transform is also written as TRANSFORM_STEM.bone<label><suffix
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "register",
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--bone-threshold",
         type=float,
-        default=200.0,
+        default=BONE_THRESHOLD_HU,
         metavar="HU",
         help="HU threshold of the bone components in bone-local mode (default: 200)",
     )

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from SyntheticCTLib.cli.options import add_command, add_device_option
+
 EPILOG = """\
 one case:
   syntheticct synthesize -i echo1.nii.gz -i echo2.nii.gz -i echo3.nii.gz -o sct.nii.gz
@@ -21,8 +23,6 @@ The synthetic CT is not for diagnostic use.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "synthesize",
@@ -67,12 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="NAME|PATH",
         help="a catalog model name, a model folder or .zip (default: the bundled default model)",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        metavar="DEVICE",
-        help="auto (cuda, then mps, then cpu; default), cpu, cuda, cuda:N or mps",
-    )
+    add_device_option(p)
     p.add_argument(
         "--dicom-out",
         metavar="DIR",
@@ -101,13 +96,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _resolve_model(name_or_path: str, report):
     from SyntheticCTLib.kernel.progress import scaled
+    from SyntheticCTLib.models.catalog import resolve_model
 
-    try:
-        from SyntheticCTLib.models.catalog import resolve_model
-    except ImportError:  # catalog not installed: a path only
-        from SyntheticCTLib.models.package import load_model_package
-
-        return load_model_package(name_or_path)
     return resolve_model(name_or_path, progress=scaled(report, 0.0, 0.05))
 
 
@@ -161,12 +151,21 @@ def _run_one(args: argparse.Namespace, report) -> int:
         check_dicom_target(Path(args.dicom_out), inputs + [output], overwrite=False)
 
     model = _resolve_model(args.model, report)
-    if len(inputs) != model.in_channels:  # fail before reading anything
+    from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+
+    # One DICOM folder or multi-frame file: its echoes, in echo-time order.
+    dicom_dir = len(inputs) == 1 and (inputs[0].is_dir() or is_dicom_file(inputs[0]))
+    if len(inputs) != model.in_channels and not dicom_dir:  # fail before reading anything
         from SyntheticCTLib.synthesis.inference import check_inputs
 
         check_inputs([None] * len(inputs), model)
     images = []
-    for k, path in enumerate(inputs):
+    if dicom_dir:
+        from SyntheticCTLib.kernel.dicom_series import read_model_echoes
+
+        report(0.05, "reading", str(inputs[0]))
+        images = read_model_echoes(inputs[0], [e.get("echo_time_ms") for e in model.card.get("inputs", [])])
+    for k, path in enumerate(inputs if not dicom_dir else []):
         report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
         images.append(read_volume(path))
     want_uncertainty = bool(args.uncertainty)

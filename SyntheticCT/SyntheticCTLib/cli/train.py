@@ -12,10 +12,10 @@ import json
 import os
 import sys
 
+from SyntheticCTLib.cli.options import add_command, add_device_option
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from SyntheticCTLib.cli.main import add_command
-
     p = add_command(
         subparsers,
         "train",
@@ -32,12 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt at its exact step"
     )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda", "mps"),
-        default=None,
-        help="override training.device of the configuration",
-    )
+    add_device_option(p, default=None, help="override training.device of the configuration")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="override training.num_threads")
     p.set_defaults(run=run)
     return p

@@ -10,6 +10,8 @@ import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 from SyntheticCTLib.kernel.geometry import check_same_grid
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+from SyntheticCTLib.kernel.masks import above
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def fill_small_holes(mask: sitk.Image, *, max_hole_mm3: Optional[float] = MARROW
 def segment_bone(
     ct: sitk.Image,
     *,
-    threshold: float = 200.0,
+    threshold: float = BONE_THRESHOLD_HU,
     keep_largest: Optional[int] = None,
     min_size_mm3: float = 100.0,
     fill_holes: bool = True,
@@ -115,20 +117,11 @@ def segment_bone(
     """
     if ct.GetDimension() != 3:
         raise InvalidParameterError(f"A 3D CT is required; got a {ct.GetDimension()}D image.")
-    mask = sitk.BinaryThreshold(ct, lowerThreshold=float(threshold), upperThreshold=1e30, insideValue=1, outsideValue=0)
+    mask = _from_array(above(ct, float(threshold)), ct)
     mask = keep_components(mask, keep_largest=keep_largest, min_size_mm3=min_size_mm3)
     if fill_holes:
         mask = fill_small_holes(mask, max_hole_mm3=max_hole_mm3)
     return mask
-
-
-def bone_mask_from_labels(labels: sitk.Image) -> sitk.Image:
-    """A uint8 bone mask (1 where ``labels`` > 0) from a bone label map."""
-    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        array = sitk.GetArrayViewFromImage(labels)
-        if not np.array_equal(array, np.round(array)):
-            raise InvalidParameterError("A bone label map must hold whole numbers (0 = no bone, k = bone k).")
-    return _from_array(sitk.GetArrayViewFromImage(labels) > 0, labels)
 
 
 def dice(a: Union[sitk.Image, np.ndarray], b: Union[sitk.Image, np.ndarray]) -> float:

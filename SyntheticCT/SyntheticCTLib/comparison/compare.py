@@ -1,10 +1,13 @@
 """Compare a synthetic CT with a reference CT: image metrics, bone Dice and bone-surface distances.
 
-:func:`compare` brings the synthetic CT onto the reference grid (through a registration transform,
-if given), measures the SynthRAD 2023 image metrics inside the body, segments the bone of both,
-extracts both bone surfaces in world coordinates and measures the signed distances between them,
-globally and per bone. :func:`write_comparison` writes the metrics, the surfaces, a distance
-histogram, pictures and a self-contained HTML report into a folder, each file atomically.
+:func:`compare` runs named stages: :func:`image_comparison` brings the synthetic CT onto the reference
+grid (through a registration transform, if given) and measures the SynthRAD 2023 image metrics inside
+the covered body; :func:`_bone_masks` segments the bone of both (:class:`NoBoneError` when one has
+none); :func:`_surface_distances` extracts both bone surfaces in world coordinates and measures the
+signed distances between them; :func:`_per_bone_rows` adds per-bone statistics; :func:`_metrics_record`
+gathers everything into a :class:`~SyntheticCTLib.comparison.metric_registry.ComparisonMetrics`.
+:func:`write_comparison` writes the metrics, the surfaces, a distance histogram, pictures and a
+self-contained HTML report into a folder, each file atomically.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ import csv
 import io as _io
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +26,8 @@ import vtk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.comparison.bone import dice, segment_bone
-from SyntheticCTLib.comparison.metrics import HU_RANGE, body_mask, image_metrics
+from SyntheticCTLib.comparison.metric_registry import REQUIRED_KEYS, ComparisonMetrics
+from SyntheticCTLib.comparison.metrics import HU_RANGE, image_metrics
 from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
@@ -39,46 +42,56 @@ from SyntheticCTLib.comparison.surfaces import (
     surface_distances,
     surface_points,
 )
-from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError, VolumeWriteError
+from SyntheticCTLib.kernel.errors import (
+    GeometryMismatchError,
+    InvalidParameterError,
+    NoBoneError,
+    VolumeWriteError,
+)
 from SyntheticCTLib.kernel.geometry import resample_like, same_grid
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MIN_HU
 from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, validate_volume
+from SyntheticCTLib.kernel.masks import ct_body_mask
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_KEYS = (
-    "mae_hu",
-    "me_hu",
-    "psnr_db",
-    "ssim",
-    "bone_dice",
-    "surface_mean_mm",
-    "surface_median_mm",
-    "surface_rms_mm",
-    "surface_p95_mm",
-    "surface_max_mm",
-    "surface_within_1mm",
-    "per_bone",
-)
-"""The top-level keys every ``metrics.json`` starts with (more follow)."""
-
-SUMMARY_KEYS = tuple(key for key in REQUIRED_KEYS if key != "per_bone") + ("surface_within_2mm",)
-"""The scalar metrics of a comparison: the columns of evaluation tables and summaries."""
-
-AIR_HU = -1024.0
+DEFAULT_BONE_THRESHOLD_HU = BONE_THRESHOLD_HU
+"""Bone is segmented at this HU by default, in the reference CT and the synthetic CT alike (200 HU)."""
+DEFAULT_BODY_THRESHOLD_HU = -500.0
+"""The patient's body in the reference CT: objects above this HU (see :func:`~SyntheticCTLib.kernel.masks.ct_body_mask`)."""
+AIR_HU = CT_MIN_HU
+"""The synthetic CT's value outside its field of view once on the reference grid (those voxels are not measured)."""
 MIN_OVERLAP = 0.01
+
+__all__ = [
+    "AIR_HU",
+    "DEFAULT_BODY_THRESHOLD_HU",
+    "DEFAULT_BONE_THRESHOLD_HU",
+    "ComparisonMetrics",
+    "ComparisonResult",
+    "ImageComparison",
+    "NoBoneError",
+    "REQUIRED_KEYS",
+    "compare",
+    "distance_histogram",
+    "image_comparison",
+    "write_comparison",
+    "write_surface",
+]
 
 
 @dataclass
 class ComparisonResult:
     """Everything :func:`compare` measured, on the reference grid.
 
-    ``metrics`` is the JSON-ready dict of :data:`REQUIRED_KEYS` and more (non-finite values, such
-    as the PSNR of identical images, are None, written as null); ``synthetic`` is the
-    synthetic CT resampled onto the reference grid; the surfaces carry ``SignedDistance_mm``.
+    ``metrics`` is the frozen record of the figures (its :meth:`~ComparisonMetrics.to_dict` is
+    ``metrics.json``: :data:`REQUIRED_KEYS` first, then more; non-finite values, such as the PSNR of
+    identical images, are None); ``synthetic`` is the synthetic CT resampled onto the reference grid;
+    the surfaces carry ``SignedDistance_mm``.
     """
 
-    metrics: dict
+    metrics: ComparisonMetrics
     reference: sitk.Image
     synthetic: sitk.Image
     body_mask: sitk.Image
@@ -89,6 +102,30 @@ class ComparisonResult:
     distances: SurfaceDistances
     bone_labels: Optional[sitk.Image] = None
     per_bone: List[dict] = field(default_factory=list)
+
+
+@dataclass
+class ImageComparison:
+    """The synthetic CT on the reference grid and the image metrics in the body it covers.
+
+    ``valid``: reference voxels (z, y, x) inside the synthetic CT's field of view after the transform;
+    ``body_mask``: the measured body (the reference's body within ``valid``); ``overlap``: the share of
+    the body that is measured; ``metrics``: ``mae_hu``, ``me_hu``, ``psnr_db`` and ``ssim``.
+    """
+
+    reference: sitk.Image
+    synthetic: sitk.Image
+    valid: np.ndarray
+    body_mask: sitk.Image
+    overlap: float
+    metrics: Dict[str, float]
+
+
+@dataclass
+class _Surfaces:
+    reference: vtk.vtkPolyData
+    synthetic: vtk.vtkPolyData
+    distances: SurfaceDistances
 
 
 def _check_transform(transform: Optional[sitk.Transform], name: str) -> None:
@@ -130,29 +167,15 @@ def _restrict(mask: sitk.Image, region: np.ndarray) -> sitk.Image:
     return image
 
 
-def _finite(value):
-    """JSON-safe: non-finite floats become None, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    return value
-
-
 def compare(
     reference_ct: sitk.Image,
     synthetic_ct: sitk.Image,
     *,
     transform: Optional[sitk.Transform] = None,
-    bone_threshold: float = 200.0,
+    bone_threshold: float = DEFAULT_BONE_THRESHOLD_HU,
     bone_labels: Optional[sitk.Image] = None,
     bone_transforms: Optional[Mapping[int, sitk.Transform]] = None,
-    body_threshold: float = -500.0,
+    body_threshold: float = DEFAULT_BODY_THRESHOLD_HU,
     label_margin_mm: float = 10.0,
     hu_range: Sequence[float] = HU_RANGE,
     progress: Optional[ProgressCallback] = None,
@@ -177,7 +200,9 @@ def compare(
         With ``bone_labels``: a transform per label (from a bone-local registration); each bone's
         per-bone statistics then use the synthetic CT resampled through its own transform.
     body_threshold
-        The body mask of the image metrics: reference voxels above this HU (see :func:`.metrics.body_mask`).
+        The patient's body in the reference: objects above this HU without the table, holders or
+        devices (see :func:`SyntheticCTLib.kernel.masks.ct_body_mask`). The image metrics are measured
+        inside it, and only bone inside it is compared.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -185,31 +210,138 @@ def compare(
     ------
     GeometryMismatchError
         The synthetic CT does not overlap the reference's body after the transform.
+    NoBoneError
+        No bone in one of the images at ``bone_threshold`` (inside the compared region).
     InvalidParameterError
-        No bone in one of the images, a bad label map or transform.
+        A bad label map or transform; no surface point left to measure.
     """
     report = progress or no_progress
-    validate_volume(reference_ct, "the reference CT")
-    validate_volume(synthetic_ct, "the synthetic CT")
+    _check_transforms(transform, bone_labels, bone_transforms)
+    options = dict(transform=transform, body_threshold=body_threshold, hu_range=hu_range, progress=report)
+    images = image_comparison(reference_ct, synthetic_ct, **options)
+    report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
+    labels = _labels_on_grid(bone_labels, images.reference) if bone_labels is not None else None
+    region = sitk.GetArrayFromImage(images.body_mask) > 0  # the patient's bone only (no table), where covered
+    if labels is not None:
+        region &= _near_labels(labels, label_margin_mm)
+    reference_bone, synthetic_bone = _bone_masks(images.reference, images.synthetic, region, bone_threshold)
+    surfaces = _surface_distances(reference_bone, synthetic_bone, region, report)
+    per_bone: List[dict] = []
+    if labels is not None:
+        report(0.8, "per bone", "Per-bone statistics")
+        per_bone = _per_bone_rows(surfaces, labels, label_margin_mm)
+    if labels is not None and bone_transforms:
+        per_bone = _bone_local_rows(
+            per_bone,
+            images,
+            synthetic_ct,
+            labels,
+            bone_transforms,
+            reference_bone=reference_bone,
+            valid_region=region,
+            bone_threshold=bone_threshold,
+            margin_mm=label_margin_mm,
+            progress=scaled(report, 0.85, 0.99),
+        )
+    settings = _settings(transform, bone_threshold, body_threshold, hu_range, labels, bone_transforms, label_margin_mm)
+    metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
+    report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
+    return _result(metrics, images, (reference_bone, synthetic_bone), surfaces, labels, per_bone)
+
+
+def _result(
+    metrics: ComparisonMetrics,
+    images: ImageComparison,
+    bones: Tuple[sitk.Image, sitk.Image],
+    surfaces: _Surfaces,
+    labels: Optional[sitk.Image],
+    per_bone: List[dict],
+) -> ComparisonResult:
+    return ComparisonResult(
+        metrics=metrics,
+        reference=images.reference,
+        synthetic=images.synthetic,
+        body_mask=images.body_mask,
+        reference_bone=bones[0],
+        synthetic_bone=bones[1],
+        reference_surface=surfaces.reference,
+        synthetic_surface=surfaces.synthetic,
+        distances=surfaces.distances,
+        bone_labels=labels,
+        per_bone=per_bone,
+    )
+
+
+def _settings(
+    transform: Optional[sitk.Transform],
+    bone_threshold: float,
+    body_threshold: float,
+    hu_range: Sequence[float],
+    labels: Optional[sitk.Image],
+    bone_transforms: Optional[Mapping[int, sitk.Transform]],
+    label_margin_mm: float,
+) -> Dict[str, object]:
+    """The settings a comparison records in ``metrics.json``."""
+    return {
+        "bone_threshold_hu": float(bone_threshold),
+        "body_threshold_hu": float(body_threshold),
+        "hu_range": [float(hu_range[0]), float(hu_range[1])],
+        "bone_labels": labels is not None,
+        "bone_local_transforms": bool(bone_transforms),
+        "label_margin_mm": float(label_margin_mm) if labels is not None else None,
+        "transform": None if transform is None else transform.GetName(),
+    }
+
+
+def _check_transforms(
+    transform: Optional[sitk.Transform],
+    bone_labels: Optional[sitk.Image],
+    bone_transforms: Optional[Mapping[int, sitk.Transform]],
+) -> None:
     _check_transform(transform, "transform")
     if bone_transforms and bone_labels is None:
         raise InvalidParameterError("bone_transforms needs bone_labels: the label of each bone's transform.")
     for label, bone_transform in (bone_transforms or {}).items():
         _check_transform(bone_transform, f"the transform of bone {label}")
 
+
+def image_comparison(
+    reference_ct: sitk.Image,
+    synthetic_ct: sitk.Image,
+    *,
+    transform: Optional[sitk.Transform] = None,
+    body_threshold: float = DEFAULT_BODY_THRESHOLD_HU,
+    hu_range: Sequence[float] = HU_RANGE,
+    progress: Optional[ProgressCallback] = None,
+) -> ImageComparison:
+    """The first stage of :func:`compare`: the synthetic CT on the reference grid and the image metrics.
+
+    The synthetic CT is resampled linearly onto the reference grid through ``transform`` (reference
+    points to synthetic points), :data:`AIR_HU` outside its field of view; MAE, ME, PSNR and SSIM are
+    measured in the reference's body (:func:`~SyntheticCTLib.kernel.masks.ct_body_mask` at ``body_threshold``
+    HU) where the synthetic CT covers it.
+    This is the one definition of a comparison's image metrics, with or without bone.
+
+    Raises
+    ------
+    GeometryMismatchError
+        The synthetic CT covers less than 1 % of the reference's body after the transform.
+    """
+    report = progress or no_progress
+    validate_volume(reference_ct, "the reference CT")
+    validate_volume(synthetic_ct, "the synthetic CT")
+    _check_transform(transform, "transform")
     report(0.0, "resample", "Bringing the synthetic CT onto the reference grid")
     reference = sitk.Cast(reference_ct, sitk.sitkFloat32)
     synthetic = resample_like(
-        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=AIR_HU
+        sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=transform, default_value=CT_MIN_HU
     )
-    coverage = _coverage(synthetic_ct, reference, transform)
-    valid = sitk.GetArrayViewFromImage(coverage) > 0
+    coverage = _coverage(synthetic_ct, reference, transform)  # named: an array view does not keep its image alive
+    valid = sitk.GetArrayFromImage(coverage) > 0
 
     report(0.05, "image metrics", "Body mask and SynthRAD 2023 image metrics")
-    body = body_mask(reference, threshold=body_threshold)
-    body_array = sitk.GetArrayViewFromImage(body) > 0
-    measured = body_array & valid
-    overlap = float(measured.sum()) / max(1, int(body_array.sum()))
+    body_array = sitk.GetArrayFromImage(ct_body_mask(reference, threshold=body_threshold)) > 0
+    overlap = float((body_array & valid).sum()) / max(1, int(body_array.sum()))
     if overlap < MIN_OVERLAP:
         raise GeometryMismatchError(
             f"The synthetic CT covers {overlap:.1%} of the reference CT's body after the transform: the images "
@@ -219,34 +351,44 @@ def compare(
         logger.warning(
             "The synthetic CT covers only %.0f%% of the reference body; metrics use that part.", 100 * overlap
         )
-    metrics_body = _restrict(body, valid)
-    image = image_metrics(reference, synthetic, mask=metrics_body, hu_range=hu_range)
+    measured = sitk.GetImageFromArray((body_array & valid).astype(np.uint8))
+    measured.CopyInformation(reference)
+    metrics = image_metrics(reference, synthetic, mask=measured, hu_range=hu_range)
+    return ImageComparison(reference, synthetic, valid, measured, overlap, metrics)
 
-    report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
-    labels = _labels_on_grid(bone_labels, reference) if bone_labels is not None else None
-    region = valid.copy()
-    if labels is not None:
-        region &= _near_labels(labels, label_margin_mm)
+
+def _bone_masks(
+    reference: sitk.Image, synthetic: sitk.Image, region: np.ndarray, bone_threshold: float
+) -> Tuple[sitk.Image, sitk.Image]:
+    """The bone of both images at ``bone_threshold`` within ``region``; :class:`NoBoneError` if one has none."""
     reference_bone = _restrict(segment_bone(reference, threshold=bone_threshold), region)
     synthetic_bone = _restrict(segment_bone(synthetic, threshold=bone_threshold), region)
     for name, mask in (("reference", reference_bone), ("synthetic", synthetic_bone)):
         if not np.any(sitk.GetArrayViewFromImage(mask)):
-            raise InvalidParameterError(
+            raise NoBoneError(
                 f"No bone found in the {name} CT at {bone_threshold:g} HU (inside the compared region); "
                 "lower --bone-threshold or check the image."
             )
-    bone_dice = dice(reference_bone, synthetic_bone)
+    return reference_bone, synthetic_bone
 
+
+def _surface_distances(
+    reference_bone: sitk.Image, synthetic_bone: sitk.Image, region: np.ndarray, report: ProgressCallback
+) -> _Surfaces:
+    """Both bone surfaces (world coordinates) and the signed distances between them.
+
+    Points on a cut of the compared region (the image border, the synthetic CT's field of view, the
+    label margin) lie on flat faces that both surfaces share: they are marked ``Measured = 0`` and left
+    out of the statistics.
+    """
     report(0.4, "surfaces", "Extracting the bone surfaces")
     reference_surface = bone_surface(reference_bone)
     report(0.5, "surfaces", "Extracting the bone surfaces")
     synthetic_surface = bone_surface(synthetic_bone)
     report(0.6, "distances", "Signed point-wise surface distances")
-    # Points on a cut of the compared region (the image border, the synthetic CT's field of view,
-    # the label margin) lie on flat faces that both surfaces share: they are left out of the statistics.
     interior = _interior(region)
-    syn_measured = points_in_mask(surface_points(synthetic_surface), interior, like=reference)
-    ref_measured = points_in_mask(surface_points(reference_surface), interior, like=reference)
+    syn_measured = points_in_mask(surface_points(synthetic_surface), interior, like=reference_bone)
+    ref_measured = points_in_mask(surface_points(reference_surface), interior, like=reference_bone)
     set_point_array(synthetic_surface, MEASURED_ARRAY, syn_measured.astype(np.uint8))
     set_point_array(reference_surface, MEASURED_ARRAY, ref_measured.astype(np.uint8))
     distances = surface_distances(
@@ -256,80 +398,57 @@ def compare(
         raise InvalidParameterError(
             "Every bone-surface point lies on a cut of the compared field of view: nothing to measure."
         )
+    return _Surfaces(reference_surface, synthetic_surface, distances)
 
-    per_bone: List[dict] = []
-    if labels is not None:
-        report(0.8, "per bone", "Per-bone statistics")
-        syn_labels = label_surface_points(surface_points(synthetic_surface), labels, max_distance_mm=label_margin_mm)
-        ref_labels = label_surface_points(surface_points(reference_surface), labels, max_distance_mm=label_margin_mm)
-        set_point_array(synthetic_surface, LABEL_ARRAY, syn_labels.astype(np.int32))
-        set_point_array(reference_surface, LABEL_ARRAY, ref_labels.astype(np.int32))
-        present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
-        per_bone = per_bone_stats(distances, syn_labels, ref_labels, labels=present)
-        if bone_transforms:
-            per_bone = _bone_local_rows(
-                per_bone,
-                reference,
-                synthetic_ct,
-                labels,
-                bone_transforms,
-                reference_bone=reference_bone,
-                valid_region=region,
-                bone_threshold=bone_threshold,
-                margin_mm=label_margin_mm,
-                progress=scaled(report, 0.85, 0.99),
-            )
 
+def _per_bone_rows(surfaces: _Surfaces, labels: sitk.Image, margin_mm: float) -> List[dict]:
+    """Label every surface point with its nearest labelled bone (point array ``BoneLabel``); one row per bone."""
+    syn_labels = label_surface_points(surface_points(surfaces.synthetic), labels, max_distance_mm=margin_mm)
+    ref_labels = label_surface_points(surface_points(surfaces.reference), labels, max_distance_mm=margin_mm)
+    set_point_array(surfaces.synthetic, LABEL_ARRAY, syn_labels.astype(np.int32))
+    set_point_array(surfaces.reference, LABEL_ARRAY, ref_labels.astype(np.int32))
+    present = sorted(int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v > 0)
+    return per_bone_stats(surfaces.distances, syn_labels, ref_labels, labels=present)
+
+
+def _metrics_record(
+    images: ImageComparison,
+    bone_dice: float,
+    distances: SurfaceDistances,
+    per_bone: List[dict],
+    settings: Mapping[str, object],
+) -> ComparisonMetrics:
+    """Gather the stages' figures, the settings and the versions into one :class:`ComparisonMetrics`."""
     symmetric = distances.symmetric
-    metrics = {
-        **image,
-        "bone_dice": bone_dice,
-        "surface_mean_mm": symmetric.mean_abs_mm,
-        "surface_median_mm": symmetric.median_mm,
-        "surface_rms_mm": symmetric.rms_mm,
-        "surface_p95_mm": symmetric.p95_mm,
-        "surface_max_mm": symmetric.max_mm,
-        "surface_within_1mm": symmetric.within_1mm,
-        "per_bone": per_bone,
-        "surface_within_2mm": symmetric.within_2mm,
-        "surface_hd95_mm": distances.hd95_mm,
-        "surface_mean_signed_mm": symmetric.mean_signed_mm,
-        "synthetic_to_reference": distances.synthetic_to_reference.to_dict(),
-        "reference_to_synthetic": distances.reference_to_synthetic.to_dict(),
-        "body_overlap_fraction": overlap,
-        "settings": {
-            "bone_threshold_hu": float(bone_threshold),
-            "body_threshold_hu": float(body_threshold),
-            "hu_range": [float(hu_range[0]), float(hu_range[1])],
-            "bone_labels": labels is not None,
-            "bone_local_transforms": bool(bone_transforms),
-            "label_margin_mm": float(label_margin_mm) if labels is not None else None,
-            "transform": None if transform is None else transform.GetName(),
+    return ComparisonMetrics(
+        **images.metrics,
+        bone_dice=bone_dice,
+        surface_mean_mm=symmetric.mean_abs_mm,
+        surface_median_mm=symmetric.median_mm,
+        surface_rms_mm=symmetric.rms_mm,
+        surface_p95_mm=symmetric.p95_mm,
+        surface_max_mm=symmetric.max_mm,
+        surface_within_1mm=symmetric.within_1mm,
+        per_bone=tuple(per_bone),
+        surface_within_2mm=symmetric.within_2mm,
+        surface_hd95_mm=distances.hd95_mm,
+        surface_mean_signed_mm=symmetric.mean_signed_mm,
+        synthetic_to_reference=distances.synthetic_to_reference.to_dict(),
+        reference_to_synthetic=distances.reference_to_synthetic.to_dict(),
+        body_overlap_fraction=images.overlap,
+        settings={
+            **settings,
             "distance_sign": "positive outside the other bone surface",
             "statistics": "area-weighted over surface points; symmetric pools both directions; points on a cut "
             "of the field of view (point array Measured = 0) left out",
         },
-        "versions": {
+        versions={
             "SyntheticCTLib": __version__,
             "SimpleITK": sitk.Version_VersionString(),
             "vtk": vtk.vtkVersion.GetVTKVersion(),
             "numpy": np.__version__,
         },
-        "note": NOT_FOR_DIAGNOSTIC_USE,
-    }
-    report(1.0, "done", f"Mean bone-surface distance {symmetric.mean_abs_mm:.2f} mm")
-    return ComparisonResult(
-        metrics=_finite(metrics),
-        reference=reference,
-        synthetic=synthetic,
-        body_mask=metrics_body,
-        reference_bone=reference_bone,
-        synthetic_bone=synthetic_bone,
-        reference_surface=reference_surface,
-        synthetic_surface=synthetic_surface,
-        distances=distances,
-        bone_labels=labels,
-        per_bone=per_bone,
+        note=NOT_FOR_DIAGNOSTIC_USE,
     )
 
 
@@ -351,7 +470,7 @@ def _coverage(synthetic_ct: sitk.Image, reference: sitk.Image, transform: Option
 
 def _bone_local_rows(
     rows: List[dict],
-    reference: sitk.Image,
+    images: ImageComparison,
     synthetic_ct: sitk.Image,
     labels: sitk.Image,
     bone_transforms: Mapping[int, sitk.Transform],
@@ -364,6 +483,8 @@ def _bone_local_rows(
 ) -> List[dict]:
     """Replace the rows of bones that have their own transform with bone-local measurements."""
     from scipy import ndimage
+
+    reference = images.reference
 
     label_array = sitk.GetArrayViewFromImage(labels)
     spacing_zyx = np.asarray(reference.GetSpacing())[::-1]
@@ -390,9 +511,9 @@ def _bone_local_rows(
             logger.warning("Bone %s has no voxel in the label map; its transform is not used.", label)
             continue
         moved = resample_like(
-            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=AIR_HU
+            sitk.Cast(synthetic_ct, sitk.sitkFloat32), reference, transform=bone_transform, default_value=CT_MIN_HU
         )
-        covered = sitk.GetArrayViewFromImage(_coverage(synthetic_ct, reference, bone_transform)) > 0
+        covered = sitk.GetArrayFromImage(_coverage(synthetic_ct, reference, bone_transform)) > 0
         zone &= covered
         syn = _restrict(segment_bone(moved, threshold=bone_threshold), zone)
         ref = _restrict(reference_bone, zone)
@@ -506,7 +627,7 @@ def write_comparison(
         return path
 
     report(0.0, "writing", "metrics.json")
-    text = json.dumps(_finite(result.metrics), indent=2, allow_nan=False)
+    text = json.dumps(result.metrics.to_dict(), indent=2, allow_nan=False)
     written["metrics"] = _write_bytes(target("metrics.json"), (text + "\n").encode("utf-8"))
     written["synthetic_surface"] = write_surface(result.synthetic_surface, target("synthetic_surface.vtp"))
     written["reference_surface"] = write_surface(result.reference_surface, target("reference_surface.vtp"))
@@ -530,7 +651,7 @@ def write_comparison(
         written[name] = _write_bytes(target(f"{name}.png"), png)
 
     report(0.9, "writing", "report.html")
-    html = comparison_report(result.metrics, images, title=title)
+    html = comparison_report(result.metrics.to_dict(), images, title=title)
     written["report"] = _write_bytes(target("report.html"), html.encode("utf-8"))
     report(1.0, "writing", f"Wrote {len(written)} files to {out}")
     return written

@@ -25,9 +25,9 @@ from scipy import ndimage
 
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 from SyntheticCTLib.kernel.geometry import check_same_grid
-from SyntheticCTLib.synthesis.normalization import fill_holes
+from SyntheticCTLib.kernel.hu import CT_MIN_HU
 
-HU_RANGE: Tuple[float, float] = (-1024.0, 3000.0)
+HU_RANGE: Tuple[float, float] = (CT_MIN_HU, 3000.0)
 """The SynthRAD 2023 population-wide HU range used by PSNR and SSIM."""
 
 ArrayLike = Union[sitk.Image, np.ndarray]
@@ -154,26 +154,6 @@ def ssim(
     if not inner_mask.any():
         raise InvalidParameterError(f"The mask has no voxel at least {pad} voxels from the image border.")
     return float(cropped[inner_mask].mean(dtype=np.float64))
-
-
-def body_mask(ct: sitk.Image, *, threshold: float = -500.0) -> sitk.Image:
-    """The body in a CT: voxels above ``threshold`` HU, largest 3D component, holes filled.
-
-    Holes are filled in 3D and then slice by slice along the image's third axis (so air in the
-    bowel or lungs that touches the slice edge of the 3D hole still counts as body). Returns a
-    uint8 image (1 = body) on the grid of ``ct``.
-    """
-    above = sitk.BinaryThreshold(
-        ct, lowerThreshold=float(threshold), upperThreshold=1e30, insideValue=1, outsideValue=0
-    )
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(above), sortByObjectSize=True)
-    array = sitk.GetArrayViewFromImage(components) == 1
-    if not array.any():
-        raise InvalidParameterError(f"The CT has no voxel above {threshold:g} HU: no body found.")
-    filled = fill_holes(array)
-    result = sitk.GetImageFromArray(filled.astype(np.uint8))
-    result.CopyInformation(ct)
-    return result
 
 
 def image_metrics(

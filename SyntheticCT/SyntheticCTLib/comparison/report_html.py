@@ -9,10 +9,10 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import math
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.comparison.metric_registry import METRICS, format_number
 
 STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #1d1d1f;
@@ -49,23 +49,6 @@ def escape(text: object) -> str:
 def data_uri(png: bytes, mime: str = "image/png") -> str:
     """A ``data:`` URI embedding ``png`` (or any bytes of type ``mime``)."""
     return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
-
-
-def format_number(value: object, digits: int = 2, unit: str = "") -> str:
-    """A number for display: fixed ``digits``, ``unit`` appended, '—' for None/NaN, '∞' for infinity."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        number = float(value)
-        if math.isnan(number):
-            return "—"
-        if math.isinf(number):
-            return "∞" if number > 0 else "-∞"
-        text = f"{number:.{digits}f}" if not isinstance(value, int) else str(value)
-        return f"{text} {unit}".strip()
-    return str(value)
 
 
 def table(rows: Iterable[Sequence[object]], header: Optional[Sequence[str]] = None, *, numeric_from: int = 1) -> str:
@@ -132,32 +115,17 @@ def page(title: str, sections: Sequence[str], *, subtitle: str = "", footer: str
 # The comparison report
 # ---------------------------------------------------------------------------------------------
 
-METRIC_ROWS: Tuple[Tuple[str, str, str, int], ...] = (
-    ("mae_hu", "MAE (body)", "HU", 1),
-    ("me_hu", "ME, sCT - CT (body)", "HU", 1),
-    ("psnr_db", "PSNR on [-1024, 3000] HU", "dB", 2),
-    ("ssim", "SSIM", "", 4),
-    ("bone_dice", "Bone Dice", "", 4),
-    ("surface_mean_mm", "Surface distance, mean", "mm", 3),
-    ("surface_median_mm", "Surface distance, median", "mm", 3),
-    ("surface_rms_mm", "Surface distance, RMS", "mm", 3),
-    ("surface_p95_mm", "Surface distance, 95th percentile", "mm", 3),
-    ("surface_hd95_mm", "Surface distance, HD95 (max of directed p95)", "mm", 3),
-    ("surface_max_mm", "Surface distance, max (Hausdorff)", "mm", 3),
-    ("surface_mean_signed_mm", "Surface distance, signed mean (+: sCT bone outside)", "mm", 3),
-)
-"""(metrics key, label, unit, digits) of the main metrics table."""
 
+def metrics_table(metrics: Mapping[str, object]) -> str:
+    """The main metrics table of a comparison's metrics (the JSON form, ``ComparisonMetrics.to_dict()``).
 
-def metrics_table(metrics: Dict[str, object]) -> str:
-    """The main metrics table of a comparison's ``metrics`` dict."""
+    One row per metric of the registry (:data:`~SyntheticCTLib.comparison.metric_registry.METRICS`), in its
+    order, with its label, digits and unit.
+    """
     rows = []
-    for key, label, unit, digits in METRIC_ROWS:
-        if key in metrics:
-            rows.append((label, format_number(metrics[key], digits, unit)))
-    for key, label in (("surface_within_1mm", "Surface within 1 mm"), ("surface_within_2mm", "Surface within 2 mm")):
-        if key in metrics and metrics[key] is not None:
-            rows.append((label, f"{100 * float(metrics[key]):.1f} %"))
+    for key, spec in METRICS.items():
+        if key in metrics and not (spec.fraction and metrics[key] is None):
+            rows.append((spec.long_label, spec.text(metrics[key], with_unit=True)))
     return table(rows, ("Metric", "Value"))
 
 

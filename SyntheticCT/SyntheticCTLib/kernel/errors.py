@@ -29,3 +29,7 @@ class InvalidParameterError(SyntheticCTError, ValueError):
 
 class Cancelled(SyntheticCTError):
     """Raised (typically from a progress callback) to stop a long operation cleanly."""
+
+
+class NoBoneError(InvalidParameterError):
+    """An image holds no bone at the bone threshold (inside the compared region): bone metrics cannot be measured."""

@@ -89,10 +89,3 @@ def resample_to_spacing(
     return resample_like(
         image, grid_with_spacing(image, spacing), interpolator=interpolator, default_value=default_value
     )
-
-
-def physical_points_of_indices(image: sitk.Image, indices_zyx: np.ndarray) -> np.ndarray:
-    """World (LPS, mm) coordinates of voxel indices given as numpy ``(z, y, x)`` rows."""
-    idx_xyz = np.asarray(indices_zyx, dtype=float)[:, ::-1]
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    return np.asarray(image.GetOrigin()) + (idx_xyz * np.asarray(image.GetSpacing())) @ direction.T

@@ -16,14 +16,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
-
-PathLike = Union[str, "os.PathLike[str]"]
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
@@ -71,41 +70,32 @@ def list_dicom_series(folder: PathLike) -> list:
     return series
 
 
-def _read_dicom_series(folder: Path, series_uid: Optional[str]) -> sitk.Image:
-    series = list_dicom_series(folder)
-    if not series:
-        raise VolumeReadError(f"'{folder}' is a folder with no DICOM series in it.")
-    if series_uid is not None:
-        chosen = [s for s in series if s.series_uid == series_uid]
-        if not chosen:
-            known = ", ".join(s.series_uid for s in series)
-            raise VolumeReadError(
-                f"'{folder}' has no DICOM series with SeriesInstanceUID {series_uid}; it holds: {known}."
-            )
-        info = chosen[0]
-    else:
-        info = series[0]
-        if len(series) > 1:
-            logger.warning(
-                "'%s' holds %d DICOM series; reading the largest (%s, %d files, '%s'). Name another with series_uid.",
-                folder,
-                len(series),
-                info.series_uid,
-                info.n_files,
-                info.description,
-            )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(info.files))
-    reader.MetaDataDictionaryArrayUpdateOn()
-    reader.LoadPrivateTagsOn()
-    image = reader.Execute()
-    # Keep the series' first-slice tags on the image so that exporters can copy patient/study tags.
-    for key in reader.GetMetaDataKeys(0):
-        try:
-            image.SetMetaData(key, reader.GetMetaData(0, key))
-        except (RuntimeError, UnicodeDecodeError):
-            continue
-    return image
+def _read_dicom_series(folder: Path, series_uid: Optional[str], volume: Optional[str] = None) -> sitk.Image:
+    """One volume from a DICOM folder (split by echo, image type, orientation and time; see dicom_series)."""
+    from SyntheticCTLib.kernel import dicom_series
+
+    volumes = dicom_series.find_volumes(folder)
+    if series_uid is None and volume is None and len({v.series_uid for v in volumes}) > 1:
+        counts: dict = {}
+        for v in volumes:
+            counts[v.series_uid] = counts.get(v.series_uid, 0) + len(v.frames)
+        series_uid = max(counts, key=lambda uid: counts[uid])
+        first = next(v for v in volumes if v.series_uid == series_uid)
+        logger.warning(
+            "'%s' holds %d DICOM series; reading the largest (%s, %d images, '%s'). Name another with series_uid.",
+            folder,
+            len(counts),
+            series_uid,
+            counts[series_uid],
+            first.series_description,
+        )
+    return dicom_series.read_dicom_volume(folder, volume, series_uid=series_uid)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    from SyntheticCTLib.kernel.dicom_series import is_dicom_file
+
+    return is_dicom_file(path)
 
 
 def validate_volume(image: sitk.Image, source: PathLike = "<image>", *, check_finite: bool = True) -> sitk.Image:
@@ -141,7 +131,7 @@ def validate_volume(image: sitk.Image, source: PathLike = "<image>", *, check_fi
     return image
 
 
-def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Image:
+def read_volume(path: PathLike, *, series_uid: Optional[str] = None, volume: Optional[str] = None) -> sitk.Image:
     """Read a scalar 3D volume from a file or a DICOM series folder.
 
     Parameters
@@ -152,6 +142,9 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
     series_uid
         For a DICOM folder with several series, the SeriesInstanceUID to read. By default the
         series with the most files is read, with a warning.
+    volume
+        For a DICOM folder, the id of one volume (``syntheticct inspect`` lists them: one per echo,
+        image type, orientation and time point). A folder holding several volumes needs one.
 
     Raises
     ------
@@ -163,8 +156,8 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
     if not path.exists():
         raise VolumeReadError(f"No file or folder at '{path}'.")
     try:
-        if path.is_dir():
-            image = _read_dicom_series(path, series_uid)
+        if path.is_dir() or _is_dicom_file(path):
+            image = _read_dicom_series(path, series_uid, volume)
         else:
             image = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports every I/O failure as RuntimeError
@@ -176,11 +169,6 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None) -> sitk.Ima
             ".nrrd, .mha, .mhd, or a folder with a DICOM series."
         ) from e
     return validate_volume(image, path)
-
-
-def read_volumes(paths: Iterable[PathLike]) -> list:
-    """Read several volumes (e.g. the echoes of a multi-echo MRI) with :func:`read_volume`."""
-    return [read_volume(p) for p in paths]
 
 
 def _same_file(a: Path, b: Path) -> bool:

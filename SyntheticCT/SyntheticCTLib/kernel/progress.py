@@ -1,9 +1,12 @@
-"""Progress reporting: one callback shape for the library, three faces for the command line.
+"""Progress and cancellation: one callback shape and one cancel mechanism for the whole library.
 
-The library reports progress through a :data:`ProgressCallback`, ``report(fraction, stage,
-message="")``, with ``fraction`` in [0, 1]. A callback may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`
-to stop the work. The command line turns the callback into a tqdm bar, JSON lines on stdout (for
-the Slicer GUI, which runs the command line as a child process), or nothing.
+The library reports progress through a :class:`ProgressCallback`, ``report(fraction, stage,
+message="")``, with ``fraction`` in [0, 1]. Work is cancelled in one way: a :class:`CancelToken`,
+which :func:`with_cancel` checks at every progress update (it raises
+:class:`~SyntheticCTLib.kernel.errors.Cancelled` through the callback, so every loop that reports
+progress is a cancellation point). Byte counts (downloads) are adapted to fractions at their edge
+with :func:`bytes_progress`. The command line turns the callback into a tqdm bar, JSON lines on
+stdout (for the Slicer GUI, which runs the command line as a child process), or nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +14,25 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from typing import Callable, Optional, TextIO
+import time
+from typing import Callable, List, Optional, TextIO
 
 from SyntheticCTLib.kernel.errors import Cancelled
 
-ProgressCallback = Callable[..., None]
-"""``report(fraction: float, stage: str, message: str = "") -> None``."""
+try:  # Python >= 3.8
+    from typing import Protocol
+except ImportError:  # pragma: no cover - Python 3.7 is not supported; kept for type checkers only
+    Protocol = object  # type: ignore[assignment]
+
+
+class ProgressCallback(Protocol):
+    """``report(fraction, stage="", message="")``: ``fraction`` in [0, 1] of the whole task.
+
+    ``stage`` names the step (e.g. ``"inference"``); ``message`` is a short human-readable detail.
+    A callback may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled` (see :func:`with_cancel`).
+    """
+
+    def __call__(self, fraction: float, stage: str = "", message: str = "") -> None: ...
 
 
 def no_progress(fraction: float, stage: str = "", message: str = "") -> None:
@@ -65,6 +81,28 @@ def with_cancel(report: Optional[ProgressCallback], cancel: Optional[CancelToken
     return _report
 
 
+def bytes_progress(
+    report: Optional[ProgressCallback], label: str = "", stage: str = "download"
+) -> Callable[[int, Optional[int]], None]:
+    """Adapt ``report`` to a byte counter ``(done, total)``: a fraction when the total is known, MB always."""
+    parent = report or no_progress
+    prefix = f"{label}: " if label else ""
+    started: List[float] = []
+
+    def _bytes(done: int, total: Optional[int]) -> None:
+        now = time.monotonic()
+        if not started:
+            started.append(now)
+        elapsed = now - started[0]
+        rate = f", {done / 1e6 / elapsed:.1f} MB/s" if elapsed > 0.5 and done else ""
+        if total:
+            parent(min(done / total, 1.0), stage, f"{prefix}{done / 1e6:.1f} / {total / 1e6:.1f} MB{rate}")
+        else:
+            parent(0.0, stage, f"{prefix}{done / 1e6:.1f} MB{rate}")
+
+    return _bytes
+
+
 class JsonLinesProgress:
     """Write each update as one flushed JSON object a line: ``{"stage", "fraction", "message"}``."""
 
@@ -82,24 +120,33 @@ class JsonLinesProgress:
 
 
 class TqdmProgress:
-    """A tqdm bar on stderr, one bar per stage."""
+    """A tqdm bar on stderr, one bar per stage, in percent (the message carries units such as MB/s)."""
+
+    BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}"
 
     def __init__(self) -> None:
         self._bar = None
         self._stage: Optional[str] = None
 
     def __call__(self, fraction: float, stage: str = "", message: str = "") -> None:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: tqdm is for the command line only
 
         if stage != self._stage or self._bar is None:
             self.close()
-            self._bar = tqdm(total=1000, desc=stage or "working", unit="‰", leave=True, file=sys.stderr)
+            self._bar = tqdm(total=1000, desc=stage or "working", bar_format=self.BAR_FORMAT, file=sys.stderr)
             self._stage = stage
         target = int(round(min(max(float(fraction), 0.0), 1.0) * 1000))
         self._bar.n = target
         if message:
             self._bar.set_postfix_str(message, refresh=False)
         self._bar.refresh()
+
+    def write(self, text: str) -> None:
+        """Write a line above the bar (the bar is redrawn below it), never onto it."""
+        if self._bar is None:
+            sys.stderr.write(text + "\n")
+            return
+        self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:

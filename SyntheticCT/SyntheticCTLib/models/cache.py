@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.types import PathLike
 
 ENV_VAR = "SYNTHETICCT_HOME"
 APP_NAME = "SyntheticCT"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def platform_cache_dir(platform: Optional[str] = None, env: Optional[dict] = None, home: Optional[Path] = None) -> Path:

@@ -24,9 +24,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
-from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
+from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, bytes_progress, no_progress, with_cancel
+from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models import cache as _cache
 from SyntheticCTLib.models.archive import safe_extract_zip
 from SyntheticCTLib.models.download import DEFAULT_RETRIES, DEFAULT_TIMEOUT, check_url, download
@@ -42,7 +43,6 @@ from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, _find_card_r
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 DEFAULT_ALIAS = "default"
 DEFAULT_MODEL = "phantom-spine-megre"
@@ -375,16 +375,6 @@ def _entry_or_path(name_or_path: PathLike, root: Path) -> Tuple[Optional[Catalog
         raise
 
 
-def _bytes_reporter(report: ProgressCallback, label: str):
-    def on_bytes(done: int, total: Optional[int]) -> None:
-        if total:
-            report(done / total, "download", f"{label}: {done / 1e6:.1f} / {total / 1e6:.1f} MB")
-        else:
-            report(0.0, "download", f"{label}: {done / 1e6:.1f} MB")
-
-    return on_bytes
-
-
 def _install_archive(
     root: Path, archive: Path, name: str, version: str, origin: Dict[str, Any], *, replace: bool = False
 ) -> Path:
@@ -440,7 +430,7 @@ def _fetch(
             work / "package.zip",
             sha256=entry.sha256,
             expected_size=entry.size,
-            progress=_bytes_reporter(report, entry.name),
+            progress=bytes_progress(report, entry.name),
             cancel=cancel,
             timeout=timeout,
             retries=retries,
@@ -580,7 +570,7 @@ def add_model(
                 text,
                 work / "package.zip",
                 sha256=sha256,
-                progress=_bytes_reporter(report, "model"),
+                progress=bytes_progress(report, "model"),
                 cancel=cancel,
                 timeout=timeout,
                 retries=retries,
@@ -669,7 +659,7 @@ def add_catalog(
             url,
             work / "catalog.json",
             sha256=sha256,
-            progress=_bytes_reporter(report, "catalog"),
+            progress=bytes_progress(report, "catalog"),
             cancel=cancel,
             timeout=timeout,
             retries=retries,

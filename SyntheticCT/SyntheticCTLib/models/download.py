@@ -19,11 +19,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from SyntheticCTLib import __version__
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.progress import CancelToken
+from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models.errors import ChecksumError, DownloadError
 from SyntheticCTLib.models.hashing import check_sha256, normalize_sha256, sha256_file
 
@@ -38,8 +39,6 @@ MAX_ATTEMPTS = 100
 
 BytesProgress = Callable[[int, Optional[int]], None]
 """``progress(bytes_done, bytes_total)``; ``bytes_total`` is None when unknown. May raise Cancelled."""
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def check_url(url: str) -> str:

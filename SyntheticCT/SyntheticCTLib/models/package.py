@@ -21,10 +21,11 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.io import replace_folder
+from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models.archive import safe_extract_zip
 from SyntheticCTLib.models.errors import ArchitectureError, ChecksumError, ModelPackageError, SchemaVersionError
 from SyntheticCTLib.models.hashing import check_sha256, normalize_sha256, sha256_bytes, sha256_file
@@ -71,8 +72,6 @@ CARD_ORDER = (
     "network_data_format",
     "weights",
 )
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _fail(source: object, problem: str) -> ModelPackageError:

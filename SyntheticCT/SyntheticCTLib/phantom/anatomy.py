@@ -100,6 +100,10 @@ def draw_anatomy(
 ) -> dict:
     """Draw every anatomy parameter of one phantom.
 
+    The stages draw from ``rng`` in a fixed order (the levels, the body and its pose, the vertebral
+    design, the spine, each vertebra, the abdomen, bowel gas, the lesion), so a seed always gives the
+    same anatomy; a stage that is told its answer still draws, to keep the later stages' draws aligned.
+
     Parameters
     ----------
     rng
@@ -118,8 +122,43 @@ def draw_anatomy(
     if lesion not in LESION_TYPES:
         raise InvalidParameterError(f"Unknown lesion type {lesion!r}; use one of {', '.join(LESION_TYPES)}.")
     fx, fy, fz = (float(f) for f in fov_mm)
+    n, pitch, end_fraction = _draw_levels(rng, fz, voxel_mm, n_vertebrae)
+    habitus = float(rng.uniform(0, 1))
+    body = _draw_body(rng, habitus)
+    pose = {
+        "rotation_deg": [rng.uniform(-4, 4), rng.uniform(-3, 3), rng.uniform(-8, 8)],
+        "offset_mm": [rng.uniform(-0.03, 0.03) * fx, rng.uniform(-0.03, 0.03) * fy, rng.uniform(-0.08, 0.08) * pitch],
+    }
+    scale = _fit_body(body, pose, (fx, fy, fz), voxel_mm)
+    s = scale * SPINE_SCALE
+    mean = _draw_vertebral_design(rng, s)
+    spine = _draw_spine(rng, n, pitch, fz, end_fraction, body, mean, scale, voxel_mm)
+    vertebrae = _draw_vertebrae(rng, spine, mean, s, voxel_mm)
+    visceral, psoas, kidneys = _draw_abdomen(rng, body, spine, mean, scale, voxel_mm)
+    gas = _draw_bowel_gas(rng, bowel_gas, visceral, scale, fz)
+    return {
+        "scale": scale,
+        "habitus": habitus,
+        "body": body,
+        "pose": pose,
+        "spine": spine,
+        "vertebrae": vertebrae,
+        "visceral": visceral,
+        "psoas": psoas,
+        "bowel_gas": gas,
+        "lesion": _draw_lesion(rng, lesion, vertebrae, voxel_mm),
+        "kidneys": kidneys,
+        "texture_cell_mm": {"fat": 12.0, "muscle": 6.0, "bowel_content": 5.0},
+    }
+
+
+def _draw_levels(rng: np.random.Generator, fz: float, voxel_mm: float, n_vertebrae: Optional[int]):
+    """The number of vertebrae, the level pitch (mm) and the fraction of a pitch the two end levels add.
+
+    n vertebrae span ``n - 1 + end_fraction`` pitches of the z field of view; a level is at least
+    :data:`MIN_PITCH_MM` and :data:`MIN_PITCH_VOXELS` voxels high.
+    """
     min_pitch = max(MIN_PITCH_MM, MIN_PITCH_VOXELS * voxel_mm)
-    # Levels: n vertebrae span (n - 1 + u) pitches of the z field of view.
     max_n = int(math.floor(fz / min_pitch - 0.6)) + 1
     if n_vertebrae is None:
         choices = [n for n in (3, 4, 5) if n <= max_n] or ([max_n] if max_n >= 1 else [])
@@ -142,9 +181,12 @@ def draw_anatomy(
     if pitch < min_pitch:
         u = fz / min_pitch - (n - 1)
         pitch = min_pitch
+    return n, pitch, u
 
-    habitus = float(rng.uniform(0, 1))
-    body = {
+
+def _draw_body(rng: np.random.Generator, habitus: float) -> dict:
+    """The torso's contour and layers (skin, fat, muscle) before it is scaled to the field of view."""
+    return {
         "half_width_mm": rng.uniform(72, 80) + 8 * habitus,
         "half_depth_mm": rng.uniform(58, 65) + 8 * habitus,
         "exponent": rng.uniform(2.2, 2.8),
@@ -156,11 +198,14 @@ def draw_anatomy(
         "muscle_posterior_mm": rng.uniform(4, 9),
         "abdominal_wall_mm": rng.uniform(7, 11),
     }
-    pose = {
-        "rotation_deg": [rng.uniform(-4, 4), rng.uniform(-3, 3), rng.uniform(-8, 8)],
-        "offset_mm": [rng.uniform(-0.03, 0.03) * fx, rng.uniform(-0.03, 0.03) * fy, rng.uniform(-0.08, 0.08) * pitch],
-    }
-    # Scale the whole body (spine included) so that it fits the field of view with air around it.
+
+
+def _fit_body(body: dict, pose: dict, fov_mm: Sequence[float], voxel_mm: float) -> float:
+    """Scale ``body``'s lengths (in place) so that it fits the field of view with air around it; return the scale.
+
+    The spine is scaled by the same factor (times :data:`SPINE_SCALE`) by the caller.
+    """
+    fx, fy, fz = fov_mm
     margin = 2 * voxel_mm + 3.0
     extent = _body_extent(body, pose, fz / 2)
     room = np.array([fx / 2 - margin - abs(pose["offset_mm"][0]), fy / 2 - margin - abs(pose["offset_mm"][1])])
@@ -179,10 +224,12 @@ def draw_anatomy(
         "abdominal_wall_mm",
     ):
         body[key] *= scale
-    s = scale * SPINE_SCALE
+    return scale
 
-    # Vertebral design (shared means; each vertebra varies around them).
-    mean = {
+
+def _draw_vertebral_design(rng: np.random.Generator, s: float) -> dict:
+    """The vertebral design's means (mm, scaled by ``s``); each vertebra varies around them."""
+    return {
         "body_half_width": rng.uniform(19, 23) * s,
         "body_half_depth": rng.uniform(13.5, 16) * s,
         "canal_half_width": rng.uniform(9, 11) * s,
@@ -191,6 +238,21 @@ def draw_anatomy(
         "spinous_length": rng.uniform(22, 28) * s,
         "spinous_angle_deg": rng.uniform(10, 25),
     }
+
+
+def _draw_spine(
+    rng: np.random.Generator,
+    n: int,
+    pitch: float,
+    fz: float,
+    end_fraction: float,
+    body: dict,
+    mean: dict,
+    scale: float,
+    voxel_mm: float,
+) -> dict:
+    """The spine: levels, curvature (lordosis, scoliosis) and canal, placed so that the spinous processes
+    stay under the posterior muscle, fat and skin."""
     clearance = max(0.6, 0.4 * voxel_mm)
     post_extent = (
         mean["body_half_depth"]
@@ -207,7 +269,7 @@ def draw_anatomy(
         "n_vertebrae": n,
         "pitch_mm": pitch,
         "length_mm": fz,
-        "end_fraction": u,
+        "end_fraction": end_fraction,
         "body_centre_y_mm": body_centre_y,
         # Curvature of a 128 mm segment, scaled to this length (sagitta ~ length^2).
         "lordosis_mm": rng.uniform(2, 10) * scale * min(1.0, fz / 128.0) ** 2,
@@ -222,71 +284,86 @@ def draw_anatomy(
     # Lordosis moves both ends posterior; keep the spinous processes under the skin.
     body_centre_y -= spine["lordosis_mm"] * 2 / 3
     spine["body_centre_y_mm"] = body_centre_y
+    return spine
+
+
+def _draw_vertebrae(rng: np.random.Generator, spine: dict, mean: dict, s: float, voxel_mm: float) -> list:
+    """Every vertebra, 1..n from superior to inferior, each confined to its own slab."""
+    n, pitch = spine["n_vertebrae"], spine["pitch_mm"]
     gap = max(2.5, 2.6 * voxel_mm)
+    z_top = (n - 1) / 2 * pitch
+    return [_draw_vertebra(rng, k, z_top - k * pitch, spine, mean, s, gap, voxel_mm) for k in range(n)]
+
+
+def _draw_vertebra(
+    rng: np.random.Generator, k: int, z: float, spine: dict, mean: dict, s: float, gap: float, voxel_mm: float
+) -> dict:
+    """Vertebra ``k + 1`` at height ``z``: its body, arch, processes, facets and bone texture."""
+    n, pitch, fz = spine["n_vertebrae"], spine["pitch_mm"], spine["length_mm"]
     # Thin bony parts keep a half-thickness of at least one voxel, so that the labels see them.
     thin = max(1.0, 1.0 * voxel_mm)
-    z_top = (n - 1) / 2 * pitch
-    vertebrae = []
-    for k in range(n):
-        z = z_top - k * pitch
-        growth = 1 + 0.03 * (k - (n - 1) / 2)
-        # Slabs of neighbouring levels are not parallel where the spine curves: widen the gap there.
-        t0 = centreline_tangent(spine, z - pitch / 2)
-        t1 = centreline_tangent(spine, z + pitch / 2)
-        bend = math.acos(min(1.0, float(np.dot(t0, t1) / np.linalg.norm(t0) / np.linalg.norm(t1))))
-        reach = 60 * s
-        disc_height = max(pitch * rng.uniform(0.22, 0.3), gap + voxel_mm)
-        body_half_height = (pitch - disc_height) / 2
-        arch_t = mean["arch_thickness"] * rng.uniform(0.9, 1.1)
-        vertebrae.append(
-            {
-                "index": k + 1,
-                "z_mm": z,
-                "axial_rotation_deg": rng.uniform(-3, 3)
-                + 0.6
-                * spine["scoliosis_mm"]
-                * math.sin(2 * np.pi * spine["scoliosis_cycles"] * z / fz + spine["scoliosis_phase"]),
-                "slab_half_height_mm": pitch / 2 - gap / 2 - reach * bend,
-                "body_half_width_mm": mean["body_half_width"] * growth * rng.uniform(0.95, 1.05),
-                "body_half_depth_mm": mean["body_half_depth"] * growth * rng.uniform(0.95, 1.05),
-                "body_half_height_mm": body_half_height,
-                "disc_height_mm": disc_height,
-                "waist": rng.uniform(0.03, 0.09),
-                "endplate_concavity_mm": rng.uniform(0.3, 1.2) * s,
-                "edge_radius_mm": rng.uniform(1.0, 2.0) * s,
-                "cortex_mm": rng.uniform(1.0, 1.6),
-                "cortex_posterior_mm": rng.uniform(2.0, 3.0),
-                "canal_half_width_mm": mean["canal_half_width"],
-                "canal_half_depth_mm": mean["canal_half_depth"],
-                "arch_thickness_mm": arch_t,
-                "arch_half_height_mm": body_half_height * rng.uniform(0.5, 0.65),
-                "arch_z_shift_mm": body_half_height * rng.uniform(0.05, 0.25),
-                "lamina_slope": rng.uniform(-0.35, -0.1),
-                "spinous_length_mm": mean["spinous_length"] * rng.uniform(0.9, 1.1),
-                "spinous_half_thickness_mm": max(rng.uniform(2.5, 3.5) * s, thin),
-                "spinous_half_height_mm": max(rng.uniform(6, 9) * s, 2 * thin),
-                "spinous_angle_deg": mean["spinous_angle_deg"] + rng.uniform(-4, 4),
-                "transverse_length_mm": rng.uniform(16, 24) * s,
-                "transverse_half_depth_mm": max(rng.uniform(2.5, 3.5) * s, thin),
-                "transverse_half_height_mm": max(rng.uniform(4, 6) * s, 1.5 * thin),
-                "transverse_angle_deg": rng.uniform(5, 20),
-                "facet_radii_mm": [
-                    max(rng.uniform(2.5, 3.5) * s, thin),
-                    max(rng.uniform(3, 4.5) * s, thin),
-                    max(rng.uniform(4, 6) * s, 1.5 * thin),
-                ],
-                "cortical_hu": rng.uniform(1250, 1600),
-                "cortical_hu_amplitude": rng.uniform(100, 250),
-                "cortical_waves": random_waves(rng, 4, (15, 45)),
-                "bone_volume_fraction": rng.uniform(0.11, 0.2),
-                "marrow_fat_fraction": rng.uniform(0.3, 0.65),
-                "marrow_waves": random_waves(rng, 4, (8, 25)),
-                "trabecular_grain_mm": rng.uniform(0.6, 1.1),
-                "trabecular_contrast": rng.uniform(0.2, 0.4),
-            }
-        )
+    growth = 1 + 0.03 * (k - (n - 1) / 2)
+    # Slabs of neighbouring levels are not parallel where the spine curves: widen the gap there.
+    t0 = centreline_tangent(spine, z - pitch / 2)
+    t1 = centreline_tangent(spine, z + pitch / 2)
+    bend = math.acos(min(1.0, float(np.dot(t0, t1) / np.linalg.norm(t0) / np.linalg.norm(t1))))
+    reach = 60 * s
+    disc_height = max(pitch * rng.uniform(0.22, 0.3), gap + voxel_mm)
+    body_half_height = (pitch - disc_height) / 2
+    arch_t = mean["arch_thickness"] * rng.uniform(0.9, 1.1)
+    return {
+        "index": k + 1,
+        "z_mm": z,
+        "axial_rotation_deg": rng.uniform(-3, 3)
+        + 0.6
+        * spine["scoliosis_mm"]
+        * math.sin(2 * np.pi * spine["scoliosis_cycles"] * z / fz + spine["scoliosis_phase"]),
+        "slab_half_height_mm": pitch / 2 - gap / 2 - reach * bend,
+        "body_half_width_mm": mean["body_half_width"] * growth * rng.uniform(0.95, 1.05),
+        "body_half_depth_mm": mean["body_half_depth"] * growth * rng.uniform(0.95, 1.05),
+        "body_half_height_mm": body_half_height,
+        "disc_height_mm": disc_height,
+        "waist": rng.uniform(0.03, 0.09),
+        "endplate_concavity_mm": rng.uniform(0.3, 1.2) * s,
+        "edge_radius_mm": rng.uniform(1.0, 2.0) * s,
+        "cortex_mm": rng.uniform(1.0, 1.6),
+        "cortex_posterior_mm": rng.uniform(2.0, 3.0),
+        "canal_half_width_mm": mean["canal_half_width"],
+        "canal_half_depth_mm": mean["canal_half_depth"],
+        "arch_thickness_mm": arch_t,
+        "arch_half_height_mm": body_half_height * rng.uniform(0.5, 0.65),
+        "arch_z_shift_mm": body_half_height * rng.uniform(0.05, 0.25),
+        "lamina_slope": rng.uniform(-0.35, -0.1),
+        "spinous_length_mm": mean["spinous_length"] * rng.uniform(0.9, 1.1),
+        "spinous_half_thickness_mm": max(rng.uniform(2.5, 3.5) * s, thin),
+        "spinous_half_height_mm": max(rng.uniform(6, 9) * s, 2 * thin),
+        "spinous_angle_deg": mean["spinous_angle_deg"] + rng.uniform(-4, 4),
+        "transverse_length_mm": rng.uniform(16, 24) * s,
+        "transverse_half_depth_mm": max(rng.uniform(2.5, 3.5) * s, thin),
+        "transverse_half_height_mm": max(rng.uniform(4, 6) * s, 1.5 * thin),
+        "transverse_angle_deg": rng.uniform(5, 20),
+        "facet_radii_mm": [
+            max(rng.uniform(2.5, 3.5) * s, thin),
+            max(rng.uniform(3, 4.5) * s, thin),
+            max(rng.uniform(4, 6) * s, 1.5 * thin),
+        ],
+        "cortical_hu": rng.uniform(1250, 1600),
+        "cortical_hu_amplitude": rng.uniform(100, 250),
+        "cortical_waves": random_waves(rng, 4, (15, 45)),
+        "bone_volume_fraction": rng.uniform(0.11, 0.2),
+        "marrow_fat_fraction": rng.uniform(0.3, 0.65),
+        "marrow_waves": random_waves(rng, 4, (8, 25)),
+        "trabecular_grain_mm": rng.uniform(0.6, 1.1),
+        "trabecular_contrast": rng.uniform(0.2, 0.4),
+    }
 
-    # Abdomen: visceral cavity anterior to the spine, psoas muscles beside the vertebral bodies.
+
+def _draw_abdomen(rng: np.random.Generator, body: dict, spine: dict, mean: dict, scale: float, voxel_mm: float):
+    """The visceral cavity anterior to the spine, the psoas muscles beside the vertebral bodies, and the kidneys
+    (upper lumbar levels, lateral to the psoas, inside perirenal fat, clipped to the muscle wall)."""
+    s = scale * SPINE_SCALE
+    fz = spine["length_mm"]
+    body_centre_y = spine["body_centre_y_mm"]
     wall = body["abdominal_wall_mm"]
     anterior = -body["half_depth_mm"] + body["skin_mm"] + body["fat_anterior_mm"] + wall
     posterior = body_centre_y + 0.3 * mean["body_half_depth"]
@@ -306,7 +383,6 @@ def draw_anatomy(
         "growth": rng.uniform(0.2, 0.6),
         "fat_rim_mm": max(rng.uniform(1.0, 3.0) * s, 1.5 * voxel_mm),
     }
-    # Kidneys (upper lumbar levels), lateral to the psoas, inside perirenal fat; clipped to the muscle wall.
     inner_w = body["half_width_mm"] - body["skin_mm"] - body["fat_lateral_mm"]
     k_radii = [rng.uniform(14, 18) * s, rng.uniform(10, 13) * s, rng.uniform(40, 50) * s]
     k_rim = max(rng.uniform(3, 7) * s, 1.5 * voxel_mm)
@@ -323,57 +399,54 @@ def draw_anatomy(
         "tilt_deg": rng.uniform(5, 20),
         "fat_rim_mm": k_rim,
     }
-    gas = []
+    return visceral, psoas, kidneys
+
+
+def _draw_bowel_gas(
+    rng: np.random.Generator, bowel_gas: Optional[bool], visceral: dict, scale: float, fz: float
+) -> list:
+    """Up to four bowel-gas pockets in the visceral cavity (random, 70 % yes, when ``bowel_gas`` is None)."""
     if bowel_gas is None:
         bowel_gas = bool(rng.uniform() < 0.7)
     else:
         rng.uniform()
     n_gas = int(rng.integers(1, 5)) if bowel_gas else 0
-    for _ in range(n_gas):
-        gas.append(
-            {
-                "centre_mm": [
-                    rng.uniform(-0.6, 0.6) * visceral["half_width_mm"],
-                    visceral["centre_y_mm"] + rng.uniform(-0.5, 0.5) * visceral["half_depth_mm"],
-                    rng.uniform(-0.45, 0.45) * fz,
-                ],
-                "radii_mm": [rng.uniform(3, 10) * scale, rng.uniform(3, 8) * scale, rng.uniform(4, 12) * scale],
-            }
-        )
+    return [
+        {
+            "centre_mm": [
+                rng.uniform(-0.6, 0.6) * visceral["half_width_mm"],
+                visceral["centre_y_mm"] + rng.uniform(-0.5, 0.5) * visceral["half_depth_mm"],
+                rng.uniform(-0.45, 0.45) * fz,
+            ],
+            "radii_mm": [rng.uniform(3, 10) * scale, rng.uniform(3, 8) * scale, rng.uniform(4, 12) * scale],
+        }
+        for _ in range(n_gas)
+    ]
+
+
+def _draw_lesion(rng: np.random.Generator, lesion: str, vertebrae: list, voxel_mm: float) -> Optional[dict]:
+    """A sclerotic or lytic lesion in one vertebral body, or None; "random" draws the type."""
     if lesion == "random":
         lesion = str(rng.choice(["none", "sclerotic", "lytic"], p=[0.4, 0.35, 0.25]))
     else:
         rng.uniform()
-    lesion_info = None
-    if lesion != "none":
-        # Not in the first or last vertebra, which the ends of the field of view may cut.
-        k = int(rng.integers(1, n - 1)) if n >= 3 else 0
-        v = vertebrae[k]
-        r = min(v["body_half_width_mm"], v["body_half_depth_mm"], v["body_half_height_mm"])
-        lesion_info = {
-            "type": lesion,
-            "vertebra": k + 1,
-            "centre_mm": [
-                rng.uniform(-0.35, 0.35) * v["body_half_width_mm"],
-                rng.uniform(-0.35, 0.35) * v["body_half_depth_mm"],
-                rng.uniform(-0.3, 0.3) * v["body_half_height_mm"],
-            ],
-            "radii_mm": [min(max(rng.uniform(0.3, 0.55) * r, 2.5 * voxel_mm), 0.7 * r) for _ in range(3)],
-            "waves": random_waves(rng, 3, (4, 10)),
-        }
+    if lesion == "none":
+        return None
+    n = len(vertebrae)
+    # Not in the first or last vertebra, which the ends of the field of view may cut.
+    k = int(rng.integers(1, n - 1)) if n >= 3 else 0
+    v = vertebrae[k]
+    r = min(v["body_half_width_mm"], v["body_half_depth_mm"], v["body_half_height_mm"])
     return {
-        "scale": scale,
-        "habitus": habitus,
-        "body": body,
-        "pose": pose,
-        "spine": spine,
-        "vertebrae": vertebrae,
-        "visceral": visceral,
-        "psoas": psoas,
-        "bowel_gas": gas,
-        "lesion": lesion_info,
-        "kidneys": kidneys,
-        "texture_cell_mm": {"fat": 12.0, "muscle": 6.0, "bowel_content": 5.0},
+        "type": lesion,
+        "vertebra": k + 1,
+        "centre_mm": [
+            rng.uniform(-0.35, 0.35) * v["body_half_width_mm"],
+            rng.uniform(-0.35, 0.35) * v["body_half_depth_mm"],
+            rng.uniform(-0.3, 0.3) * v["body_half_height_mm"],
+        ],
+        "radii_mm": [min(max(rng.uniform(0.3, 0.55) * r, 2.5 * voxel_mm), 0.7 * r) for _ in range(3)],
+        "waves": random_waves(rng, 3, (4, 10)),
     }
 
 

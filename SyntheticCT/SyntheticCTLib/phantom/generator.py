@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.hu import CT_MAX_HU, CT_MIN_HU
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.phantom import tissues as T
 from SyntheticCTLib.phantom.anatomy import LESION_TYPES, draw_anatomy, manifest_anatomy
@@ -27,7 +28,7 @@ DEFAULT_SIZE = (192, 192, 128)
 DEFAULT_SPACING_MM = 1.0
 MAX_VOXELS = 40_000_000
 MIN_SIZE = 16
-CT_CLIP_HU = (-1024.0, 3071.0)
+CT_CLIP_HU = (CT_MIN_HU, CT_MAX_HU)
 
 OPTIONS = {
     "echo_times_ms": "list of echo times in ms (default: the field strength's preset)",

@@ -188,16 +188,6 @@ def smooth_union(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     return b + (a - b) * h - F32(k) * h * (1 - h)
 
 
-def capsule_sdf(
-    u: np.ndarray, v: np.ndarray, w: np.ndarray, p0: Sequence[float], p1: Sequence[float], radius: float
-) -> np.ndarray:
-    """Signed distance to the capsule of ``radius`` around the segment ``p0``-``p1``."""
-    ba = np.asarray(p1, dtype=float) - np.asarray(p0, dtype=float)
-    pu, pv, pw = u - F32(p0[0]), v - F32(p0[1]), w - F32(p0[2])
-    h = np.clip((pu * F32(ba[0]) + pv * F32(ba[1]) + pw * F32(ba[2])) / F32(ba @ ba), 0, 1)
-    return np.sqrt((pu - h * F32(ba[0])) ** 2 + (pv - h * F32(ba[1])) ** 2 + (pw - h * F32(ba[2])) ** 2) - F32(radius)
-
-
 def wave_texture(u: np.ndarray, v: np.ndarray, w: np.ndarray, waves: np.ndarray) -> np.ndarray:
     """A smooth zero-mean, unit-variance texture: a sum of plane waves; ``waves`` rows are (ku, kv, kw, phase)."""
     out = np.zeros(np.broadcast(u, v, w).shape, dtype=F32)

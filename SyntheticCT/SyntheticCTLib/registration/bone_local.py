@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.registration.engine import (
     DEFAULT_SEED,
@@ -30,7 +31,7 @@ from SyntheticCTLib.registration.pyramid import crop_to_mask, level_spacing, mas
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BONE_THRESHOLD_HU = 200.0
+DEFAULT_BONE_THRESHOLD_HU = BONE_THRESHOLD_HU
 DEFAULT_DILATION_MM = 5.0
 MIN_BONE_VOLUME_MM3 = 200.0
 MAX_BONES = 40

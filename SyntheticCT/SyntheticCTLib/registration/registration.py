@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.hu import AIR_HU
 from SyntheticCTLib.kernel.io import validate_volume
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.registration.bone_local import (
@@ -215,7 +216,7 @@ def resample_moving(
     ``default_value`` (outside the moving field of view) defaults to -1000 HU for a CT-like image, else 0.
     """
     if default_value is None:
-        default_value = -1000.0 if detect_modality(moving) == "ct" else 0.0
+        default_value = AIR_HU if detect_modality(moving) == "ct" else 0.0
     return sitk.Resample(moving, fixed, transform, interpolator, float(default_value), moving.GetPixelID())
 
 

@@ -25,19 +25,18 @@ B-spline and composite transforms). Writing is atomic; a failed write leaves no 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output, check_not_input
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 TRANSFORM_SUFFIXES = (".tfm", ".txt", ".h5", ".hdf5")
 

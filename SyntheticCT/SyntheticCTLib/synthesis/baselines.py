@@ -12,7 +12,7 @@
     air. Defaults: air -1000 HU, soft tissue 20 HU, bone 700 HU.
 
 Both take the MRI channels (``sitk.Image``, one grid) and return an int16 HU image on that grid,
-with the body mask of :func:`SyntheticCTLib.synthesis.normalization.mri_body_mask` (the one the inference uses).
+with the body mask of :func:`SyntheticCTLib.kernel.masks.mri_body_mask` (the one the inference uses).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import same_grid
+from SyntheticCTLib.kernel.hu import AIR_HU
 
-AIR_HU = -1000.0
-BULK_DENSITY_HU = {"air": -1000.0, "soft tissue": 20.0, "bone": 700.0}
+BULK_DENSITY_HU = {"air": AIR_HU, "soft tissue": 20.0, "bone": 700.0}
 """Fixed HU of each bulk-density class."""
 BULK_DENSITY_LABELS = {"air": 0, "soft tissue": 1, "bone": 2}
 
@@ -53,7 +53,7 @@ def _body(arrays: Sequence[np.ndarray], body_mask: Optional[np.ndarray]) -> np.n
         if body.shape != arrays[0].shape:
             raise InvalidParameterError(f"The body mask has shape {body.shape}, the MRI {arrays[0].shape}.")
         return body
-    from SyntheticCTLib.synthesis.normalization import mri_body_mask
+    from SyntheticCTLib.kernel.masks import mri_body_mask
 
     return mri_body_mask(list(arrays))
 

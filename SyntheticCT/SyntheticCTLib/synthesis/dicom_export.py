@@ -5,7 +5,7 @@ One file per slice of the ``sitk`` z axis, with:
 - new Series and SOP Instance UIDs (:func:`pydicom.uid.generate_uid`); Modality ``CT``; SOP Class CT
   Image Storage; ImageType ``DERIVED\\SECONDARY\\AXIAL``; SeriesDescription, ImageComments and
   DerivationDescription marking the series synthetic and not for diagnostic use; BurnedInAnnotation ``NO``;
-- geometry from the image: ImageOrientationPatient (the direction's first two columns, oblique
+- geometry from the image actually synthesized (never from the source's tags): ImageOrientationPatient (the direction's first two columns, oblique
   included), ImagePositionPatient per slice, PixelSpacing (row spacing = y, column spacing = x),
   SliceThickness and SpacingBetweenSlices (z);
 - HU through Rescale Slope 1 and Intercept: unsigned 16-bit storage with intercept -1024 (12 bits
@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,13 +42,15 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.kernel.errors import InvalidParameterError, VolumeReadError, VolumeWriteError
 from SyntheticCTLib.kernel.io import replace_folder
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
+from SyntheticCTLib.kernel.types import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 SERIES_DESCRIPTION = "Synthetic CT - not for diagnostic use"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+POSITION_TOL_MM = 1e-3
+"""Largest allowed difference between a slice's written ImagePositionPatient and the image's own."""
 
 # Tags copied from the source MRI: patient, study, frame of reference, and the patient's position.
 COPIED_TAGS = (
@@ -377,8 +379,18 @@ def export_dicom_series(
             sop_uid = generate_uid()
             ds.SOPInstanceUID = sop_uid
             ds.InstanceNumber = k + 1
-            position = origin + k * spacing[2] * slice_dir
+            # The position of slice k is the image's own (the geometry the sCT was computed on), and is
+            # checked after formatting: a series that a navigation system overlays must not drift.
+            position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k)), dtype=float)
             ds.ImagePositionPatient = [_ds(v) for v in position]
+            written = np.array([float(v) for v in ds.ImagePositionPatient])
+            if np.max(np.abs(written - position)) > POSITION_TOL_MM or (
+                np.linalg.norm(position - (origin + k * spacing[2] * slice_dir)) > POSITION_TOL_MM
+            ):
+                raise VolumeWriteError(
+                    f"Slice {k + 1} would be written at {tuple(np.round(written, 3))} instead of "
+                    f"{tuple(np.round(position, 3))} mm; nothing was exported."
+                )
             ds.SliceLocation = _ds(float(np.dot(position, normal)))
             ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2" if representation == 0 else "<i2").tobytes()
             meta = FileMetaDataset()

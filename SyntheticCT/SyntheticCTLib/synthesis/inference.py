@@ -4,7 +4,7 @@ Steps of :func:`synthesize`:
 
 1. Check the channel count against the model's inputs, and that all inputs share one grid (others
    are resampled onto the first, with a warning).
-2. Body mask of the input (:func:`~SyntheticCTLib.synthesis.normalization.mri_body_mask`).
+2. Body mask of the input (:func:`~SyntheticCTLib.kernel.masks.mri_body_mask`).
 3. Orientation: a model card's ``"orientation"`` of ``"input"`` (the default; also ``"native"``,
    ``"index"``, ``"any"``) means the network runs on the image's own index axes, whatever their
    direction cosines; a 3-letter code such as ``"LPS"`` or ``"RAS"`` (ITK/DICOM convention: the
@@ -41,10 +41,12 @@ import SimpleITK as sitk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import describe_grid, grid_with_spacing, resample_like, same_grid
+from SyntheticCTLib.kernel.hu import AIR_HU
 from SyntheticCTLib.kernel.io import validate_volume
+from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.models.package import card_orientation
-from SyntheticCTLib.synthesis.normalization import channel_normalizations, mri_body_mask, normalize_channels
+from SyntheticCTLib.synthesis.normalization import channel_normalizations, normalize_channels
 from SyntheticCTLib.synthesis.sliding_window import (
     DEFAULT_TTA_FLIPS,
     SlidingWindow,
@@ -54,7 +56,6 @@ from SyntheticCTLib.synthesis.sliding_window import (
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1000.0
 SPACING_TOLERANCE = 0.01
 """Relative spacing difference below which the input is not resampled to the model's spacing."""
 META_DEVICE = "SyntheticCT|device"

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.models.package import card_orientation
-from SyntheticCTLib.synthesis.normalization import mri_body_mask
 
 # How far a quantity may stray from the training data before a warning (a factor either way).
 SPACING_FACTOR = 1.5
@@ -61,7 +61,7 @@ def input_labels(card: Mapping[str, Any]) -> List[str]:
 
 
 def body_mask(images: Sequence[sitk.Image]) -> np.ndarray:
-    """A boolean body mask ``(z, y, x)``: the inference's (:func:`~SyntheticCTLib.synthesis.normalization.mri_body_mask`).
+    """A boolean body mask ``(z, y, x)``: the inference's (:func:`~SyntheticCTLib.kernel.masks.mri_body_mask`).
 
     The training measured the card's ``input_statistics`` inside that same mask, so the input check
     compares like with like. Signal outside the body is noise, so the statistics are taken inside it.

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from SyntheticCTLib.kernel.devices import check_device
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU, CT_MAX_HU, CT_MIN_HU
 
 ALIGN_MODES = ("none", "rigid", "affine")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 FLIP_AXES = {"x": 2, "y": 1, "z": 0}  # numpy (z, y, x) array axis of each patient axis
 
 
@@ -92,7 +93,7 @@ class ModelConfig:
     normalization: Optional[List[Dict[str, Any]]] = None
     output_scale: float = 1000.0
     output_offset: float = 0.0
-    output_clip: Tuple[float, float] = (-1024.0, 3071.0)
+    output_clip: Tuple[float, float] = (CT_MIN_HU, CT_MAX_HU)
     patch_size: Optional[Tuple[int, int, int]] = None
     overlap: float = 0.5
     init_weights: Optional[Path] = None
@@ -123,7 +124,7 @@ class LossConfig:
     bone_weight: float = 1.0
     gradient_weight: float = 0.0
     background_weight: float = 0.1
-    bone_threshold_hu: float = 200.0
+    bone_threshold_hu: float = BONE_THRESHOLD_HU
     air_weight: float = 0.0
 
 
@@ -148,7 +149,7 @@ class AugmentConfig:
 class ValidationConfig:
     every_epochs: int = 1
     overlap: Optional[float] = None
-    bone_threshold_hu: float = 200.0
+    bone_threshold_hu: float = BONE_THRESHOLD_HU
     surfaces: bool = True
 
 
@@ -482,7 +483,7 @@ def _parse_model(reader: _Reader, base: Path) -> ModelConfig:
     if m.output_scale == 0:
         out.fail(f"{out.key('scale')} must not be 0")
     m.output_offset = out.number("offset", 0.0)
-    m.output_clip = out.pair("clip", (-1024.0, 3071.0))
+    m.output_clip = out.pair("clip", (CT_MIN_HU, CT_MAX_HU))
     out.finish()
     if reader.has("patch_size"):
         m.patch_size = reader.triple("patch_size", None, integer=True, minimum=8)
@@ -517,7 +518,11 @@ def _parse_training(reader: _Reader) -> TrainingSection:
     t.amp = reader.boolean("amp", t.amp)
     t.checkpoint_every = reader.integer("checkpoint_every", t.checkpoint_every, minimum=1)
     t.bn_recalibration_batches = reader.integer("bn_recalibration_batches", t.bn_recalibration_batches, minimum=0)
-    t.device = reader.string("device", t.device, choices=DEVICES)
+    t.device = reader.string("device", t.device)
+    try:
+        t.device = check_device(t.device)
+    except InvalidParameterError as error:
+        reader.fail(f"{reader.key('device')}: {error}")
     t.num_threads = reader.optional_integer("num_threads", minimum=1)
     reader.finish()
     return t
@@ -575,7 +580,7 @@ def _parse_validation(reader: _Reader) -> ValidationConfig:
     v.every_epochs = reader.integer("every_epochs", 1, minimum=1)
     v.overlap = reader.number("overlap", 0.5, minimum=0.0, maximum=0.9) if reader.has("overlap") else None
     reader.used.add("overlap")
-    v.bone_threshold_hu = reader.number("bone_threshold_hu", 200.0)
+    v.bone_threshold_hu = reader.number("bone_threshold_hu", BONE_THRESHOLD_HU)
     v.surfaces = reader.boolean("surfaces", True)
     reader.finish()
     return v

@@ -7,7 +7,7 @@ A case is MRI channel files plus the CT of the same patient. Each case is prepar
 2. the CT is registered to the MRI when the configuration asks for it (rigid, then optionally
    affine, with :func:`SyntheticCTLib.registration.registration.register`), and resampled onto that
    MRI grid; the registration metric is logged, and outliers among the cases are flagged;
-3. the body mask (:func:`SyntheticCTLib.synthesis.normalization.mri_body_mask`) and the per-channel normalisation
+3. the body mask (:func:`SyntheticCTLib.kernel.masks.mri_body_mask`) and the per-channel normalisation
    (:func:`SyntheticCTLib.synthesis.normalization.normalize_channels`) are exactly those the product's inference uses.
 
 Prepared cases are cached under ``output_dir/prepared`` (rank 0 writes, the other ranks read).
@@ -30,6 +30,7 @@ import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like, resample_to_spacing, same_grid
+from SyntheticCTLib.kernel.hu import CT_MIN_HU
 from SyntheticCTLib.kernel.io import read_volume
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.synthesis.input_check import input_statistics
@@ -37,7 +38,6 @@ from SyntheticCTLib.training.config import CaseSpec, ConfigError, PhantomSpec, T
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1024.0
 INTERNAL_AIR_HU = -400.0
 """CT below this inside the body is air (bowel gas, lung): dark in MRI like cortical bone, the classic confusion."""
 PREPARED_VERSION = 2
@@ -266,7 +266,7 @@ def align_ct_to_mri(
     transform = rigid.transform
     if mode == "affine":
         # Refine on the rigidly resampled CT, then compose: p -> rigid(affine(p)).
-        ct_rigid = resample_like(ct, mri, transform=transform, default_value=AIR_HU)
+        ct_rigid = resample_like(ct, mri, transform=transform, default_value=CT_MIN_HU)
         affine = register(mri, ct_rigid, mode="affine", fixed_mask=mri_mask, progress=scaled(report, 0.5, 1.0))
         composite = sitk.CompositeTransform(transform)
         composite.AddTransform(affine.transform)
@@ -314,7 +314,7 @@ def normalization_specs(config: TrainingConfig, n_channels: int) -> List[Dict[st
 
 def native_body_mask(mri_native: Sequence[sitk.Image], working_grid: sitk.Image) -> sitk.Image:
     """The body mask as the inference makes it: on the input grid, then nearest-neighbour onto the model grid."""
-    from SyntheticCTLib.synthesis.normalization import mri_body_mask
+    from SyntheticCTLib.kernel.masks import mri_body_mask
 
     body = np.asarray(mri_body_mask([sitk.GetArrayViewFromImage(im) for im in mri_native])).astype(np.uint8)
     image = sitk.GetImageFromArray(body)
@@ -328,7 +328,8 @@ def body_mask_and_normalize(
     mri: Sequence[sitk.Image], specs: Sequence[Dict[str, Any]], body: Optional[np.ndarray] = None
 ):
     """The body mask (the inference's; computed here when not given) and the normalised stack ``(C, Z, Y, X)``."""
-    from SyntheticCTLib.synthesis.normalization import mri_body_mask, normalize_channels
+    from SyntheticCTLib.kernel.masks import mri_body_mask
+    from SyntheticCTLib.synthesis.normalization import normalize_channels
 
     arrays = [sitk.GetArrayFromImage(im).astype(np.float32) for im in mri]
     if body is None:
@@ -429,7 +430,7 @@ def resample_case(case: CaseSpec, config: TrainingConfig, *, progress: Optional[
             info["registration"]["metric_value"],
             info["registration"].get("metric", ""),
         )
-    ct = resample_like(ct_native, mri[0], transform=transform, default_value=AIR_HU, pixel_type=sitk.sitkFloat32)
+    ct = resample_like(ct_native, mri[0], transform=transform, default_value=CT_MIN_HU, pixel_type=sitk.sitkFloat32)
     report(1.0, "prepare", case.name)
     return mri, ct, body, info
 
@@ -498,7 +499,7 @@ def internal_air_mask(hu: np.ndarray, threshold_hu: float = INTERNAL_AIR_HU) -> 
     MRI body mask is no test of this: it also covers a rim of the outside air along the skin, which
     outnumbers the gas voxels by tens to one.
     """
-    from SyntheticCTLib.synthesis.normalization import fill_holes
+    from SyntheticCTLib.kernel.masks import fill_holes
 
     air = hu < threshold_hu
     return fill_holes(~air) & air

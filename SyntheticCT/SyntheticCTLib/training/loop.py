@@ -35,6 +35,7 @@ import numpy as np
 
 from SyntheticCTLib.kernel.errors import Cancelled, SyntheticCTError
 from SyntheticCTLib.kernel.io import atomic_output
+from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.training.augment import apply_intensity, apply_spatial, draw_spatial, rotation_margin
 from SyntheticCTLib.training.config import TrainingConfig, load_config
@@ -46,11 +47,11 @@ from SyntheticCTLib.training.data import (
     prepare_cases,
 )
 from SyntheticCTLib.training.losses import SynthesisLoss
+from SyntheticCTLib.training.validation import VALIDATION_KEYS, selection_score, validate
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-VALIDATION_KEYS = ("mae_hu", "me_hu", "psnr_db", "ssim", "bone_dice", "surface_mean_mm", "surface_p95_mm")
 EPOCH_COLUMNS = (
     ("epoch", "step", "lr", "train_loss", "train_l1", "train_gradient")
     + tuple(f"val_{k}" for k in VALIDATION_KEYS)
@@ -236,21 +237,6 @@ def _fmt(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
 def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Sequence[Dict[str, Any]]) -> None:
     """A PNG with the training loss per step (and its moving average), validation MAE, Dice and surfaces."""
     import matplotlib
@@ -306,54 +292,8 @@ def plot_learning_curves(path: Path, steps: Sequence[Dict[str, Any]], epochs: Se
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation
+# Initial weights and batch-norm recalibration (validation scoring: :mod:`.validation`)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def validate(
-    network,
-    config: TrainingConfig,
-    train_cases: Sequence[PreparedCase],
-    validation_cases: Sequence[PreparedCase],
-    work_dir: Path,
-    manifests: Sequence[dict],
-    device,
-) -> Dict[str, Any]:
-    """Score the current weights on whole validation volumes with the product's inference and compare.
-
-    The weights are written as a model package in ``work_dir`` (as :mod:`.export` writes the final one),
-    loaded with :func:`~SyntheticCTLib.models.package.load_model_package`, run by
-    :func:`~SyntheticCTLib.synthesis.inference.synthesize`, and scored by
-    :func:`~SyntheticCTLib.comparison.compare.compare` (through :func:`SyntheticCTLib.apps.evaluation.compare_images`)
-    against each case's CT on the working grid.
-    """
-    from SyntheticCTLib.apps.evaluation import compare_images
-    from SyntheticCTLib.models.package import load_model_package
-    from SyntheticCTLib.synthesis.inference import synthesize
-    from SyntheticCTLib.training.export import build_card, export_package
-
-    card = build_card(config, train_cases, manifests=manifests)
-    if config.validation.overlap is not None:
-        card["overlap"] = float(config.validation.overlap)
-    state = {k: v.detach().to("cpu") for k, v in network.state_dict().items()}
-    package = load_model_package(export_package(work_dir, card, state))
-    per_case = []
-    for case in validation_cases:
-        sct = synthesize(case.mri, package, device=str(device))
-        result = compare_images(case.ct, sct, bone_threshold=config.validation.bone_threshold_hu)
-        metrics = {k: _as_float(result.get(k)) for k in VALIDATION_KEYS}
-        metrics["case"] = case.name
-        per_case.append(metrics)
-        logger.info(
-            "  validation %s: MAE %.1f HU, Dice %.3f, surface mean %.3f / p95 %.3f mm",
-            case.name,
-            metrics["mae_hu"],
-            metrics["bone_dice"],
-            metrics["surface_mean_mm"],
-            metrics["surface_p95_mm"],
-        )
-    mean = {k: _nanmean([m[k] for m in per_case]) for k in VALIDATION_KEYS}
-    return {"mean": mean, "cases": per_case}
 
 
 def load_initial_weights(network, config: TrainingConfig) -> Dict[str, Any]:
@@ -442,27 +382,6 @@ def recalibrated_copy(network, sampler: PatchSampler, config: TrainingConfig, de
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return copied.eval()
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _as_float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def selection_score(metrics: Dict[str, float]) -> float:
-    """Lower is better: validation bone-surface p95 (mm), ties broken by MAE; NaN ranks last."""
-    p95 = metrics.get("surface_p95_mm", math.nan)
-    mae = metrics.get("mae_hu", math.nan)
-    if not math.isfinite(p95):
-        return math.inf
-    return p95 + 1e-6 * (mae if math.isfinite(mae) else 1e6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -569,108 +488,154 @@ def train(
 
 
 def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist: _Dist) -> TrainResult:
-    import torch
-
-    tc = config.training
-    out = config.output_dir
-    device = dist.device
-    started = time.time()
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    elif dist.enabled and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))
-    checkpoint_path = out / "checkpoints" / "last.pt"
-    if resume and not checkpoint_path.is_file():
-        raise TrainingError(f"--resume: no checkpoint at '{checkpoint_path}' to resume from.")
-    if not resume and dist.is_main and checkpoint_path.is_file():
-        logger.warning("'%s' exists; starting a new run over it (use --resume to continue it).", checkpoint_path)
-
-    # -- data --------------------------------------------------------------------------------------------
-    if dist.is_main:
-        generate_phantom_cases(config, progress=scaled(report, 0.0, 0.02))
-    dist.barrier()
-    train_specs, val_specs = collect_cases(config)
-    all_specs = list(train_specs) + list(val_specs)
-    prepared = prepare_cases(
-        config, all_specs, rank=dist.rank, barrier=dist.barrier, progress=scaled(report, 0.02, 0.05)
-    )
-    by_name = {c.name: c for c in prepared}
-    train_cases = [by_name[c.name] for c in train_specs]
-    val_cases = [by_name[c.name] for c in val_specs]
-    if config.data.drop_outliers:
-        dropped = [c.name for c in train_cases if c.info.get("registration_outlier")]
-        if dropped:
-            logger.warning("Dropping registration outlier(s) from training: %s.", ", ".join(dropped))
-            train_cases = [c for c in train_cases if not c.info.get("registration_outlier")]
-    if not train_cases:
-        raise TrainingError("No training case is left.")
-    manifests = [s.manifest for s in train_specs]
-    n_channels = train_cases[0].image.shape[0]
-    logger.info(
-        "Training on %d case(s) (%s), validating on %d (%s); %d channel(s), working grid %s at %s mm.",
-        len(train_cases),
-        ", ".join(c.name for c in train_cases),
-        len(val_cases),
-        ", ".join(c.name for c in val_cases) or "none",
-        n_channels,
-        list(train_cases[0].mri[0].GetSize()),
-        list(config.data.spacing_mm),
-    )
-    if not val_cases:
-        logger.warning("No validation case: the last weights are exported, and no validation metric is measured.")
-
-    # -- model, optimiser -------------------------------------------------------------------------------
-    from SyntheticCTLib.models.architectures import build_network
-
-    torch.manual_seed(config.seed)
-    kwargs = dict(config.model.kwargs)
-    kwargs["in_channels"] = n_channels
-    network = build_network(config.model.architecture, **kwargs)
-    init_info: Optional[Dict[str, Any]] = None
-    if config.model.init_weights is not None and not resume:
-        init_info = load_initial_weights(network, config)
-    network = network.to(device)
-    torch.manual_seed(config.seed + 1000 * (dist.rank + 1))
-    model = network
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    total_steps = tc.epochs * tc.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.min_lr_ratio)
-    )
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_fn = SynthesisLoss(
-        bone_weight=config.loss.bone_weight,
-        air_weight=config.loss.air_weight,
-        gradient_weight=config.loss.gradient_weight,
-        background_weight=config.loss.background_weight,
-    )
-    air_target = (max(-1000.0, config.model.output_clip[0]) - config.model.output_offset) / config.model.output_scale
-    sampler = PatchSampler(
-        train_cases,
-        bone_fraction=tc.bone_fraction,
-        air_fraction=tc.air_fraction,
-        seed=config.seed,
-        air_target=air_target,
-    )
-
-    # -- state ------------------------------------------------------------------------------------------
-    fingerprint = config_fingerprint(config)
-    step = 0
-    history: List[Dict[str, Any]] = []
-    step_rows: List[Dict[str, Any]] = []
-    best: Dict[str, Any] = {"epoch": None, "score": math.inf, "metrics": {}, "step": None}
-    prior_elapsed = 0.0
+    """Train in stages: prepare the data, build the model, restore the last checkpoint (``resume``), run the
+    steps with their epoch ends, export the package."""
+    run = _Run(config, report, dist)
+    run.check_checkpoint(resume)
+    run.prepare_data()
+    run.build_model(resume)
     if resume:
-        ckpt = _load_checkpoint(checkpoint_path)
-        if ckpt.get("fingerprint") != fingerprint:
+        run.restore()
+    run.loop()
+    return run.finish()
+
+
+class _Run:
+    """One training run and what its stages share.
+
+    The configuration and the distributed context; the prepared cases; the network, the forward model
+    (the network or its DDP wrapper), optimiser, schedule, gradient scaler, loss and patch sampler; and the
+    state a checkpoint saves and ``--resume`` restores: ``step``, ``history`` (one row per epoch),
+    ``step_rows`` (one per step), ``best`` (the selected epoch) and ``prior_elapsed`` (seconds of earlier runs).
+    """
+
+    def __init__(self, config: TrainingConfig, report: ProgressCallback, dist: _Dist) -> None:
+        import torch
+
+        self.config = config
+        self.tc = config.training
+        self.out = config.output_dir
+        self.report = report
+        self.dist = dist
+        self.device = dist.device
+        self.started = time.time()
+        if self.tc.num_threads:
+            torch.set_num_threads(self.tc.num_threads)
+        elif dist.enabled and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))
+        self.checkpoint_path = self.out / "checkpoints" / "last.pt"
+        self.total_steps = self.tc.epochs * self.tc.steps_per_epoch
+        self.global_batch = self.tc.batch_size * dist.world
+        self.fingerprint = config_fingerprint(config)
+        self.step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.step_rows: List[Dict[str, Any]] = []
+        self.best: Dict[str, Any] = {"epoch": None, "score": math.inf, "metrics": {}, "step": None}
+        self.prior_elapsed = 0.0
+
+    # -- stages before the loop -------------------------------------------------------------------------------
+
+    def check_checkpoint(self, resume: bool) -> None:
+        """``--resume`` needs ``last.pt``; a new run over an old one is allowed, with a warning."""
+        if resume and not self.checkpoint_path.is_file():
+            raise TrainingError(f"--resume: no checkpoint at '{self.checkpoint_path}' to resume from.")
+        if not resume and self.dist.is_main and self.checkpoint_path.is_file():
+            logger.warning(
+                "'%s' exists; starting a new run over it (use --resume to continue it).", self.checkpoint_path
+            )
+
+    def prepare_data(self) -> None:
+        """Generate the phantom cases (rank 0), prepare every case on the working grid, split them, drop outliers."""
+        config, dist, report = self.config, self.dist, self.report
+        if dist.is_main:
+            generate_phantom_cases(config, progress=scaled(report, 0.0, 0.02))
+        dist.barrier()
+        train_specs, val_specs = collect_cases(config)
+        all_specs = list(train_specs) + list(val_specs)
+        self.prepared = prepare_cases(
+            config, all_specs, rank=dist.rank, barrier=dist.barrier, progress=scaled(report, 0.02, 0.05)
+        )
+        by_name = {c.name: c for c in self.prepared}
+        train_cases = [by_name[c.name] for c in train_specs]
+        self.val_cases = [by_name[c.name] for c in val_specs]
+        if config.data.drop_outliers:
+            dropped = [c.name for c in train_cases if c.info.get("registration_outlier")]
+            if dropped:
+                logger.warning("Dropping registration outlier(s) from training: %s.", ", ".join(dropped))
+                train_cases = [c for c in train_cases if not c.info.get("registration_outlier")]
+        if not train_cases:
+            raise TrainingError("No training case is left.")
+        self.train_cases = train_cases
+        self.manifests = [s.manifest for s in train_specs]
+        self.n_channels = train_cases[0].image.shape[0]
+        logger.info(
+            "Training on %d case(s) (%s), validating on %d (%s); %d channel(s), working grid %s at %s mm.",
+            len(train_cases),
+            ", ".join(c.name for c in train_cases),
+            len(self.val_cases),
+            ", ".join(c.name for c in self.val_cases) or "none",
+            self.n_channels,
+            list(train_cases[0].mri[0].GetSize()),
+            list(config.data.spacing_mm),
+        )
+        if not self.val_cases:
+            logger.warning("No validation case: the last weights are exported, and no validation metric is measured.")
+
+    def build_model(self, resume: bool) -> None:
+        """The network (seeded; ``init_weights`` unless resuming), its DDP wrapper, AdamW, the warmup-cosine
+        schedule, the gradient scaler, the loss and the patch sampler."""
+        import torch
+
+        from SyntheticCTLib.models.architectures import build_network
+
+        config, tc, dist, device = self.config, self.tc, self.dist, self.device
+        torch.manual_seed(config.seed)
+        kwargs = dict(config.model.kwargs)
+        kwargs["in_channels"] = self.n_channels
+        network = build_network(config.model.architecture, **kwargs)
+        self.init_info: Optional[Dict[str, Any]] = None
+        if config.model.init_weights is not None and not resume:
+            self.init_info = load_initial_weights(network, config)
+        self.network = network.to(device)
+        torch.manual_seed(config.seed + 1000 * (dist.rank + 1))
+        self.model = self.network
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.network, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        total_steps = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, tc.warmup_steps, tc.min_lr_ratio)
+        )
+        self.use_amp = tc.amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.loss_fn = SynthesisLoss(
+            bone_weight=config.loss.bone_weight,
+            air_weight=config.loss.air_weight,
+            gradient_weight=config.loss.gradient_weight,
+            background_weight=config.loss.background_weight,
+        )
+        model = config.model
+        air_target = (max(-1000.0, model.output_clip[0]) - model.output_offset) / model.output_scale
+        self.sampler = PatchSampler(
+            self.train_cases,
+            bone_fraction=tc.bone_fraction,
+            air_fraction=tc.air_fraction,
+            seed=config.seed,
+            air_target=air_target,
+        )
+
+    def restore(self) -> None:
+        """Restore the weights, optimiser, schedule, scaler, histories and best epoch from ``last.pt``."""
+        tc, dist, path = self.tc, self.dist, self.checkpoint_path
+        ckpt = _load_checkpoint(path)
+        if ckpt.get("fingerprint") != self.fingerprint:
             raise TrainingError(
-                f"--resume: the checkpoint '{checkpoint_path}' was written with another configuration (model, data, "
+                f"--resume: the checkpoint '{path}' was written with another configuration (model, data, "
                 "schedule, loss, augmentation or seed differ); resume with the configuration that started the run."
             )
         if int(ckpt.get("world_size", 1)) * int(ckpt.get("batch_size", tc.batch_size)) != dist.world * tc.batch_size:
@@ -681,233 +646,282 @@ def _train(config: TrainingConfig, resume: bool, report: ProgressCallback, dist:
                 dist.world,
                 tc.batch_size,
             )
-        network.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        self.network.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
-        history = list(ckpt.get("history", []))
-        step_rows = [dict(r) for r in ckpt.get("steps", []) if int(r["step"]) <= step]
-        best = dict(ckpt.get("best", best))
-        prior_elapsed = float(ckpt.get("elapsed_s", 0.0))
-        logger.info("Resuming at step %d of %d (epoch %d).", step, total_steps, step // tc.steps_per_epoch + 1)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        self.step_rows = [dict(r) for r in ckpt.get("steps", []) if int(r["step"]) <= self.step]
+        self.best = dict(ckpt.get("best", self.best))
+        self.prior_elapsed = float(ckpt.get("elapsed_s", 0.0))
+        logger.info(
+            "Resuming at step %d of %d (epoch %d).", self.step, self.total_steps, self.step // tc.steps_per_epoch + 1
+        )
 
-    def checkpoint_state() -> Dict[str, Any]:
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> Dict[str, Any]:
         return {
             "version": CHECKPOINT_VERSION,
-            "fingerprint": fingerprint,
-            "step": step,
-            "epoch": step // tc.steps_per_epoch,
-            "model": network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "history": history,
-            "steps": step_rows,
-            "best": best,
-            "world_size": dist.world,
-            "batch_size": tc.batch_size,
-            "elapsed_s": prior_elapsed + time.time() - started,
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "epoch": self.step // self.tc.steps_per_epoch,
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "history": self.history,
+            "steps": self.step_rows,
+            "best": self.best,
+            "world_size": self.dist.world,
+            "batch_size": self.tc.batch_size,
+            "elapsed_s": self.prior_elapsed + time.time() - self.started,
         }
 
-    def save_last() -> None:
+    def save_last(self) -> None:
+        if self.dist.is_main:
+            _save_checkpoint(self.checkpoint_path, self.checkpoint_state())
+            _write_csv(self.out / "steps.csv", STEP_COLUMNS, self.step_rows)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        """Run the steps from the current one to the last, ending each epoch; on cancel, checkpoint and re-raise."""
+        tc = self.tc
+        self.val_epochs = [
+            e for e in range(tc.epochs) if (e + 1) % self.config.validation.every_epochs == 0 or e == tc.epochs - 1
+        ]
+        self.loop_start = time.time()
+        self.loop_start_step = self.step
+        self.val_seconds = 0.0  # validation time so far, for the ETA
+        self.n_validations = 0
+        try:
+            while self.step < self.total_steps:
+                epoch = self.step // tc.steps_per_epoch
+                lr = self.train_step(epoch)
+                self.report_step(epoch, lr)
+                if self.step % tc.checkpoint_every == 0 and self.step % tc.steps_per_epoch != 0:
+                    self.save_last()
+                if self.step % tc.steps_per_epoch == 0:
+                    self.end_epoch(epoch, lr)
+        except Cancelled:
+            logger.warning("Training cancelled at step %d; checkpoint saved, continue with --resume.", self.step)
+            self.save_last()
+            raise
+
+    def train_step(self, epoch: int) -> float:
+        """One optimiser step on this rank's share of the step's global batch; returns the step's learning rate."""
+        import torch
+
+        tc, dist = self.tc, self.dist
+        in_epoch = self.step % tc.steps_per_epoch
+        first = in_epoch * self.global_batch + dist.rank * tc.batch_size
+        indices = list(range(first, first + tc.batch_size))
+        image, target, body, bone, air = make_batch(self.sampler, self.config, epoch, indices, self.device)
+        self.model.train()
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            prediction = self.model(image)
+        terms = self.loss_fn(prediction, target, body, bone, air)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.total).backward()
+        if tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()
+        self.step += 1
+        loss_value = dist.mean(float(terms.total.detach()))
+        l1_value = dist.mean(terms.l1)
+        gdl_value = dist.mean(terms.gradient)
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"The training loss became {loss_value} at step {self.step}; lower "
+                "training.learning_rate or check the data."
+            )
+        self.step_rows.append(
+            {"step": self.step, "epoch": epoch + 1, "loss": loss_value, "l1": l1_value, "gradient": gdl_value, "lr": lr}
+        )
+        return lr
+
+    def report_step(self, epoch: int, lr: float) -> None:
+        """Report the step, its loss and learning rate, and the ETA (the remaining steps and validations)."""
+        tc, step, total_steps = self.tc, self.step, self.total_steps
+        done = step - self.loop_start_step
+        per_step = (time.time() - self.loop_start - self.val_seconds) / max(done, 1)
+        n_val = len(self.val_cases)
+        remaining_vals = sum(1 for e in self.val_epochs if (e + 1) * tc.steps_per_epoch >= step) if n_val else 0
+        per_validation = self.val_seconds / self.n_validations if self.n_validations else 0.0
+        eta = per_step * (total_steps - step) + per_validation * remaining_vals
+        self.report(
+            step / total_steps,
+            "train",
+            f"epoch {epoch + 1}/{tc.epochs} step {step}/{total_steps} "
+            f"loss {self.step_rows[-1]['loss']:.4f} lr {lr:.2e} ETA {_format_eta(eta)}",
+        )
+
+    def end_epoch(self, epoch: int, lr: float) -> None:
+        """The epoch's row (mean losses; validation when due), then ``last.pt``, ``metrics.csv`` and the curves."""
+        tc = self.tc
+        losses = [[r["loss"], r["l1"], r["gradient"]] for r in self.step_rows if r["epoch"] == epoch + 1]
+        row = _epoch_row(epoch, self.step, lr, losses, self.prior_elapsed + time.time() - self.started)
+        if epoch in self.val_epochs and self.val_cases:
+            self.validate_epoch(epoch, row)
+        else:
+            logger.info("Epoch %d/%d (step %d): loss %.4f", epoch + 1, tc.epochs, self.step, row["train_loss"])
+        self.history.append(row)
+        if self.dist.is_main:
+            self.save_last()
+            _write_csv(self.out / "metrics.csv", EPOCH_COLUMNS, self.history)
+            plot_learning_curves(self.out / "learning_curves.png", self.step_rows, self.history)
+
+    def validate_epoch(self, epoch: int, row: Dict[str, Any]) -> None:
+        """Score the recalibrated weights on the validation cases (rank 0) into ``row``; keep ``best.pt``."""
+        tc, step, out, dist, device = self.tc, self.step, self.out, self.dist, self.device
+        n_val = len(self.val_cases)
+        t0 = time.time()
+        self.report(step / self.total_steps, "train", f"epoch {epoch + 1}/{tc.epochs}: validating on {n_val} case(s)")
         if dist.is_main:
-            _save_checkpoint(checkpoint_path, checkpoint_state())
-            _write_csv(out / "steps.csv", STEP_COLUMNS, step_rows)
-
-    # -- loop -------------------------------------------------------------------------------------------
-    global_batch = tc.batch_size * dist.world
-    n_val = len(val_cases)
-    val_epochs = [e for e in range(tc.epochs) if (e + 1) % config.validation.every_epochs == 0 or e == tc.epochs - 1]
-    loop_start = time.time()
-    loop_start_step = step
-    last_val_s = 0.0
-    n_val_done = 0
-    try:
-        while step < total_steps:
-            epoch = step // tc.steps_per_epoch
-            in_epoch = step % tc.steps_per_epoch
-            first = in_epoch * global_batch + dist.rank * tc.batch_size
-            indices = list(range(first, first + tc.batch_size))
-            image, target, body, bone, air = make_batch(sampler, config, epoch, indices, device)
-            model.train()
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                prediction = model(image)
-            terms = loss_fn(prediction, target, body, bone, air)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms.total).backward()
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = float(optimizer.param_groups[0]["lr"])
-            scheduler.step()
-            step += 1
-            loss_value = dist.mean(float(terms.total.detach()))
-            l1_value = dist.mean(terms.l1)
-            gdl_value = dist.mean(terms.gradient)
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"The training loss became {loss_value} at step {step}; lower "
-                    "training.learning_rate or check the data."
+            evaluated = recalibrated_copy(self.network, self.sampler, self.config, device)
+            result = validate(
+                evaluated,
+                self.config,
+                self.train_cases,
+                self.val_cases,
+                out / "validation_package",
+                self.manifests,
+                device,
+            )
+            mean = result["mean"]
+            row.update({f"val_{k}": mean[k] for k in VALIDATION_KEYS})
+            row["val_cases"] = result["cases"]
+            score = selection_score(mean)
+            if score < self.best["score"] or self.best["epoch"] is None:
+                self.best = {"epoch": epoch + 1, "step": step, "score": score, "metrics": mean}
+                row["best"] = 1
+                _save_checkpoint(
+                    out / "checkpoints" / "best.pt",
+                    {
+                        "model": evaluated.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "metrics": mean,
+                        "fingerprint": self.fingerprint,
+                    },
                 )
-            step_rows.append(
-                {"step": step, "epoch": epoch + 1, "loss": loss_value, "l1": l1_value, "gradient": gdl_value, "lr": lr}
+            logger.info(
+                "Epoch %d/%d (step %d): loss %.4f; validation MAE %.1f HU, ME %.1f HU, PSNR %.2f "
+                "dB, SSIM %.3f, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm%s",
+                epoch + 1,
+                tc.epochs,
+                step,
+                row["train_loss"],
+                mean["mae_hu"],
+                mean["me_hu"],
+                mean["psnr_db"],
+                mean["ssim"],
+                mean["bone_dice"],
+                mean["surface_mean_mm"],
+                mean["surface_p95_mm"],
+                " (best)" if row.get("best") else "",
             )
-            done = step - loop_start_step
-            per_step = (time.time() - loop_start - last_val_s) / max(done, 1)
-            remaining_vals = sum(1 for e in val_epochs if (e + 1) * tc.steps_per_epoch >= step) if n_val else 0
-            eta = per_step * (total_steps - step) + (last_val_s / n_val_done if n_val_done else 0.0) * remaining_vals
-            report(
-                step / total_steps,
-                "train",
-                f"epoch {epoch + 1}/{tc.epochs} step {step}/{total_steps} "
-                f"loss {loss_value:.4f} lr {lr:.2e} ETA {_format_eta(eta)}",
+        dist.barrier()
+        row["val_time_s"] = time.time() - t0
+        self.val_seconds += row["val_time_s"]
+        self.n_validations += 1
+
+    # -- export ------------------------------------------------------------------------------------------------
+
+    def finish(self) -> TrainResult:
+        """Check that the ranks agree; on rank 0, export the best (else the last, recalibrated) weights as the
+        package ``model/`` with its card, and write ``training_summary.json``."""
+        from SyntheticCTLib.training.export import build_card, export_package, state_dict_sha256
+
+        config, dist, out, best = self.config, self.dist, self.out, self.best
+        checksums = dist.gather(state_dict_sha256(self.network.state_dict()))
+        if dist.enabled and len(set(checksums)) != 1:
+            logger.error("The ranks ended with different weights: %s", checksums)
+        elapsed = self.prior_elapsed + time.time() - self.started
+        package_dir = None
+        summary: Dict[str, Any] = {}
+        if dist.is_main:
+            final_state = recalibrated_copy(self.network, self.sampler, config, self.device).state_dict()
+            if best.get("epoch") is not None and (out / "checkpoints" / "best.pt").is_file():
+                final_state = _load_checkpoint(out / "checkpoints" / "best.pt")["model"]
+            card = build_card(
+                config,
+                self.train_cases,
+                manifests=self.manifests,
+                validation_metrics=_validation_block(best, self.val_cases),
+                summary=self.card_summary(elapsed),
             )
-            if step % tc.checkpoint_every == 0 and step % tc.steps_per_epoch != 0:
-                save_last()
-            if step % tc.steps_per_epoch == 0:
-                losses = [[r["loss"], r["l1"], r["gradient"]] for r in step_rows if r["epoch"] == epoch + 1]
-                row = _epoch_row(epoch, step, lr, losses, prior_elapsed + time.time() - started)
-                if epoch in val_epochs and n_val:
-                    t0 = time.time()
-                    report(step / total_steps, "train", f"epoch {epoch + 1}/{tc.epochs}: validating on {n_val} case(s)")
-                    if dist.is_main:
-                        evaluated = recalibrated_copy(network, sampler, config, device)
-                        result = validate(
-                            evaluated, config, train_cases, val_cases, out / "validation_package", manifests, device
-                        )
-                        mean = result["mean"]
-                        row.update({f"val_{k}": mean[k] for k in VALIDATION_KEYS})
-                        row["val_cases"] = result["cases"]
-                        score = selection_score(mean)
-                        if score < best["score"] or best["epoch"] is None:
-                            best = {"epoch": epoch + 1, "step": step, "score": score, "metrics": mean}
-                            row["best"] = 1
-                            _save_checkpoint(
-                                out / "checkpoints" / "best.pt",
-                                {
-                                    "model": evaluated.state_dict(),
-                                    "epoch": epoch + 1,
-                                    "step": step,
-                                    "metrics": mean,
-                                    "fingerprint": fingerprint,
-                                },
-                            )
-                        logger.info(
-                            "Epoch %d/%d (step %d): loss %.4f; validation MAE %.1f HU, ME %.1f HU, PSNR %.2f "
-                            "dB, SSIM %.3f, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm%s",
-                            epoch + 1,
-                            tc.epochs,
-                            step,
-                            row["train_loss"],
-                            mean["mae_hu"],
-                            mean["me_hu"],
-                            mean["psnr_db"],
-                            mean["ssim"],
-                            mean["bone_dice"],
-                            mean["surface_mean_mm"],
-                            mean["surface_p95_mm"],
-                            " (best)" if row.get("best") else "",
-                        )
-                    dist.barrier()
-                    row["val_time_s"] = time.time() - t0
-                    last_val_s += row["val_time_s"]
-                    n_val_done += 1
-                else:
-                    logger.info("Epoch %d/%d (step %d): loss %.4f", epoch + 1, tc.epochs, step, row["train_loss"])
-                history.append(row)
-                if dist.is_main:
-                    save_last()
-                    _write_csv(out / "metrics.csv", EPOCH_COLUMNS, history)
-                    plot_learning_curves(out / "learning_curves.png", step_rows, history)
-    except Cancelled:
-        logger.warning("Training cancelled at step %d; checkpoint saved, continue with --resume.", step)
-        save_last()
-        raise
+            package_dir = export_package(out / "model", card, final_state)
+            summary = {
+                "model": config.model.name,
+                "package": str(package_dir),
+                "steps": self.total_steps,
+                "wall_time_s": round(elapsed, 1),
+                "best": best,
+                "rank_weight_sha256": checksums,
+                "train_cases": [c.name for c in self.train_cases],
+                "validation_cases": [c.name for c in self.val_cases],
+                "cases": {c.name: c.info for c in self.prepared},
+                "history": self.history,
+                "config": config.to_dict(),
+            }
+            write_json(out / "training_summary.json", summary)
+            logger.info("Training done in %s; model package written to '%s'.", _format_eta(elapsed), package_dir)
+        dist.barrier()
+        self.report(1.0, "train", "done")
+        return TrainResult(
+            output_dir=out,
+            package_dir=package_dir,
+            steps=self.step,
+            best_epoch=best.get("epoch"),
+            best_metrics=dict(best.get("metrics") or {}),
+            history=self.history,
+            elapsed_s=elapsed,
+            summary=summary,
+        )
 
-    # -- final ------------------------------------------------------------------------------------------
-    from SyntheticCTLib.training.export import build_card, export_package, state_dict_sha256
-
-    checksums = dist.gather(state_dict_sha256(network.state_dict()))
-    if dist.enabled and len(set(checksums)) != 1:
-        logger.error("The ranks ended with different weights: %s", checksums)
-    elapsed = prior_elapsed + time.time() - started
-    package_dir = None
-    summary: Dict[str, Any] = {}
-    if dist.is_main:
-        final_state = recalibrated_copy(network, sampler, config, device).state_dict()
-        if best.get("epoch") is not None and (out / "checkpoints" / "best.pt").is_file():
-            final_state = _load_checkpoint(out / "checkpoints" / "best.pt")["model"]
-        summary = {
+    def card_summary(self, elapsed: float) -> Dict[str, Any]:
+        """The model card's training summary: the data, the schedule, the selection and the registrations."""
+        tc, best = self.tc, self.best
+        selection = (
+            f"best epoch {best.get('epoch')} by validation bone-surface p95."
+            if best.get("epoch")
+            else "no validation: last weights."
+        )
+        return {
             "text": (
-                f"{len(train_cases)} training case(s), {len(val_cases)} validation case(s); "
-                f"{total_steps} steps of {global_batch} patch(es) of {list(tc.patch_size)} voxels; "
-                + (
-                    f"best epoch {best.get('epoch')} by validation bone-surface p95."
-                    if best.get("epoch")
-                    else "no validation: last weights."
-                )
+                f"{len(self.train_cases)} training case(s), {len(self.val_cases)} validation case(s); "
+                f"{self.total_steps} steps of {self.global_batch} patch(es) of {list(tc.patch_size)} voxels; "
+                + selection
             ),
-            "steps": total_steps,
+            "steps": self.total_steps,
             "epochs": tc.epochs,
-            "global_batch": global_batch,
-            "world_size": dist.world,
+            "global_batch": self.global_batch,
+            "world_size": self.dist.world,
             "patch_size": list(tc.patch_size),
-            "seed": config.seed,
-            "device": str(device),
+            "seed": self.config.seed,
+            "device": str(self.device),
             "wall_time_s": round(elapsed, 1),
             "best_epoch": best.get("epoch"),
-            "validation_cases": [c.name for c in val_cases],
-            "initialized_from": init_info,
+            "validation_cases": [c.name for c in self.val_cases],
+            "initialized_from": self.init_info,
             "registration": {
                 c.name: {
                     "metric_value": c.info["registration"]["metric_value"],
                     "outlier": bool(c.info.get("registration_outlier")),
                 }
-                for c in prepared
+                for c in self.prepared
                 if c.info.get("registration")
             },
-            "config": config.source.name,
+            "config": self.config.source.name,
         }
-        card = build_card(
-            config,
-            train_cases,
-            manifests=manifests,
-            validation_metrics=_validation_block(best, val_cases),
-            summary=summary,
-        )
-        package_dir = export_package(out / "model", card, final_state)
-        report_summary = {
-            "model": config.model.name,
-            "package": str(package_dir),
-            "steps": total_steps,
-            "wall_time_s": round(elapsed, 1),
-            "best": best,
-            "rank_weight_sha256": checksums,
-            "train_cases": [c.name for c in train_cases],
-            "validation_cases": [c.name for c in val_cases],
-            "cases": {c.name: c.info for c in prepared},
-            "history": history,
-            "config": config.to_dict(),
-        }
-        _write_json(out / "training_summary.json", report_summary)
-        summary = report_summary
-        logger.info("Training done in %s; model package written to '%s'.", _format_eta(elapsed), package_dir)
-    dist.barrier()
-    report(1.0, "train", "done")
-    return TrainResult(
-        output_dir=out,
-        package_dir=package_dir,
-        steps=step,
-        best_epoch=best.get("epoch"),
-        best_metrics=dict(best.get("metrics") or {}),
-        history=history,
-        elapsed_s=elapsed,
-        summary=summary,
-    )
 
 
 def _epoch_row(epoch: int, step: int, lr: float, losses: List[List[float]], elapsed: float) -> Dict[str, Any]:
