@@ -193,3 +193,32 @@ class UNet3D(nn.Module):
             x = up(x)
             x = decoder(torch.cat([x, skips.pop()], dim=1))
         return self.head(x)
+
+
+def fold_batch_norm(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` for inference, each eval-mode ``BatchNorm3d`` folded into the convolution before it.
+
+    In eval mode a batch norm is an affine map per channel with fixed statistics, so
+    ``bn(conv(x)) == conv'(x)`` with ``conv'``'s weights and bias scaled and shifted (to float
+    rounding). Only :class:`ConvBlock`'s pairs (``conv1``/``norm1``, ``conv2``/``norm2`` and the
+    projection ``skip``) are folded; any other norm (instance, group) is data-dependent and stays.
+    The network passed in is not changed.
+    """
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(network).eval()
+    for block in folded.modules():
+        if not isinstance(block, ConvBlock):
+            continue
+        for conv_name, norm_name in (("conv1", "norm1"), ("conv2", "norm2")):
+            conv, norm = getattr(block, conv_name), getattr(block, norm_name)
+            if isinstance(norm, nn.BatchNorm3d) and norm.track_running_stats:
+                setattr(block, conv_name, fuse_conv_bn_eval(conv, norm))
+                setattr(block, norm_name, nn.Identity())
+        skip = block.skip
+        if isinstance(skip, nn.Sequential) and len(skip) == 2 and isinstance(skip[1], nn.BatchNorm3d):
+            if skip[1].track_running_stats:
+                block.skip = nn.Sequential(fuse_conv_bn_eval(skip[0], skip[1]), nn.Identity())
+    return folded

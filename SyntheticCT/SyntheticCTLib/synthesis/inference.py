@@ -16,7 +16,9 @@ Steps of :func:`synthesize`:
 4. Resampling to the model's ``spacing_mm`` (linear; skipped when every spacing is within 1 % of it).
 5. Normalisation per channel (statistics inside the body), applied patch by patch.
 6. Sliding-window inference with Gaussian blending (:mod:`SyntheticCTLib.synthesis.sliding_window`); patches
-   outside the body are skipped.
+   outside the body are skipped. The network runs as an accelerated inference copy (batch norms folded into
+   the convolutions; channels-last on the CPU), the loaded network being the fallback; with test-time flips,
+   the flipped copies of each batch run in one network call.
 7. HU = ``clip(y * scale + offset, *clip)``; outside the body, air (-1000 HU).
 8. Back onto the input grid (linear), the input-resolution body mask applied again, int16.
 
@@ -31,7 +33,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,7 +47,12 @@ from SyntheticCTLib.kernel.masks import mri_body_mask
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.models.package import card_orientation
 from SyntheticCTLib.synthesis.normalization import channel_normalizations, normalize_channels
-from SyntheticCTLib.synthesis.sliding_window import DEFAULT_TTA_FLIPS, SlidingWindow, sliding_window_predict
+from SyntheticCTLib.synthesis.sliding_window import (
+    DEFAULT_TTA_FLIPS,
+    SlidingWindow,
+    WindowPrediction,
+    sliding_window_predict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,9 @@ class WindowSettings:
     body_mask: bool = True
     """Set voxels outside the body to air; False keeps the network's output everywhere."""
     sigma_scale: float = 0.125
+    accelerate: bool = True
+    """Run the accelerated inference copy of the network (batch norms folded, channels-last on the CPU);
+    False: the network as loaded (the eager path). Same result to float rounding; see :class:`SlidingWindow`."""
     tta_flips: Sequence[Tuple[int, ...]] = DEFAULT_TTA_FLIPS
 
     @classmethod
@@ -106,6 +116,8 @@ class SynthesisResult:
     n_patches: int
     n_run: int
     fell_back_to_cpu: bool = False
+    path: str = "eager"
+    """The network that ran: ``"accelerated"`` or ``"eager"`` (:attr:`WindowPrediction.path`)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -117,6 +129,7 @@ class SynthesisResult:
             "n_patches": self.n_patches,
             "n_patches_run": self.n_run,
             "fell_back_to_cpu": self.fell_back_to_cpu,
+            "inference_path": self.path,
             "uncertainty": self.uncertainty is not None,
             "size": list(self.image.GetSize()),
             "notice": NOT_FOR_DIAGNOSTIC_USE,
@@ -250,6 +263,19 @@ def _to_int16(array: np.ndarray, lo: float, hi: float, slab: int = 16) -> np.nda
     return out
 
 
+@dataclass
+class _ModelGrid:
+    """The inputs and the body mask on the model's grid (orientation and spacing), as :meth:`Synthesizer.run` needs them."""
+
+    images: List[sitk.Image]
+    grid: sitk.Image
+    """The model grid's geometry (the first image)."""
+    mask: Optional[np.ndarray]
+    """The body mask on the model grid."""
+    resampled: bool
+    """The spacing was resampled (else the model grid is the input grid, perhaps reoriented)."""
+
+
 # -- the synthesizer --------------------------------------------------------------------------------------
 
 
@@ -289,6 +315,7 @@ class Synthesizer:
             amp=self.window.amp,
             batch_size=self.window.batch_size,
             memory_budget=self.window.memory_budget,
+            accelerate=self.window.accelerate,
         )
         logger.info("Model %s %s on %s.", model.name, model.version, self.device)
 
@@ -309,148 +336,187 @@ class Synthesizer:
         cancel: Optional[CancelToken] = None,
         tta: bool = False,
     ) -> SynthesisResult:
-        """Synthesise one case; see :func:`synthesize`."""
+        """Synthesise one case; see :func:`synthesize`.
+
+        Stages: check the inputs, body mask, the model's grid, the sliding window, HU, back onto the
+        input grid, metadata. Large arrays are dropped as soon as a stage is done with them (the peak
+        memory of a 512x512x300 input is a goal).
+        """
         t0 = time.perf_counter()
         report = with_cancel(progress or no_progress, cancel)
-        model, window = self.model, self.window
         report(0.0, "preparing", "checking inputs")
-        images = check_inputs(mri_images, model)
+        images = check_inputs(mri_images, self.model)
         reference = images[0]
-
-        # Body mask on the input grid.
         report(0.02, "preparing", "body mask")
-        views = [sitk.GetArrayViewFromImage(im) for im in images]
-        body = mri_body_mask(views) if window.body_mask else np.ones(views[0].shape, dtype=bool)
-        if window.body_mask and not body.any():
-            logger.warning("No body found in the MRI (it is blank or nearly so); treating the whole volume as body.")
-            body[...] = True
-        del views
-
-        # Model grid: orientation, then spacing.
+        body = self._body_mask(images)
         report(0.06, "preparing", "resampling to the model's grid")
-        oriented = [_orient(im, self.orientation) for im in images]
-        model_grid = oriented[0]
-        resample = _needs_resampling(model_grid, model.spacing_mm)
-        if resample:
-            model_grid = grid_with_spacing(oriented[0], model.spacing_mm)
-            model_images = [resample_like(im, model_grid, pixel_type=sitk.sitkFloat32) for im in oriented]
-            model_body = resample_like(
-                _orient(_mask_image(body, reference), self.orientation),
-                model_grid,
-                interpolator=sitk.sitkNearestNeighbor,
-            )
-            model_mask = sitk.GetArrayFromImage(model_body).astype(bool)
-            if not model_mask.any():
-                model_mask[...] = True
-        else:
-            model_images = oriented
-            model_mask = (
-                sitk.GetArrayFromImage(_orient(_mask_image(body, reference), self.orientation)).astype(bool)
-                if self.orientation
-                else body
-            )
-        del oriented
-        arrays = [sitk.GetArrayViewFromImage(im) for im in model_images]
-
-        report(0.1, "preparing", "normalising")
-        maps = channel_normalizations(arrays, model_mask, model.normalization)
-
-        def normalise(batch: np.ndarray) -> None:
-            for c, m in enumerate(maps):
-                m.apply(batch[:, c], out=batch[:, c])
-
-        flips = list(window.tta_flips) if tta else [()]
-        overlap = float(window.overlap if window.overlap is not None else model.overlap)
-        prediction = self.runner.predict(
-            arrays,
-            self.patch_size,
-            overlap,
-            transform=normalise,
-            mask=model_mask if (window.skip_empty and window.body_mask) else None,
-            flips=flips,
-            sigma_scale=window.sigma_scale,
-            progress=scaled(report, 0.12, 0.9),
-            cancel=cancel,
-        )
-        del arrays
-        if prediction.output.shape[0] != 1:
-            logger.warning(
-                "The network returned %d channels; channel 1 is the synthetic CT.", prediction.output.shape[0]
-            )
-
+        grid = self._model_grid(images, body)
+        del images
+        prediction = self._predict(grid, tta, report, cancel)
         report(0.9, "finishing", "HU and resampling back")
-        out = model.output
-        scale, offset = float(out["scale"]), float(out["offset"])
-        lo, hi = float(out["clip"][0]), float(out["clip"][1])
-        air = float(min(max(AIR_HU, lo), hi))
-        hu = prediction.output[0]
-        hu *= np.float32(scale)
-        hu += np.float32(offset)
-        np.clip(hu, lo, hi, out=hu)
-        if window.body_mask:
-            hu[~model_mask] = air
-        spread = None
-        if prediction.spread is not None:
-            spread = prediction.spread[0]
-            spread *= np.float32(abs(scale))
-            if window.body_mask:
-                spread[~model_mask] = 0.0
-        stats = (prediction.batch_size, prediction.n_patches, prediction.n_run)
-        del prediction, model_images, model_mask
-        if not resample and not self.orientation:  # the model grid is the input grid: no float image needed
-            hu16 = _to_int16(hu, lo, hi)
-            del hu
-        else:
-            image = self._to_input_grid(hu, model_grid, reference, air)
-            del hu
-            hu16 = _to_int16(sitk.GetArrayViewFromImage(image), lo, hi)
-            del image
-        if window.body_mask:
-            hu16[~body] = int(round(air))
-        result_image = sitk.GetImageFromArray(hu16)
-        result_image.CopyInformation(reference)
-        del hu16
-        uncertainty = None
-        if spread is not None:
-            unc = self._to_input_grid(spread, model_grid, reference, 0.0)
-            if window.body_mask:
-                arr = sitk.GetArrayFromImage(unc)
-                arr[~body] = 0.0
-                uncertainty = sitk.GetImageFromArray(arr)
-                uncertainty.CopyInformation(reference)
-            else:
-                uncertainty = unc
+        hu, spread = self._to_hu(prediction, grid.mask)
+        stats = (prediction.batch_size, prediction.n_patches, prediction.n_run, prediction.path)
+        del prediction
+        grid.images, grid.mask = [], None
+        result_image = self._sct_on_input_grid(hu, grid, reference, body)
+        del hu
+        uncertainty = self._spread_on_input_grid(spread, grid, reference, body) if spread is not None else None
+        del spread
         device = self.runner.device
         for img in (result_image, uncertainty):
-            if img is None:
-                continue
-            img.SetMetaData(META_DEVICE, device)
-            img.SetMetaData(META_MODEL, str(model.name))
-            img.SetMetaData(META_MODEL_VERSION, str(model.version))
-            img.SetMetaData(META_NOTICE, NOT_FOR_DIAGNOSTIC_USE)
-            img.SetMetaData("ITK_FileNotes", NOT_FOR_DIAGNOSTIC_USE[:79])
+            if img is not None:
+                self._stamp(img, device)
         elapsed = time.perf_counter() - t0
         report(1.0, "finishing", f"done on {device} in {elapsed:.1f} s")
         logger.info(
-            "Synthetic CT computed on %s in %.1f s (%d of %d patches run, batch %d).",
+            "Synthetic CT computed on %s in %.1f s (%d of %d patches run, batch %d, %s network).",
             device,
             elapsed,
             stats[2],
             stats[1],
             stats[0],
+            stats[3],
         )
         return SynthesisResult(
             image=result_image,
             uncertainty=uncertainty,
             device=device,
-            model_name=str(model.name),
-            model_version=str(model.version),
+            model_name=str(self.model.name),
+            model_version=str(self.model.version),
             elapsed_s=elapsed,
             batch_size=stats[0],
             n_patches=stats[1],
             n_run=stats[2],
             fell_back_to_cpu=self.runner.fell_back_to_cpu,
+            path=stats[3],
         )
+
+    # -- the stages of run ------------------------------------------------------------------------------
+
+    @property
+    def _air(self) -> float:
+        """Air in HU, within the model's output clip."""
+        lo, hi = (float(v) for v in self.model.output["clip"])
+        return float(min(max(AIR_HU, lo), hi))
+
+    def _body_mask(self, images: Sequence[sitk.Image]) -> np.ndarray:
+        """The body mask on the input grid (all True when the window setting ``body_mask`` is off or none is found)."""
+        views = [sitk.GetArrayViewFromImage(im) for im in images]
+        if not self.window.body_mask:
+            return np.ones(views[0].shape, dtype=bool)
+        body = mri_body_mask(views)
+        if not body.any():
+            logger.warning("No body found in the MRI (it is blank or nearly so); treating the whole volume as body.")
+            body[...] = True
+        return body
+
+    def _model_grid(self, images: Sequence[sitk.Image], body: np.ndarray) -> _ModelGrid:
+        """The inputs and the body mask on the model's grid: the model's orientation, then its spacing."""
+        reference = images[0]
+        oriented = [_orient(im, self.orientation) for im in images]
+        spacing = self.model.spacing_mm
+        if _needs_resampling(oriented[0], spacing):
+            grid = grid_with_spacing(oriented[0], spacing)
+            model_images = [resample_like(im, grid, pixel_type=sitk.sitkFloat32) for im in oriented]
+            mask_image = _orient(_mask_image(body, reference), self.orientation)
+            mask = sitk.GetArrayFromImage(resample_like(mask_image, grid, interpolator=sitk.sitkNearestNeighbor))
+            mask = mask.astype(bool)
+            if not mask.any():
+                mask[...] = True
+            return _ModelGrid(model_images, grid, mask, resampled=True)
+        if self.orientation:
+            mask = sitk.GetArrayFromImage(_orient(_mask_image(body, reference), self.orientation)).astype(bool)
+        else:
+            mask = body
+        return _ModelGrid(oriented, oriented[0], mask, resampled=False)
+
+    def _predict(
+        self, grid: _ModelGrid, tta: bool, progress: ProgressCallback, cancel: Optional[CancelToken]
+    ) -> WindowPrediction:
+        """Normalise (patch by patch) and run the sliding window on the model grid (progress 0.1 to 0.9)."""
+        window = self.window
+        arrays = [sitk.GetArrayViewFromImage(im) for im in grid.images]
+        progress(0.1, "preparing", "normalising")
+        maps = channel_normalizations(arrays, grid.mask, self.model.normalization)
+
+        def normalise(batch: np.ndarray) -> None:
+            for c, m in enumerate(maps):
+                m.apply(batch[:, c], out=batch[:, c])
+
+        overlap = float(window.overlap if window.overlap is not None else self.model.overlap)
+        prediction = self.runner.predict(
+            arrays,
+            self.patch_size,
+            overlap,
+            transform=normalise,
+            mask=grid.mask if (window.skip_empty and window.body_mask) else None,
+            flips=list(window.tta_flips) if tta else [()],
+            sigma_scale=window.sigma_scale,
+            progress=scaled(progress, 0.12, 0.9),
+            cancel=cancel,
+        )
+        if prediction.output.shape[0] != 1:
+            logger.warning(
+                "The network returned %d channels; channel 1 is the synthetic CT.", prediction.output.shape[0]
+            )
+        return prediction
+
+    def _to_hu(self, prediction: WindowPrediction, mask: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """Channel 1 of the prediction in HU (in place), air outside the body; the spread in HU, 0 outside."""
+        out = self.model.output
+        scale, offset = float(out["scale"]), float(out["offset"])
+        lo, hi = float(out["clip"][0]), float(out["clip"][1])
+        hu = prediction.output[0]
+        hu *= np.float32(scale)
+        hu += np.float32(offset)
+        np.clip(hu, lo, hi, out=hu)
+        if self.window.body_mask:
+            hu[~mask] = self._air
+        spread = None
+        if prediction.spread is not None:
+            spread = prediction.spread[0]
+            spread *= np.float32(abs(scale))
+            if self.window.body_mask:
+                spread[~mask] = 0.0
+        return hu, spread
+
+    def _sct_on_input_grid(
+        self, hu: np.ndarray, grid: _ModelGrid, reference: sitk.Image, body: np.ndarray
+    ) -> sitk.Image:
+        """The HU array (model grid) -> int16 image on the input grid, air outside the input-grid body mask."""
+        lo, hi = (float(v) for v in self.model.output["clip"])
+        if not grid.resampled and not self.orientation:  # the model grid is the input grid: no float image needed
+            hu16 = _to_int16(hu, lo, hi)
+        else:
+            image = self._to_input_grid(hu, grid.grid, reference, self._air)
+            hu16 = _to_int16(sitk.GetArrayViewFromImage(image), lo, hi)
+            del image
+        if self.window.body_mask:
+            hu16[~body] = int(round(self._air))
+        result = sitk.GetImageFromArray(hu16)
+        result.CopyInformation(reference)
+        return result
+
+    def _spread_on_input_grid(
+        self, spread: np.ndarray, grid: _ModelGrid, reference: sitk.Image, body: np.ndarray
+    ) -> sitk.Image:
+        """The spread array (model grid) -> float32 image on the input grid, 0 outside the body."""
+        unc = self._to_input_grid(spread, grid.grid, reference, 0.0)
+        if not self.window.body_mask:
+            return unc
+        arr = sitk.GetArrayFromImage(unc)
+        arr[~body] = 0.0
+        uncertainty = sitk.GetImageFromArray(arr)
+        uncertainty.CopyInformation(reference)
+        return uncertainty
+
+    def _stamp(self, image: sitk.Image, device: str) -> None:
+        """Write the device, the model and the not-for-diagnostic-use notice into the image's metadata."""
+        image.SetMetaData(META_DEVICE, device)
+        image.SetMetaData(META_MODEL, str(self.model.name))
+        image.SetMetaData(META_MODEL_VERSION, str(self.model.version))
+        image.SetMetaData(META_NOTICE, NOT_FOR_DIAGNOSTIC_USE)
+        image.SetMetaData("ITK_FileNotes", NOT_FOR_DIAGNOSTIC_USE[:79])
 
     def _to_input_grid(
         self, array: np.ndarray, model_grid: sitk.Image, reference: sitk.Image, default: float
