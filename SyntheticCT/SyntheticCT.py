@@ -963,11 +963,42 @@ class SyntheticCTLogic(SyntheticCTJobLogic):
         return int(clear_cache(self.cacheDirectory()))
 
     # -- checks ------------------------------------------------------------------------------------
+    @staticmethod
+    def expandInputNodes(nodes: list) -> list:
+        """The volumes a model gets: a multi-echo series given as one sequence node becomes its echoes.
+
+        A ``vtkMRMLSequenceNode`` (how Slicer's DICOM module loads a multi-echo series), or the proxy
+        volume a sequence browser shows of it, is replaced by its volumes in the order of their index
+        values (the echo times, when the index is numeric), else in the sequence's own order. Other
+        nodes are kept as they are, so one volume per echo works too.
+        """
+        expanded = []
+        for node in nodes:
+            sequence = node if node is not None and node.IsA("vtkMRMLSequenceNode") else None
+            if sequence is None and node is not None:
+                for browser in slicer.util.getNodesByClass("vtkMRMLSequenceBrowserNode"):
+                    master = browser.GetMasterSequenceNode()
+                    if master is not None and browser.GetProxyNode(master) == node:
+                        sequence = master
+            if sequence is None:
+                expanded.append(node)
+                continue
+            items = [
+                (sequence.GetNthIndexValue(i), sequence.GetNthDataNode(i))
+                for i in range(sequence.GetNumberOfDataNodes())
+            ]
+            try:
+                items.sort(key=lambda item: float(item[0]))
+            except ValueError:
+                pass  # index values that are not numbers: the sequence's own order
+            expanded.extend(data for _index, data in items)
+        return expanded
+
     def checkInputs(self, nodes: list, card: dict) -> List[str]:
         """Plain-words warnings where the inputs differ from the model's training data (library check)."""
         from SyntheticCTLib.synthesis.input_check import check_inputs
 
-        return check_inputs([self.sitkImage(n) for n in nodes], card)
+        return check_inputs([self.sitkImage(n) for n in self.expandInputNodes(nodes)], card)
 
     # -- jobs --------------------------------------------------------------------------------------
     def startFetchModel(self, name: str, onEvent=None, onFinished=None, wait: bool = False):
@@ -1027,6 +1058,7 @@ class SyntheticCTLogic(SyntheticCTJobLogic):
         """
         if not inputNodes or not all(inputNodes):
             raise ValueError(_("Choose a volume for every input of the model."))
+        inputNodes = self.expandInputNodes(inputNodes)
         work = self.workDirectory("SyntheticCT")
         inputs = [self.writeVolume(node, work / f"input{i + 1}.nrrd") for i, node in enumerate(inputNodes)]
         sct_path = work / "sct.nrrd"

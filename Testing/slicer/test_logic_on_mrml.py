@@ -510,3 +510,36 @@ def test_synthesis_with_the_bundled_model_through_the_logic(scene, slicer_module
     assert float(np.median(hu[sitk.GetArrayFromImage(phantom.labels) == 0])) < -800.0
     assert float(hu[bone].mean()) > 300.0
     logic.cleanup()
+
+
+def test_a_multi_echo_sequence_node_gives_its_echoes_in_echo_time_order(scene, slicer_modules, case):
+    """A multi-echo series loaded as one sequence node: the model gets its echoes, ordered by echo time."""
+    _app, sct_module, _reg = slicer_modules
+    logic = sct_module.SyntheticCTLogic()
+    echoes = case["phantom"].mri
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "multi-echo GRE")
+    sequence.SetIndexName("echo time")
+    sequence.SetIndexUnit("ms")
+    sequence.SetIndexType(sequence.NumericIndex)
+    # stored out of order on purpose: the index values, not the insertion order, give the echo order
+    times = [2.2, 3.4, 4.6][: len(echoes)]
+    for k in reversed(range(len(echoes))):
+        node = _load(case["paths"]["mri"], f"echo {k + 1}") if k == 0 else None
+        if node is None:
+            import slicer
+
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"echo {k + 1}")
+            slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(echoes[k]))
+        sequence.SetDataNodeAtValue(node, f"{times[k]:g}")
+    expanded = logic.expandInputNodes([sequence])
+    assert len(expanded) == len(echoes)
+    for k, node in enumerate(expanded):  # echo k of the phantom, whatever the insertion order
+        np.testing.assert_allclose(_array(node), sitk.GetArrayFromImage(echoes[k]), rtol=1e-6)
+    assert logic.expandInputNodes([expanded[0]]) == [expanded[0]]  # one volume per echo works as before
+    logic.cleanup()
+
+
+def _array(node) -> np.ndarray:
+    import slicer
+
+    return slicer.util.arrayFromVolume(node)

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Dict
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.progress import scaled
+from SyntheticCTLib.registration.bone_local import bone_components
+from SyntheticCTLib.registration.transforms_io import read_bone_transforms, read_record, read_transform
 
 DESCRIPTION = """\
 Compare a synthetic CT with a reference CT of the same patient.
@@ -65,8 +70,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
-    from SyntheticCTLib.registration.transforms_io import read_transform
 
     if items and not has_labels:
         raise InvalidParameterError("--bone-transform needs --bone-labels (the label of each bone).")
@@ -84,7 +87,6 @@ def _bone_transforms(items, has_labels: bool) -> Dict[int, object]:
 def _registration_grade(transform_path: Path) -> dict:
     """The grade of the registration that wrote ``transform_path`` (its record's ``quality``), said on stderr
     when it is not good: every figure below depends on that transform. ``{}`` when there is no record."""
-    from SyntheticCTLib.registration.transforms_io import read_record
 
     quality = (read_record(transform_path) or {}).get("quality") or {}
     verdict = quality.get("verdict")
@@ -105,9 +107,6 @@ def _bone_local_beside(transform_path: Path, reference, labels):
     ``bone_labels``), else the reference CT's bone components above the record's threshold, as the
     registration made them from the same CT.
     """
-    from SyntheticCTLib.kernel.io import read_volume
-    from SyntheticCTLib.registration.bone_local import bone_components
-    from SyntheticCTLib.registration.transforms_io import read_bone_transforms, read_record
 
     bones = read_bone_transforms(transform_path)
     if not bones or labels is not None:
@@ -124,10 +123,6 @@ def _bone_local_beside(transform_path: Path, reference, labels):
 
 def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.comparison.compare import compare, write_comparison
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
-    from SyntheticCTLib.kernel.io import read_volume
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.registration.transforms_io import read_transform
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():

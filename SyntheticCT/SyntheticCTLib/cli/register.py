@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 
 from SyntheticCTLib.cli.options import add_command
+from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
+from SyntheticCTLib.kernel.io import read_volume
+from SyntheticCTLib.kernel.progress import scaled
 from SyntheticCTLib.registration import INITIALIZATIONS, METRICS, MODES
+from SyntheticCTLib.registration.engine import DEFAULT_SEED
+from SyntheticCTLib.registration.output import plan_outputs, write_registration
+from SyntheticCTLib.registration.registration import register
+from SyntheticCTLib.registration.transforms_io import read_transform
 
 DESCRIPTION = """\
 Register the moving image (synthetic CT, CT or MRI) to the fixed image (normally the CT).
@@ -107,13 +114,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, report) -> int:
-    from SyntheticCTLib.kernel.errors import InvalidParameterError
-    from SyntheticCTLib.kernel.io import read_volume
-    from SyntheticCTLib.kernel.progress import scaled
-    from SyntheticCTLib.registration.engine import DEFAULT_SEED
-    from SyntheticCTLib.registration.output import plan_outputs, write_registration
-    from SyntheticCTLib.registration.registration import register
-    from SyntheticCTLib.registration.transforms_io import read_transform
 
     given = (args.fixed, args.moving, args.fixed_mask, args.moving_mask, args.bone_labels, args.initial_transform)
     inputs = [Path(p) for p in given if p]
