@@ -646,6 +646,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
             message += " " + _("Final metric {v:.4g}, {i} iterations, {t:.1f} s.").format(
                 v=float(summary["metric_value"]), i=summary.get("iterations", "?"), t=float(summary.get("elapsed_s", 0))
             )
+        message += " " + self.gradeInWords(summary.get("quality"))
         bones = {}
         if mode == "bone-local" and withLabels:
             for file in sorted(path.parent.glob(f"{path.stem}.bone*{path.suffix}")):
@@ -655,7 +656,24 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
             if bones:
                 self._boneTransforms[node.GetID()] = bones
                 message += " " + _("{n} per-bone transforms kept for the comparison.").format(n=len(bones))
-        return {"transform": node, "message": message, "boneTransforms": bones}
+        return {"transform": node, "message": message, "boneTransforms": bones, "quality": summary.get("quality")}
+
+    @staticmethod
+    def gradeInWords(quality) -> str:
+        """The registration's grade in plain words, with what to do about it."""
+        if not isinstance(quality, dict) or not quality.get("verdict"):
+            return _("The registration was not graded.")
+        reasons = "; ".join(str(r) for r in quality.get("reasons") or [])
+        verdict = quality["verdict"]
+        if verdict == "good":
+            return _("The alignment is graded good.")
+        if verdict == "doubtful":
+            return _("The alignment is doubtful ({r}): check the overlay before trusting the comparison.").format(
+                r=reasons
+            )
+        return _(
+            "The alignment FAILED ({r}): do not use it; start from a rough manual alignment and register again."
+        ).format(r=reasons)
 
     @staticmethod
     def _readSummary(path: pathlib.Path) -> dict:

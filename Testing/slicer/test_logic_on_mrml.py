@@ -155,6 +155,8 @@ def test_scenario_register_invert_reregister_views_harden_compare_trajectory(sce
     assert "error" not in outcome, outcome
     first = outcome["transform"]
     assert sct.GetParentTransformNode() == first and ct.GetParentTransformNode() is None
+    # issue 13: the grade, in plain words beside the result
+    assert outcome["quality"]["verdict"] == "good" and "graded good" in outcome["message"]
     # finding 3: the result is a Linear transform node, which a selector of exactly vtkMRMLTransformNode hides
     assert first.GetClassName() == "vtkMRMLLinearTransformNode"
     errors = _landmark_errors(case, ct, sct)
@@ -543,3 +545,13 @@ def _array(node) -> np.ndarray:
     import slicer
 
     return slicer.util.arrayFromVolume(node)
+
+
+def test_the_registration_grade_in_plain_words(slicer_modules):
+    _app, _sct, reg_module = slicer_modules
+    words = reg_module.SyntheticCTRegistrationLogic.gradeInWords
+    assert "graded good" in words({"verdict": "good", "reasons": []})
+    doubtful = words({"verdict": "doubtful", "reasons": ["a turned pose scores within 3 %"]})
+    assert "doubtful" in doubtful and "within 3 %" in doubtful and "check the overlay" in doubtful
+    assert "FAILED" in words({"verdict": "failed", "reasons": ["bodies overlap 40 %"]})
+    assert "not graded" in words(None)
