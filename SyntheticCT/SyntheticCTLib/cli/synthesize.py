@@ -30,6 +30,7 @@ The synthetic CT is not for diagnostic use.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Long because it is only argparse declarations, one per option."""
     p = add_command(
         subparsers,
         "synthesize",

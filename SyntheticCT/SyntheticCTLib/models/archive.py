@@ -54,6 +54,8 @@ def safe_extract_zip(
     and archives whose total or per-member expansion is absurd. ``members`` (names as stored) limits
     the extraction to those files. Extraction goes to a temporary folder beside ``target``, renamed
     onto ``target`` at the end; on any error nothing is left behind.
+
+    Long because every safety check (names, links, sizes, members) sits beside the extraction it guards.
     """
     archive, target = Path(archive), Path(target)
     if target.exists():

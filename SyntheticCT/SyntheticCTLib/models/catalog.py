@@ -611,6 +611,8 @@ def add_model(
 
     The package is verified and copied into the cache before the entry is recorded; the entry's name is
     ``name`` or the package's own. Returns the new entry.
+
+    Long because each source (URL, zip, folder) is checked in full before anything enters the cache, in one place.
     """
     report = with_cancel(progress or no_progress, cancel)
     root = _cache.cache_dir(cache_dir)
