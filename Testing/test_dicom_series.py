@@ -547,3 +547,33 @@ def test_images_without_patient_geometry_are_named_in_the_error(tmp_path):
         VolumeReadError, match=r"holds no DICOM series \(.*im00\d.dcm' has no valid ImageOrientationPatient"
     ):
         read_volume(tmp_path / "s")
+
+
+def test_another_acquisition_shifted_half_a_millimetre_in_the_same_series_is_refused_or_split(real, tmp_path):
+    """Issue 14, defect 11: slices of a second acquisition under one SeriesInstanceUID, 0.5 mm off the first,
+    must never be stacked into one volume as if they were one."""
+    source = real / "mri_dicom/fmap_siemens/5_gre_field_mag"
+    echo1 = sorted(p for p in source.iterdir() if pydicom.dcmread(str(p), stop_before_pixels=True).EchoNumbers == 1)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in echo1:
+        shutil.copy(p, mixed / p.name)
+    for p in echo1:  # the second acquisition: same series, every slice moved 0.5 mm along the slice normal
+        ds = pydicom.dcmread(str(p))
+        normal = np.cross(
+            np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+        )
+        ds.ImagePositionPatient = [float(v) for v in np.array(ds.ImagePositionPatient, float) + 0.5 * normal]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.AcquisitionNumber = int(getattr(ds, "AcquisitionNumber", 1) or 1) + 1
+        ds.save_as(str(mixed / f"second_{p.name}"))
+    try:
+        volumes = dicom_series.find_volumes(mixed)
+        for volume in volumes:
+            read_volume(mixed, volume=volume.id)
+    except VolumeReadError as error:  # refused: fine, as long as it says why
+        assert str(mixed) in str(error) or "acquisition" in str(error).lower() or "position" in str(error).lower()
+        return
+    # split: no volume may hold slices of both acquisitions (each keeps the single acquisition's 36 slices)
+    sizes = sorted(v.size[2] for v in volumes)
+    assert sizes == [36, 36], [(v.id, v.size) for v in volumes]
