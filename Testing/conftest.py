@@ -43,3 +43,28 @@ def _run_torchrun(args, *, nproc: int = 2, timeout: float = 600, cwd=None) -> su
 def torchrun():
     """A function running the ``syntheticct`` command line under a real ``torchrun`` (gloo, CPU)."""
     return _run_torchrun
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 (``http_fixture.LoopbackServer``), stopped after the test."""
+    from http_fixture import LoopbackServer
+
+    srv = LoopbackServer().start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def resources(tmp_path, monkeypatch):
+    """A copy of the shipped Resources folder (catalog only, the bundled model absent), so that catalogs are
+    tested offline and the bundled model can be absent or present."""
+    import shutil
+
+    from SyntheticCTLib.models import catalog
+
+    folder = tmp_path / "Resources"
+    folder.mkdir()
+    shutil.copy(catalog.shipped_catalog_path(), folder / "catalog.json")
+    monkeypatch.setattr(catalog, "resources_dir", lambda: folder)
+    return folder

@@ -4,11 +4,10 @@ added from folders, zips and URLs, institution catalogs, verify/remove/clear, an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip, write_tiny_package
+from http_fixture import sha256_hex, tiny_package_zip, write_tiny_package
 
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.kernel.errors import InvalidParameterError
@@ -41,23 +40,6 @@ PACKAGE_DIR = Path(catalog.__file__).resolve().parents[1]
 def _isolated(monkeypatch):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", ENV_VAR):
         monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def resources(tmp_path, monkeypatch):
-    """A copy of the shipped Resources folder (catalog only), so the bundled model can be absent or present."""
-    folder = tmp_path / "Resources"
-    folder.mkdir()
-    shutil.copy(PACKAGE_DIR / "Resources" / "catalog.json", folder / "catalog.json")
-    monkeypatch.setattr(catalog, "resources_dir", lambda: folder)
-    return folder
 
 
 def listing(root: Path) -> list:

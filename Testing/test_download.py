@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip
+from http_fixture import sha256_hex, tiny_package_zip
 
 from SyntheticCTLib.kernel.errors import Cancelled
 from SyntheticCTLib.kernel.progress import CancelToken
@@ -27,13 +27,6 @@ TEMP_MARKERS = (".partial", ".installing", ".fetch", ".work", ".extracting", ".w
 def _no_proxy(monkeypatch):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from http_fixture import LoopbackServer, sha256_hex, tiny_package_zip, write_tiny_package
+from http_fixture import sha256_hex, tiny_package_zip, write_tiny_package
 
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.kernel import io as kio
@@ -51,23 +51,6 @@ def _isolated(monkeypatch, tmp_path):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "default-cache"))
-
-
-@pytest.fixture
-def server():
-    srv = LoopbackServer().start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def resources(tmp_path, monkeypatch):
-    """A copy of the shipped catalog (the bundled model absent), so that catalogs can be tested offline."""
-    folder = tmp_path / "Resources"
-    folder.mkdir()
-    shutil.copy(PACKAGE_DIR / "Resources" / "catalog.json", folder / "catalog.json")
-    monkeypatch.setattr(catalog, "resources_dir", lambda: folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
