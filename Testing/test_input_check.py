@@ -362,3 +362,17 @@ def test_strict_makes_a_warning_an_error_before_any_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "--strict" in err and "different order" in err
     assert not out.exists()
+
+
+def test_real_multi_echo_dicom_echoes_out_of_order_are_named(real_data_dir):
+    """The Siemens 2-echo GRE: a card made from its echoes in TE order, then the echoes given reversed."""
+    from SyntheticCTLib.kernel.dicom_series import read_echoes
+
+    images, echo_times, _ids = read_echoes(real_data_dir / "mri_dicom" / "fmap_siemens" / "5_gre_field_mag")
+    assert echo_times == sorted(echo_times) and len(images) == 2
+    card = {
+        "inputs": [{"name": f"echo{k + 1}", "echo_time_ms": te} for k, te in enumerate(echo_times)],
+        "training_data": {"input_statistics": input_statistics(images)},
+    }
+    assert not [w for w in check_inputs(images, card) if "different order" in w]
+    _one([w for w in check_inputs(list(reversed(images)), card) if "order" in w], "different order")
