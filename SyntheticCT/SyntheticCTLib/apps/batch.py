@@ -31,7 +31,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
-from SyntheticCTLib.kernel.io import atomic_output, check_mri_channels, check_not_input, read_volume, write_volume
+from SyntheticCTLib.kernel.io import check_mri_channels, check_not_input, read_volume, write_volume
+from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, scaled, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.phantom.case import MANIFEST, read_manifest
@@ -160,11 +161,6 @@ def case_outputs(out_dir: Path, case_id: str, *, uncertainty: bool = False, dico
     return out
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def _is_done(record_path: Path) -> bool:
     try:
         return json.loads(record_path.read_text(encoding="utf-8")).get("status") == "done"
@@ -204,7 +200,7 @@ def _barrier_and_merge(out_dir: Path, rank: int, world: int) -> Optional[Path]:
             merged["ranks"].append({"rank": r, "cases": data["cases"]})
             merged["records"].extend(data["records"])
         path = out_dir / SUMMARY_FILE
-        _write_json(path, merged)
+        write_json(path, merged)
         return path
     finally:
         if created:
@@ -298,7 +294,7 @@ def synthesize_cases(
             continue
         step(0.0, "case", f"{case.case_id} ({i + 1} of {len(mine)})")
         record = run.case(case, outputs, step)
-        _write_json(outputs["record"], record)
+        write_json(outputs["record"], record)
         summary.records.append(record)
         step(1.0, "case", f"{case.case_id}: {record['status']}")
     return _write_summaries(summary, out_dir, rank, world)
@@ -383,7 +379,7 @@ def _write_summaries(summary: BatchSummary, out_dir: Path, rank: int, world: int
     """The summary file (one rank), or this rank's file and, on rank 0, the merged summary (torchrun)."""
     if world == 1:
         summary.summary_file = out_dir / SUMMARY_FILE
-        _write_json(
+        write_json(
             summary.summary_file,
             {
                 "world_size": 1,
@@ -394,7 +390,7 @@ def _write_summaries(summary: BatchSummary, out_dir: Path, rank: int, world: int
         )
         return summary
     summary.rank_file = out_dir / f"synthesis_rank{rank}of{world}.json"
-    _write_json(
+    write_json(
         summary.rank_file,
         {
             "rank": rank,

@@ -25,7 +25,6 @@ failed or cancelled run leaves no partial file behind. Not for diagnostic use.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -47,8 +46,8 @@ from SyntheticCTLib.apps.report import DIFFERENCE_WINDOW_HU, HU_WINDOW
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.hu import CT_MIN_HU
-from SyntheticCTLib.kernel.io import atomic_output, ensure_output_dir, write_volume
-from SyntheticCTLib.kernel.jsonio import json_safe
+from SyntheticCTLib.kernel.io import ensure_output_dir, write_volume
+from SyntheticCTLib.kernel.jsonio import json_safe, write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_progress, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models import resolve_model
@@ -247,12 +246,6 @@ def _publish(work: Path, out_dir: Path) -> None:
             os.replace(item, target)
 
 
-def _write_json(data: Dict[str, Any], path: Path) -> Path:
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    return path
-
-
 class _Steps:
     """Time the demo's steps and give each its own progress stage ``"[i/n] name"``."""
 
@@ -432,7 +425,7 @@ def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
 
     steps.run("report", _report, **_step_record("report", s))
     _record_steps(metrics, steps)
-    _write_json(metrics, s.work / METRICS_FILE)
+    write_json(s.work / METRICS_FILE, metrics)
     return DemoResult(
         out_dir=out,
         report_path=out / REPORT_FILE,

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from SyntheticCTLib.kernel.io import atomic_output, sweep_stale_partials
+from SyntheticCTLib.kernel.io import sweep_stale_partials
+from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, bytes_progress, no_progress, with_cancel
 from SyntheticCTLib.kernel.types import PathLike
 from SyntheticCTLib.models import cache as _cache
@@ -247,12 +248,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise CatalogError(f"The {what} '{path}' is not readable JSON: {e}") from e
 
 
-def _write_json(path: Path, data: Any) -> None:
-
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def load_shipped_catalog() -> List[CatalogEntry]:
     path = shipped_catalog_path()
     if not path.is_file():
@@ -286,7 +281,7 @@ def _load_user(root: Path) -> Dict[str, Any]:
 
 def _save_user(root: Path, data: Dict[str, Any]) -> None:
     data["schema_version"] = CATALOG_SCHEMA_VERSION
-    _write_json(_cache.user_catalog_path(root), data)
+    write_json(_cache.user_catalog_path(root), data)
 
 
 def _catalog_file(root: Path, url: str) -> Path:

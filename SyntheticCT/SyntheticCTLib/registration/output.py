@@ -7,7 +7,6 @@ beside ``T.tfm`` by default) is :meth:`.RegistrationResult.to_dict` with the fil
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Dict, Iterable, List, Optional
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
-from SyntheticCTLib.kernel.io import PathLike, atomic_output, check_not_input, volume_suffix, write_volume
+from SyntheticCTLib.kernel.io import PathLike, check_not_input, volume_suffix, write_volume
+from SyntheticCTLib.kernel.jsonio import write_json
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress
 from SyntheticCTLib.registration.registration import RegistrationResult, resample_moving
 from SyntheticCTLib.registration.transforms_io import (
@@ -118,8 +118,7 @@ def write_registration(
             resampled_file=str(outputs.resampled) if outputs.resampled else None,
         )
         check_not_input(outputs.record, inputs)
-        with atomic_output(outputs.record) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(outputs.record, record)
         written["record"] = outputs.record
     except BaseException:
         _remove(list(written.values()))
