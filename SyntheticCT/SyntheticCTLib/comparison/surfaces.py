@@ -582,6 +582,27 @@ def surface_distances(
     return SurfaceDistances.from_arrays(d_syn, w_syn, d_ref, w_ref)
 
 
+def values_at_points(
+    points: np.ndarray, image: Union[sitk.Image, np.ndarray], like: Optional[sitk.Image] = None, outside: float = 0.0
+) -> np.ndarray:
+    """The value of the nearest voxel of ``image`` at each world point (``outside`` off the grid).
+
+    ``image`` is an image, or a (z, y, x) array on the grid of ``like``.
+    """
+    grid = image if isinstance(image, sitk.Image) else like
+    if grid is None:
+        raise InvalidParameterError("values_at_points needs the grid (like=) of an array.")
+    array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else np.asarray(image)
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    index = np.rint(
+        ((points - np.asarray(grid.GetOrigin())) @ _direction(grid)) / np.asarray(grid.GetSpacing())
+    ).astype(np.int64)[:, ::-1]
+    inside = np.all((index >= 0) & (index < np.array(array.shape)), axis=1)
+    result = np.full(len(points), outside, dtype=np.result_type(array.dtype, np.asarray(outside).dtype))
+    result[inside] = array[index[inside, 0], index[inside, 1], index[inside, 2]]
+    return result
+
+
 def points_in_mask(
     points: np.ndarray, mask: Union[sitk.Image, np.ndarray], like: Optional[sitk.Image] = None
 ) -> np.ndarray:
@@ -589,18 +610,9 @@ def points_in_mask(
 
     ``mask`` is an image, or a (z, y, x) array on the grid of ``like``.
     """
-    grid = mask if isinstance(mask, sitk.Image) else like
-    if grid is None:
+    if not isinstance(mask, sitk.Image) and like is None:
         raise InvalidParameterError("points_in_mask needs the grid (like=) of an array mask.")
-    array = sitk.GetArrayViewFromImage(mask) if isinstance(mask, sitk.Image) else np.asarray(mask)
-    points = np.asarray(points, dtype=float).reshape(-1, 3)
-    index = np.rint(
-        ((points - np.asarray(grid.GetOrigin())) @ _direction(grid)) / np.asarray(grid.GetSpacing())
-    ).astype(np.int64)[:, ::-1]
-    inside = np.all((index >= 0) & (index < np.array(array.shape)), axis=1)
-    result = np.zeros(len(points), dtype=bool)
-    result[inside] = array[index[inside, 0], index[inside, 1], index[inside, 2]] > 0
-    return result
+    return values_at_points(points, mask, like) > 0
 
 
 def _areas(poly: vtk.vtkPolyData) -> np.ndarray:

@@ -21,7 +21,13 @@ import SimpleITK as sitk
 from scipy import stats
 
 from SyntheticCTLib.comparison.compare import ComparisonResult
-from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY, MEASURED_ARRAY, point_array, surface_points
+from SyntheticCTLib.comparison.surfaces import (
+    DISTANCE_ARRAY,
+    MEASURED_ARRAY,
+    point_array,
+    surface_points,
+    values_at_points,
+)
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.geometry import resample_like
 
@@ -77,10 +83,7 @@ def uncertainty_quality(
     points = surface_points(surface)
     measured = point_array(surface, MEASURED_ARRAY) > 0
     distance = np.abs(point_array(surface, DISTANCE_ARRAY))
-    index = np.array([reference.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in points[measured]])
-    size = np.array(reference.GetSize())
-    ijk = np.clip(np.rint(index).astype(int), 0, size - 1) if len(index) else np.zeros((0, 3), dtype=int)
-    at_points = spread_array[ijk[:, 2], ijk[:, 1], ijk[:, 0]] if len(ijk) else np.zeros(0)
+    at_points = values_at_points(points[measured], on_reference)
     off = distance[measured] > off_mm
     return {
         "hu_spearman": rho,
