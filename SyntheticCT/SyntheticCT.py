@@ -664,7 +664,7 @@ class SyntheticCTJobLogic(ScriptedLoadableModuleLogic):
         self,
         args: List[str],
         *,
-        env: dict,
+        env: Optional[dict] = None,
         work: str,
         importResult,
         onEvent=None,
@@ -673,6 +673,8 @@ class SyntheticCTJobLogic(ScriptedLoadableModuleLogic):
         wait: bool = False,
     ):
         """Start ``args``; when it succeeds (and the scene is still the same) ``importResult()`` loads it.
+
+        ``env`` defaults to :meth:`childEnvironment` with the automatic device.
 
         ``onFinished(result, outcome)`` gets the :class:`JobResult` and the dict ``importResult``
         returned (or ``{"error": ...}``). ``work`` is removed afterwards unless ``keepWork(outcome)``.
@@ -699,7 +701,12 @@ class SyntheticCTJobLogic(ScriptedLoadableModuleLogic):
 
         try:
             return self.jobs.start(
-                args, env=env, on_event=onEvent, on_finished=finished, wait=wait, idle=slicer.app.processEvents
+                args,
+                env=env if env is not None else self.childEnvironment(),
+                on_event=onEvent,
+                on_finished=finished,
+                wait=wait,
+                idle=slicer.app.processEvents,
             )
         except Exception:
             shutil.rmtree(work, ignore_errors=True)
@@ -1004,16 +1011,7 @@ class SyntheticCTLogic(SyntheticCTJobLogic):
     def startFetchModel(self, name: str, onEvent=None, onFinished=None, wait: bool = False):
         """Download (and verify) a catalog model in a child process; ``onFinished(result, {})``."""
         args = models_fetch_args(name, python=self.pythonExecutable())
-        work = self.workDirectory("SyntheticCT")
-        return self.runJob(
-            args,
-            env=self.childEnvironment(),
-            work=str(work),
-            importResult=dict,
-            onEvent=onEvent,
-            onFinished=onFinished,
-            wait=wait,
-        )
+        return self._runModelsCommand(args, onEvent, onFinished, wait)
 
     def startAddModel(self, source: str, sha256: Optional[str], onEvent=None, onFinished=None, wait: bool = False):
         """Add a model from a URL (with its SHA-256), a .zip file or a folder, in a child process.
@@ -1026,16 +1024,12 @@ class SyntheticCTLogic(SyntheticCTJobLogic):
                 _("Adding a model checks it with PyTorch, which is not installed yet: install PyTorch first.")
             )
         args = models_add_args(source, sha256=sha256, python=self.pythonExecutable())
+        return self._runModelsCommand(args, onEvent, onFinished, wait)
+
+    def _runModelsCommand(self, args: List[str], onEvent, onFinished, wait: bool):
+        """A ``syntheticct models`` child: nothing to load into the scene, its work folder removed afterwards."""
         work = self.workDirectory("SyntheticCT")
-        return self.runJob(
-            args,
-            env=self.childEnvironment(),
-            work=str(work),
-            importResult=dict,
-            onEvent=onEvent,
-            onFinished=onFinished,
-            wait=wait,
-        )
+        return self.runJob(args, work=str(work), importResult=dict, onEvent=onEvent, onFinished=onFinished, wait=wait)
 
     def startSynthesis(
         self,

@@ -596,7 +596,6 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
 
         return self.runJob(
             args,
-            env=self.childEnvironment(),
             work=str(work),
             importResult=load,
             onEvent=onEvent,
@@ -899,7 +898,6 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
 
         return self.runJob(
             args,
-            env=self.childEnvironment(),
             work=str(work),
             importResult=load,
             onEvent=onEvent,
