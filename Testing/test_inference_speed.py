@@ -137,21 +137,21 @@ def test_skipping_the_patches_outside_the_body_gives_the_same_synthetic_ct(tmp_p
 
 
 class SequentialFlips(SlidingWindow):
-    """The previous implementation: one network pass per flip, mean and variance by Welford's update."""
+    """One network pass per flip; the first flip's prediction and the variance by Welford's update."""
 
     def _forward(self, x, flips, per_call):
-        mean = m2 = None
+        first = mean = m2 = None
         for k, flip in enumerate(flips):
             dims = tuple(2 + a for a in flip)
             y = self.network(torch.flip(x, dims) if dims else x).float()
             y = torch.flip(y, dims) if dims else y
             if mean is None:
-                mean, m2 = y.clone(), torch.zeros_like(y)
+                first, mean, m2 = y, y.clone(), torch.zeros_like(y)
             else:
                 delta = y - mean
                 mean += delta / (k + 1)
                 m2 += delta * (y - mean)
-        return mean, m2 / len(flips)
+        return first, m2 / len(flips)
 
 
 class Counting(torch.nn.Module):
@@ -166,7 +166,7 @@ class Counting(torch.nn.Module):
         return self.inner(x)
 
 
-def test_batched_flips_equal_the_four_sequential_passes_in_one_call_per_batch(tmp_path):
+def test_batched_flips_equal_sequential_passes_in_one_call_per_batch(tmp_path):
     package = _bundled_package()
     volume = _volume((3, 16, 32, 32), seed=2)
     old = SequentialFlips(package.build_network("cpu"), "cpu", batch_size=2, accelerate=False).predict(
@@ -176,13 +176,14 @@ def test_batched_flips_equal_the_four_sequential_passes_in_one_call_per_batch(tm
     new = SlidingWindow(counting, "cpu", batch_size=8, accelerate=False).predict(
         volume, (16, 24, 24), 0.5, flips=DEFAULT_TTA_FLIPS
     )
-    # batch_size counts network inputs: 2 patches x 4 flips in one call per batch.
-    assert new.batch_size == 2 and counting.calls == int(np.ceil(new.n_run / 2)) and counting.inputs == 4 * new.n_run
+    # batch_size counts network inputs: 4 patches x 2 flips in one call per batch.
+    assert len(DEFAULT_TTA_FLIPS) == 2
+    assert new.batch_size == 4 and counting.calls == int(np.ceil(new.n_run / 4)) and counting.inputs == 2 * new.n_run
     lean = Counting(package.build_network("cpu"))
     same = SlidingWindow(lean, "cpu", batch_size=2, accelerate=False).predict(
         volume, (16, 24, 24), 0.5, flips=DEFAULT_TTA_FLIPS
     )
-    assert lean.calls == 2 * new.n_run and lean.inputs == 4 * new.n_run  # 1 patch x 2 flips per call: memory as before
+    assert lean.calls == new.n_run and lean.inputs == 2 * new.n_run  # 1 patch x 2 flips per call: memory as before
     np.testing.assert_allclose(same.spread, new.spread, atol=1e-6)
     scale = float(package.output["scale"])
     assert np.abs(new.output - old.output).max() * scale < 1e-2  # HU

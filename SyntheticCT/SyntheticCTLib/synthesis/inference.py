@@ -558,7 +558,8 @@ def synthesize(
         Progress callback (stages ``preparing``, ``inference``, ``finishing``) and cancel token,
         checked between batches; cancelling raises :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
     tta
-        Flip test-time augmentation (mean over the flips); see :func:`synthesize_with_uncertainty`.
+        Flip test-time augmentation: the spread across the flips as well (the sCT is the identity pass's,
+        the same as without); see :func:`synthesize_with_uncertainty`.
     window
         :class:`WindowSettings` overrides (patch size, overlap, batch size, memory budget, ...).
 
@@ -586,8 +587,9 @@ def synthesize_with_uncertainty(
     """Synthesise with flip test-time augmentation; return ``(sct, spread)``.
 
     ``spread`` is float32, in HU, on the input grid: the per-voxel standard deviation of the
-    predictions across the flips (identity and each axis; :attr:`WindowSettings.tta_flips`), blended
-    across patches like the prediction; 0 outside the body.
+    predictions across the flips (the identity and all axes flipped, two passes; :attr:`WindowSettings.tta_flips`),
+    blended across patches like the prediction; 0 outside the body. ``sct`` is the identity pass, the
+    same image as :func:`synthesize` gives.
     """
     result = Synthesizer(model, device=device, window=window).run(
         mri_images, progress=progress, cancel=cancel, tta=True

@@ -45,8 +45,13 @@ from SyntheticCTLib.kernel.progress import CancelToken, ProgressCallback, no_pro
 logger = logging.getLogger(__name__)
 
 Flip = Tuple[int, ...]
-DEFAULT_TTA_FLIPS: Tuple[Flip, ...] = ((), (0,), (1,), (2,))
-"""Identity and a flip of each spatial axis (axes of the ``(Z, Y, X)`` array)."""
+DEFAULT_TTA_FLIPS: Tuple[Flip, ...] = ((), (0, 1, 2))
+"""The identity and a flip of all three spatial axes (of the ``(Z, Y, X)`` array): two passes.
+
+Measured on held-out phantoms (issue 17), this map predicts the real error about as well as the four-pass
+map of the identity and each axis's flip (HU Spearman 0.18-0.25 against 0.20-0.28; surface AUROC no
+lower), at half the cost.
+"""
 
 
 class OutOfMemory(SyntheticCTError, MemoryError):
@@ -58,7 +63,7 @@ class WindowPrediction:
     """The result of :meth:`SlidingWindow.predict`."""
 
     output: np.ndarray
-    """Blended prediction, float32 ``(C_out, Z, Y, X)``."""
+    """Blended prediction, float32 ``(C_out, Z, Y, X)``: with test-time flips, the first flip's (the identity)."""
     spread: Optional[np.ndarray] = None
     """With test-time flips: the blended per-voxel standard deviation across the flips, ``(C_out, Z, Y, X)``."""
     device: str = "cpu"
@@ -469,7 +474,10 @@ class SlidingWindow:
 
     # -- one batch --------------------------------------------------------------------------------
     def _forward(self, x, flips: Sequence[Flip], per_call: int):
-        """Mean and (with several flips) population variance over the flips, float32, on the device.
+        """The first flip's prediction and (with several flips) the population variance over all of them.
+
+        The prediction is the first flip's (the identity by default), not the mean over the flips, so
+        that asking for the spread does not change the sCT.
 
         The flipped copies of the batch are stacked into one network call (``per_call`` flips at a time),
         so that the flips of a patch share a batch; each output is flipped back before the statistics.
@@ -488,8 +496,7 @@ class SlidingWindow:
                 outputs.append(torch.flip(yk, d) if d else yk)
         if len(outputs) == 1:
             return outputs[0], None
-        stacked = torch.stack(outputs)
-        return stacked.mean(dim=0), stacked.var(dim=0, unbiased=False)
+        return outputs[0], torch.stack(outputs).var(dim=0, unbiased=False)
 
     def _gather(
         self,
