@@ -25,15 +25,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import slices_png
+from SyntheticCTLib.comparison.compare import compare
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
-from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
+from SyntheticCTLib.comparison.uncertainty import uncertainty_quality
+from SyntheticCTLib.kernel.errors import InvalidParameterError, NoBoneError, SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.io import atomic_output, read_volume
@@ -43,7 +45,7 @@ from SyntheticCTLib.models.catalog import resolve_model
 from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, read_card
 from SyntheticCTLib.registration.registration import register
 from SyntheticCTLib.synthesis.baselines import BASELINES
-from SyntheticCTLib.synthesis.inference import synthesize
+from SyntheticCTLib.synthesis.inference import synthesize, synthesize_with_uncertainty
 from SyntheticCTLib.training.config import ConfigError
 from SyntheticCTLib.training.data import read_case_manifest, read_mri_channels
 from SyntheticCTLib.training.validation import score
@@ -54,6 +56,14 @@ MODEL_METHOD = "model"
 METRIC_KEYS = EVALUATION_KEYS
 ALIGN_MODES = ("none", "rigid", "affine")
 
+GOALS: Dict[str, Tuple[str, float]] = {
+    "surface_mean_mm": ("<=", 0.3),
+    "surface_p95_mm": ("<=", 0.7),
+    "bone_dice": (">=", 0.95),
+    "mae_hu": ("<=", 40.0),
+}
+"""The accuracy goals of a released model, per metric: (direction, bound), met by each group's mean."""
+
 
 @dataclass
 class EvaluationCase:
@@ -63,6 +73,10 @@ class EvaluationCase:
     mri: List[Path]
     ct: Path
     bone_labels: Optional[Path] = None
+    group: str = ""
+    """The case's group (a phantom set's group, else the folder above the case when cases are nested)."""
+    expect: str = "served"
+    """``served`` (held to the goals) or ``warning`` (the model's input check must warn; reported apart)."""
 
 
 @dataclass
@@ -73,10 +87,20 @@ class EvaluationResult:
     cases: Dict[str, Dict[str, Dict[str, float]]]
     summary: Dict[str, Dict[str, Dict[str, float]]]
     files: Dict[str, Path] = field(default_factory=dict)
+    groups: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Per group (:func:`summarize_groups`): cases, expectation, summary and the model's goals."""
+    worst_group: Optional[str] = None
+    """The served group farthest from a goal."""
+    uncertainty: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    """With ``uncertainty=True``: per case, how well the model's spread map predicts its error."""
 
 
 def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
-    """Cases from ``case.json`` files, folders holding one, or folders of such folders.
+    """Cases from ``case.json`` files, folders holding one, or folders of such folders (at any depth).
+
+    A case's group is the ``group`` its ``case.json`` names (a phantom set's cases,
+    :mod:`SyntheticCTLib.phantom.sets`), else the name of the folder above it when it lies deeper than one
+    level under the folder given.
 
     A phantom's ``case.json`` works as it is; for one's own data, ``{"mri": ["echo1.nii.gz", ...], "ct":
     "ct.nii.gz"}`` beside the files is enough (see :func:`SyntheticCTLib.training.data.read_case_manifest`).
@@ -95,7 +119,7 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
         if path.is_file() or (path / "case.json").is_file():
             targets = [path]
         else:
-            targets = [sub for sub in sorted(path.iterdir()) if (sub / "case.json").is_file()]
+            targets = sorted(m.parent for m in path.rglob("case.json"))
             if not targets:
                 raise InvalidParameterError(f"'{path}' holds no case: no case.json in it or in its sub-folders.")
         for target in targets:
@@ -103,7 +127,18 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
                 spec = read_case_manifest(target)
             except ConfigError as e:
                 raise InvalidParameterError(str(e)) from e
-            cases.append(EvaluationCase(name=spec.name, mri=spec.mri, ct=spec.ct, bone_labels=spec.bone_labels))
+            nested = target != path and target.parent != path
+            group = str(spec.manifest.get("group") or (target.parent.name if nested else ""))
+            cases.append(
+                EvaluationCase(
+                    name=spec.name,
+                    mri=spec.mri,
+                    ct=spec.ct,
+                    bone_labels=spec.bone_labels,
+                    group=group,
+                    expect=str(spec.manifest.get("expect") or "served"),
+                )
+            )
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -143,6 +178,48 @@ def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[s
                 "n": int(values.size),
             }
     return summary
+
+
+def goal_check(summary: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+    """Each goal of :data:`GOALS` against one method's summary: its mean, whether it is met, and how far off.
+
+    ``ratio`` is the mean over the bound (the bound over the mean for a ``>=`` goal): above 1 misses the goal.
+    """
+    out: Dict[str, Any] = {}
+    for key, (direction, bound) in GOALS.items():
+        mean = summary.get(key, {}).get("mean", math.nan)
+        if not math.isfinite(mean):
+            out[key] = {"goal": f"{direction} {bound:g}", "mean": None, "met": False, "ratio": math.inf}
+            continue
+        ratio = mean / bound if direction == "<=" else bound / max(mean, 1e-12)
+        out[key] = {"goal": f"{direction} {bound:g}", "mean": mean, "met": bool(ratio <= 1.0), "ratio": ratio}
+    return out
+
+
+def summarize_groups(
+    cases: Sequence[EvaluationCase], per_case: Dict[str, Dict[str, Dict[str, float]]]
+) -> Tuple[Dict[str, Dict[str, Any]], Optional[str]]:
+    """Per group: its cases, what is expected of it, the summary of every method and the model's goals.
+
+    Returns the groups and the worst served group: the one whose model mean is farthest from a goal
+    (largest :func:`goal_check` ratio), None without groups.
+    """
+    groups: Dict[str, Dict[str, Any]] = {}
+    for case in cases:
+        if not case.group:
+            continue
+        entry = groups.setdefault(case.group, {"expect": case.expect, "cases": []})
+        entry["cases"].append(case.name)
+    worst, worst_ratio = None, -math.inf
+    for name, entry in groups.items():
+        entry["summary"] = summarize({c: per_case[c] for c in entry["cases"]})
+        goals = goal_check(entry["summary"].get(MODEL_METHOD, {}))
+        entry["goals"] = goals
+        entry["all_goals_met"] = all(g["met"] for g in goals.values())
+        ratio = max((g["ratio"] for g in goals.values()), default=-math.inf)
+        if entry["expect"] == "served" and ratio > worst_ratio:
+            worst, worst_ratio = name, ratio
+    return groups, worst
 
 
 def compare_images(
@@ -246,6 +323,7 @@ def evaluate(
     device: str = "auto",
     images: bool = True,
     save_sct: bool = False,
+    uncertainty: bool = False,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> EvaluationResult:
@@ -263,6 +341,10 @@ def evaluate(
         Pass the case's bone label map to the comparison (per-bone surface distances).
     save_sct
         Also write each sCT as ``sct/<case>_<method>.nii.gz``.
+    uncertainty
+        Also compute the model's spread map (flip test-time passes) and measure how well it predicts the
+        sCT's real error (:func:`SyntheticCTLib.comparison.uncertainty.uncertainty_quality`); the sCT is the
+        same as without.
     """
 
     if align not in ALIGN_MODES:
@@ -275,22 +357,34 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [MODEL_METHOD] + (list(BASELINES) if baselines else [])
     settings = _CaseSettings(
-        package, methods, align, bone_threshold, use_bone_labels, device, images, save_sct, out_dir, cancel
+        package, methods, align, bone_threshold, use_bone_labels, device, images, save_sct, out_dir, cancel, uncertainty
     )
     per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
     times: Dict[str, Dict[str, float]] = {}
+    spread_quality: Dict[str, Dict[str, float]] = {}
     files: Dict[str, Path] = {}
     n = len(cases)
     for i, case in enumerate(cases):
         sub = scaled(report, i / n, (i + 1) / n)
         sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
-        per_case[case.name], times[case.name], picture = _evaluate_case(case, settings, sub)
+        per_case[case.name], times[case.name], picture, quality = _evaluate_case(case, settings, sub)
+        if quality is not None:
+            spread_quality[case.name] = quality
         if picture is not None:
             files[f"image:{case.name}"] = picture
     summary = summarize(per_case)
-    files.update(_write_outputs(out_dir, package, cases, methods, align, bone_threshold, per_case, times, summary))
+    groups, worst = summarize_groups(cases, per_case)
+    result = EvaluationResult(
+        out_dir=out_dir,
+        cases=per_case,
+        summary=summary,
+        groups=groups,
+        worst_group=worst,
+        uncertainty=spread_quality,
+    )
+    result.files = {**files, **_write_outputs(result, package, cases, methods, align, bone_threshold, times)}
     report(1.0, "evaluate", "done")
-    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+    return result
 
 
 @dataclass(frozen=True)
@@ -307,10 +401,12 @@ class _CaseSettings:
     save_sct: bool
     out_dir: Path
     cancel: Optional[CancelToken]
+    uncertainty: bool = False
 
 
 def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: ProgressCallback):
-    """Synthesize and score every method on one case; return its metrics, times and picture (or None)."""
+    """Synthesize and score every method on one case; return its metrics, times, picture (or None) and, with
+    ``settings.uncertainty``, the quality of the model's spread map (else None)."""
 
     package = settings.package
     mri = read_mri_channels(case.mri)
@@ -324,28 +420,24 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
     transform = _align(ct, mri[0], settings.align, scaled(report, 0.0, 0.1))
     metrics_of: Dict[str, Dict[str, float]] = {}
     times: Dict[str, float] = {}
-    model_sct = None
+    model_sct = quality = None
     n = len(settings.methods)
     for j, method in enumerate(settings.methods):
         step = scaled(report, 0.1 + 0.9 * j / n, 0.1 + 0.9 * (j + 1) / n)
         step(0.0, "evaluate", f"{case.name}: {method}")
         t0 = time.perf_counter()
+        spread = None
         if method == MODEL_METHOD:
-            sct = synthesize(
-                mri, package, device=settings.device, progress=scaled(step, 0.0, 0.6), cancel=settings.cancel
-            )
+            sct, spread = _synthesize(mri, settings, scaled(step, 0.0, 0.6))
             model_sct = sct
         else:
             sct = BASELINES[method](mri)
         times[method] = time.perf_counter() - t0
-        metrics = compare_images(
-            ct,
-            sct,
-            transform=transform,
-            bone_threshold=settings.bone_threshold,
-            bone_labels=labels,
-            progress=scaled(step, 0.6, 1.0),
-        )
+        kwargs = {"transform": transform, "bone_threshold": settings.bone_threshold, "bone_labels": labels}
+        if spread is None:
+            metrics = compare_images(ct, sct, progress=scaled(step, 0.6, 1.0), **kwargs)
+        else:
+            metrics, quality = _score_with_spread(ct, sct, spread, scaled(step, 0.6, 1.0), **kwargs)
         metrics_of[method] = metrics
         logger.info(
             "%s, %s: MAE %.1f HU, ME %.1f HU, bone Dice %.3f, surface mean %.3f mm, p95 %.3f mm (%.1f s)",
@@ -367,21 +459,51 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
     if settings.images and model_sct is not None:
         picture = settings.out_dir / "images" / f"{case.name}.png"
         _case_png(picture, mri[0], model_sct, ct, transform)
-    return metrics_of, times, picture
+    return metrics_of, times, picture, quality
+
+
+def _synthesize(mri: List[sitk.Image], settings: _CaseSettings, progress: ProgressCallback):
+    """The model's sCT and, with ``settings.uncertainty``, its spread map (else None)."""
+    if not settings.uncertainty:
+        return synthesize(
+            mri, settings.package, device=settings.device, progress=progress, cancel=settings.cancel
+        ), None
+    return synthesize_with_uncertainty(
+        mri, settings.package, device=settings.device, progress=progress, cancel=settings.cancel
+    )
+
+
+def _score_with_spread(ct: sitk.Image, sct: sitk.Image, spread: sitk.Image, progress: ProgressCallback, **kwargs):
+    """The metrics of ``sct`` (as :func:`compare_images`) and how well ``spread`` predicts its error (None
+    when the bone metrics cannot be measured)."""
+    try:
+        result = compare(ct, sct, progress=progress, **kwargs)
+    except NoBoneError:
+        return compare_images(ct, sct, progress=progress, **kwargs), None
+    quality = uncertainty_quality(result, spread, transform=kwargs.get("transform"))
+    logger.info(
+        "Spread against real error: HU Spearman %.2f, surface AUROC %.2f (%d of %d surface points > %g mm off).",
+        quality["hu_spearman"],
+        quality["surface_auroc"],
+        quality["n_surface_off"],
+        quality["n_surface_points"],
+        quality["off_mm"],
+    )
+    return result.metrics.scalars(METRIC_KEYS), quality
 
 
 def _write_outputs(
-    out_dir: Path,
+    result: EvaluationResult,
     package: Any,
     cases: Sequence[EvaluationCase],
     methods: List[str],
     align: str,
     bone_threshold: float,
-    per_case: Dict[str, Dict[str, Dict[str, float]]],
     times: Dict[str, Dict[str, float]],
-    summary: Dict[str, Dict[str, Dict[str, float]]],
 ) -> Dict[str, Path]:
     """Write ``metrics.json``, the CSVs and ``index.html``; return their paths."""
+    out_dir, per_case, summary = result.out_dir, result.cases, result.summary
+    served = {c.name: per_case[c.name] for c in cases if c.expect == "served"}
     document = {
         "disclaimer": NOT_FOR_DIAGNOSTIC_USE,
         "syntheticct_version": __version__,
@@ -389,17 +511,24 @@ def _write_outputs(
         "methods": methods,
         "align": align,
         "bone_threshold_hu": bone_threshold,
+        "goals": {k: f"{d} {b:g}" for k, (d, b) in GOALS.items()},
         "cases": [
             {
                 "name": c.name,
+                "group": c.group,
+                "expect": c.expect,
                 "mri": [str(p) for p in c.mri],
                 "ct": str(c.ct),
                 "metrics": per_case[c.name],
+                "uncertainty": result.uncertainty.get(c.name),
                 "time_s": times[c.name],
             }
             for c in cases
         ],
         "summary": summary,
+        "summary_served": summarize(served) if len(served) < len(per_case) else summary,
+        "groups": result.groups,
+        "worst_group": result.worst_group,
     }
     files: Dict[str, Path] = {}
     metrics_json = out_dir / "metrics.json"
@@ -436,11 +565,31 @@ def _resolve_model(model: Any):
 
 
 def held_out_block(result: EvaluationResult, *, note: str = "") -> Dict[str, Any]:
-    """A model-card block with the summary means of every method (for ``model.json``)."""
-    block: Dict[str, Any] = {"cases": sorted(result.cases), "note": note, "methods": {}}
-    for method, per_key in result.summary.items():
-        block["methods"][method] = {
-            k: (None if not math.isfinite(s["mean"]) else round(s["mean"], 4)) for k, s in per_key.items()
+    """A model-card block with the summary means of every method (for ``model.json``), and with groups, each
+    group's means, its goals and the worst group; with a spread map, the mean of its quality figures."""
+
+    def means(summary: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, Optional[float]]]:
+        return {
+            method: {k: (None if not math.isfinite(s["mean"]) else round(s["mean"], 4)) for k, s in per_key.items()}
+            for method, per_key in summary.items()
+        }
+
+    block: Dict[str, Any] = {"cases": sorted(result.cases), "note": note, "methods": means(result.summary)}
+    if result.groups:
+        block["groups"] = {
+            name: {
+                "expect": g["expect"],
+                "cases": g["cases"],
+                "methods": means(g["summary"]),
+                "goals_met": {k: v["met"] for k, v in g["goals"].items()},
+            }
+            for name, g in result.groups.items()
+        }
+        block["worst_group"] = result.worst_group
+    if result.uncertainty:
+        keys = ("hu_spearman", "surface_auroc")
+        block["uncertainty"] = {
+            k: round(float(np.nanmean([q[k] for q in result.uncertainty.values()])), 4) for k in keys
         }
     return block
 

@@ -21,7 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "(inverted, rescaled MRI) and 'bulk density' (air / soft tissue / bone at fixed HU). Writes metrics.json, "
             "metrics.csv, summary.csv, images/<case>.png and index.html in OUT_DIR.\n\n"
             "A case is a case.json (as `syntheticct phantom` writes), a folder holding one, or a folder of such "
-            "folders."
+            "folders at any depth. Cases in groups (a phantom set, `syntheticct phantom --set`, or sub-folders) "
+            "are also summarised per group against the goals, and the worst group is named."
         ),
     )
     p.add_argument(
@@ -52,6 +53,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-images", action="store_true", help="skip the per-case PNGs")
     p.add_argument("--save-sct", action="store_true", help="also write every sCT under OUT_DIR/sct/")
     p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also compute the model's spread map and measure how well it predicts the real error "
+        "(HU Spearman, surface AUROC); the sCT is unchanged",
+    )
+    p.add_argument(
         "--record-in-card",
         metavar="LABEL",
         default=None,
@@ -77,6 +84,7 @@ def run(args: argparse.Namespace, report) -> int:
         device=args.device,
         images=not args.no_images,
         save_sct=args.save_sct,
+        uncertainty=args.uncertainty,
         progress=report,
     )
     if args.record_in_card:
@@ -94,5 +102,9 @@ def run(args: argparse.Namespace, report) -> int:
         }
         for m, s in result.summary.items()
     }
-    sys.stdout.write(json.dumps({"out_dir": str(result.out_dir), "summary": lines}) + "\n")
+    document = {"out_dir": str(result.out_dir), "summary": lines}
+    if result.groups:
+        document["groups_meeting_goals"] = sorted(n for n, g in result.groups.items() if g["all_goals_met"])
+        document["worst_group"] = result.worst_group
+    sys.stdout.write(json.dumps(document) + "\n")
     return 0

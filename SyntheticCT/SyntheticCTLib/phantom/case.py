@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
 from SyntheticCTLib.kernel.errors import VolumeReadError, VolumeWriteError
@@ -41,8 +41,16 @@ class Case:
         return params.get("echo_times_ms")
 
 
-def write_phantom(phantom, out_dir: Union[str, Path], *, progress: Optional[ProgressCallback] = None) -> Path:
+def write_phantom(
+    phantom,
+    out_dir: Union[str, Path],
+    *,
+    progress: Optional[ProgressCallback] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Path:
     """Write ``phantom`` to ``out_dir`` (created if needed); return the path of its ``case.json``.
+
+    ``extra`` adds keys to ``case.json`` (e.g. the group of a phantom set); it cannot replace the standard ones.
 
     Files: ``mri_echo1.nii.gz`` ... (one per echo), ``ct.nii.gz``, ``labels.nii.gz``,
     ``bone_labels.nii.gz`` and ``case.json``. Every file is written atomically; the manifest is
@@ -83,6 +91,10 @@ def write_phantom(phantom, out_dir: Union[str, Path], *, progress: Optional[Prog
         "field_strength_t": params.get("field_strength_t"),
         "parameters": params,
     }
+    clashes = sorted(set(extra or {}) & set(manifest))
+    if clashes:
+        raise ValueError(f"write_phantom: extra keys {clashes} would replace standard case.json keys.")
+    manifest.update(extra or {})
     path = out / MANIFEST
     try:
         with atomic_output(path) as tmp:
