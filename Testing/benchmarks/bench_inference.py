@@ -17,7 +17,8 @@ Each measurement runs in its own child process, so that each peak memory is its 
 - ``monai``: ``monai.inferers.sliding_window_inference(..., mode="gaussian")`` with the network as loaded;
 - ``synthesize-eager`` / ``synthesize``: the full :meth:`SyntheticCTLib.synthesis.inference.Synthesizer.run`
   from ``sitk`` images (body mask, normalisation, patches outside the body skipped, HU, int16);
-- ``synthesize-tta``: the same with the four test-time flips (what ``--uncertainty`` runs).
+- ``synthesize-tta``: the same with the test-time flips (what ``--uncertainty`` runs: the identity and all axes
+  flipped, two passes; goal: at most twice a plain run).
 
 Printed: wall and CPU seconds, peak resident memory, the ratios, and the largest HU difference between
 the accelerated and the eager output (window: network output x the card's scale of 1000 HU; synthesis:
@@ -353,7 +354,7 @@ def report(results: dict) -> str:
         ("synthesize-eager", "monai", "ours eager full synthesis / MONAI (before)"),
         ("window", "window-eager", "accelerated / eager window"),
         ("synthesize", "synthesize-eager", "accelerated / eager synthesis"),
-        ("synthesize-tta", "synthesize", "with 4 TTA flips (--uncertainty) / plain synthesis"),
+        ("synthesize-tta", "synthesize", "with the TTA flips (--uncertainty) / plain synthesis (goal <= 2)"),
     ]
     for a, b, what in pairs:
         if results.get(a) and results.get(b):
