@@ -9,8 +9,10 @@ compared through that one transform.
 
 Outputs in ``out_dir``:
 
-- ``metrics.json``: the model, per-case metrics of every method, and a summary per method (mean,
-  standard deviation, median, min, max over the cases);
+- ``metrics.json``: the model, per-case metrics of every method and the input check's warnings about the
+  case (``input_warnings``: the model's input check, :func:`SyntheticCTLib.synthesis.input_check.review_inputs`,
+  echo times and field strength included), and a summary per method (mean, standard deviation, median, min,
+  max over the cases);
 - ``metrics.csv`` (one row per case and method) and ``summary.csv`` (one row per method and metric);
 - ``images/<case>.png``: orthogonal slices of the MRI, sCT, CT and sCT - CT;
 - ``index.html``: the summary table and box plots (:func:`SyntheticCTLib.apps.report.write_index`).
@@ -33,6 +35,7 @@ import SimpleITK as sitk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import slices_png
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
+from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_for_files
 from SyntheticCTLib.kernel.errors import InvalidParameterError, SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
@@ -44,8 +47,9 @@ from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, read_card
 from SyntheticCTLib.registration.registration import register
 from SyntheticCTLib.synthesis.baselines import BASELINES
 from SyntheticCTLib.synthesis.inference import synthesize
+from SyntheticCTLib.synthesis.input_check import review_inputs
 from SyntheticCTLib.training.config import ConfigError
-from SyntheticCTLib.training.data import read_case_manifest, read_mri_channels
+from SyntheticCTLib.training.data import case_acquisition, read_case_manifest, read_mri_channels
 from SyntheticCTLib.training.validation import score
 
 logger = logging.getLogger(__name__)
@@ -57,12 +61,14 @@ ALIGN_MODES = ("none", "rigid", "affine")
 
 @dataclass
 class EvaluationCase:
-    """A case to evaluate: MRI channel files and the CT of the same patient."""
+    """A case to evaluate: MRI channel files and the CT of the same patient (and the MRI's echo times and
+    field strength, where known; None: read from the files' JSON sidecars or a ``case.json`` beside them)."""
 
     name: str
     mri: List[Path]
     ct: Path
     bone_labels: Optional[Path] = None
+    acquisition: Optional[Acquisition] = None
 
 
 @dataclass
@@ -73,6 +79,8 @@ class EvaluationResult:
     cases: Dict[str, Dict[str, Dict[str, float]]]
     summary: Dict[str, Dict[str, Dict[str, float]]]
     files: Dict[str, Path] = field(default_factory=dict)
+    input_warnings: Dict[str, List[str]] = field(default_factory=dict)
+    """Per case, the input check's warnings about the model's inputs (empty: nothing stood out)."""
 
 
 def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
@@ -103,7 +111,15 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
                 spec = read_case_manifest(target)
             except ConfigError as e:
                 raise InvalidParameterError(str(e)) from e
-            cases.append(EvaluationCase(name=spec.name, mri=spec.mri, ct=spec.ct, bone_labels=spec.bone_labels))
+            cases.append(
+                EvaluationCase(
+                    name=spec.name,
+                    mri=spec.mri,
+                    ct=spec.ct,
+                    bone_labels=spec.bone_labels,
+                    acquisition=case_acquisition(spec),
+                )
+            )
     names = [c.name for c in cases]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -279,18 +295,21 @@ def evaluate(
     )
     per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
     times: Dict[str, Dict[str, float]] = {}
+    warnings: Dict[str, List[str]] = {}
     files: Dict[str, Path] = {}
     n = len(cases)
     for i, case in enumerate(cases):
         sub = scaled(report, i / n, (i + 1) / n)
         sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
-        per_case[case.name], times[case.name], picture = _evaluate_case(case, settings, sub)
+        per_case[case.name], times[case.name], warnings[case.name], picture = _evaluate_case(case, settings, sub)
         if picture is not None:
             files[f"image:{case.name}"] = picture
     summary = summarize(per_case)
-    files.update(_write_outputs(out_dir, package, cases, methods, align, bone_threshold, per_case, times, summary))
+    files.update(
+        _write_outputs(out_dir, package, cases, methods, align, bone_threshold, per_case, times, summary, warnings)
+    )
     report(1.0, "evaluate", "done")
-    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files)
+    return EvaluationResult(out_dir=out_dir, cases=per_case, summary=summary, files=files, input_warnings=warnings)
 
 
 @dataclass(frozen=True)
@@ -310,7 +329,7 @@ class _CaseSettings:
 
 
 def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: ProgressCallback):
-    """Synthesize and score every method on one case; return its metrics, times and picture (or None)."""
+    """Synthesize and score every method on one case; return its metrics, times, input warnings and picture."""
 
     package = settings.package
     mri = read_mri_channels(case.mri)
@@ -321,6 +340,8 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
             f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
             f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
         )
+    acquisition = case.acquisition if case.acquisition is not None else acquisition_for_files(case.mri)
+    input_warnings = review_inputs(mri, package.card, progress=report, source=case.name, acquisition=acquisition)
     transform = _align(ct, mri[0], settings.align, scaled(report, 0.0, 0.1))
     metrics_of: Dict[str, Dict[str, float]] = {}
     times: Dict[str, float] = {}
@@ -367,7 +388,7 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
     if settings.images and model_sct is not None:
         picture = settings.out_dir / "images" / f"{case.name}.png"
         _case_png(picture, mri[0], model_sct, ct, transform)
-    return metrics_of, times, picture
+    return metrics_of, times, input_warnings, picture
 
 
 def _write_outputs(
@@ -380,6 +401,7 @@ def _write_outputs(
     per_case: Dict[str, Dict[str, Dict[str, float]]],
     times: Dict[str, Dict[str, float]],
     summary: Dict[str, Dict[str, Dict[str, float]]],
+    warnings: Optional[Dict[str, List[str]]] = None,
 ) -> Dict[str, Path]:
     """Write ``metrics.json``, the CSVs and ``index.html``; return their paths."""
     document = {
@@ -396,6 +418,7 @@ def _write_outputs(
                 "ct": str(c.ct),
                 "metrics": per_case[c.name],
                 "time_s": times[c.name],
+                "input_warnings": list((warnings or {}).get(c.name, [])),
             }
             for c in cases
         ],
