@@ -402,7 +402,9 @@ def test_synthesize_from_a_multi_echo_dicom_folder_feeds_echoes_in_te_order(real
     assert main(["synthesize", "-i", str(folder), "-o", str(tmp_path / "dir.nii.gz")] + base) == 0
     err = capsys.readouterr().err
     assert "2_e1 (TE 5.19 ms), 2_e2 (TE 7.65 ms)" in err  # the order used, said once
-    assert "Echo 1 has TE 5.19 ms where the model was trained with TE 2 ms" in err
+    # The echo times from the headers go through the input check, against the card's protocol (TE 2, 5 ms).
+    assert "acquired with TE 5.19, 7.65 ms at 3 T (from the DICOM headers of" in err
+    assert "matches none of the protocols the model was trained on (TE 2, 5 ms)" in err
     for vid in ("2_e1", "2_e2"):  # NRRD keeps the geometry in doubles: the same grid, the same resampling
         assert main(["convert", str(folder), "--volume", vid, "-o", str(tmp_path / f"{vid}.nrrd")]) == 0
     echoes = [str(tmp_path / "2_e1.nrrd"), str(tmp_path / "2_e2.nrrd")]

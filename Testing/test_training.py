@@ -444,3 +444,34 @@ def test_ct_is_registered_to_the_mri_and_registration_outliers_are_flagged(cases
     metrics = {"a": -0.50, "b": -0.52, "c": -0.49, "d": -0.51, "e": -0.10}
     assert flag_registration_outliers(metrics, 3.5) == ["e"]
     assert flag_registration_outliers({"a": -0.5, "e": -0.1}, 3.5) == []
+
+
+def test_export_lists_the_distinct_protocols_of_a_training_set_of_two_field_strengths(cases, tmp_path):
+    """Two 3 T phantoms and one at 1.5 T: the card lists both protocols once each, with their number of cases."""
+    from SyntheticCTLib.models.package import card_protocols, validate_card
+    from SyntheticCTLib.training.data import collect_cases, prepare_cases
+    from SyntheticCTLib.training.export import build_card, training_protocols
+
+    write_phantom(make_phantom(4, size=SIZE, spacing=SPACING, field_strength=1.5), tmp_path / "at15" / "seed4")
+    config = base_config(cases, tmp_path / "run")
+    config["data"]["case_folders"].append(str(tmp_path / "at15"))
+    loaded = load_config(write_config(tmp_path / "two.yaml", config))
+    train_specs, _ = collect_cases(loaded)
+    assert sorted(s.name for s in train_specs) == ["seed1", "seed2", "seed4"]
+    card = build_card(loaded, prepare_cases(loaded, train_specs), manifests=[s.manifest for s in train_specs])
+    # The phantom's protocols (phantom/mri.py): 1.5 T TE 2.3/4.6/6.9 ms TR 12 ms; 3 T TE 2.2/3.4/4.6 ms TR 10 ms.
+    assert card["training_data"]["protocols"] == [
+        {"field_strength_t": 1.5, "echo_times_ms": [2.3, 4.6, 6.9], "tr_ms": 12.0, "flip_angle_deg": 15.0, "cases": 1},
+        {"field_strength_t": 3.0, "echo_times_ms": [2.2, 3.4, 4.6], "tr_ms": 10.0, "flip_angle_deg": 15.0, "cases": 2},
+    ]
+    card.update(schema_version=1, weights=[{"file": "model.safetensors", "sha256": "0" * 64}])
+    assert [p["field_strength_t"] for p in card_protocols(validate_card(card))] == [1.5, 3.0]
+    # One's own cases: what the manifest gives, rounded (0.01 ms, 0.1 T) and deduplicated; none known, no list.
+    own = [
+        {"mri": ["a.nii.gz"] * 3, "echo_times_ms": [2.2000001, 3.4, 4.6], "field_strength_t": 2.89},
+        {"mri": ["b.nii.gz"] * 3, "echo_times_ms": [2.2, 3.4, 4.5999], "field_strength_t": 2.9},
+        {"mri": ["c.nii.gz"] * 3, "echo_times_ms": [2.2, 3.4]},  # not one per channel: left out
+        {"mri": ["d.nii.gz"] * 3},
+    ]
+    assert training_protocols(own, 3) == [{"field_strength_t": 2.9, "echo_times_ms": [2.2, 3.4, 4.6], "cases": 2}]
+    assert training_protocols([{"mri": ["d.nii.gz"]}], 3) == []

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE
+from SyntheticCTLib.kernel.acquisition import acquisition_for_files, acquisition_from_metadata
 from SyntheticCTLib.kernel.errors import Cancelled, InvalidParameterError, SyntheticCTError, VolumeReadError
 from SyntheticCTLib.kernel.io import check_mri_channels, check_not_input, read_volume, write_volume
 from SyntheticCTLib.kernel.jsonio import write_json
@@ -348,9 +349,15 @@ class _CaseRun:
         return record
 
     def _synthesize(self, case: SynthesisCase, outputs: Dict[str, Path], step: ProgressCallback) -> Dict[str, Any]:
+        manifest = read_manifest(case.source)[1] if case.source is not None else None
+        acquisition = acquisition_for_files(case.mri, manifest, str(case.source))
         images = [read_volume(p) for p in case.mri]
+        if acquisition is None:
+            acquisition = acquisition_from_metadata(images, "the volumes' DICOM tags")
         check_mri_channels(images, [str(p) for p in case.mri], resample=self.resample_channels)
-        input_warnings = review_inputs(images, self.model.card, strict=self.strict, progress=step, source=case.case_id)
+        input_warnings = review_inputs(
+            images, self.model.card, strict=self.strict, progress=step, source=case.case_id, acquisition=acquisition
+        )
         if self.synthesizer is None:
             self.synthesizer = Synthesizer(self.model, device=self.device, window=self.window)
         result = self.synthesizer.run(images, progress=scaled(step, 0.0, 0.85), cancel=self.cancel, tta=self.tta)

@@ -9,8 +9,10 @@ compared through that one transform.
 
 Outputs in ``out_dir``:
 
-- ``metrics.json``: the model, per-case metrics of every method, and a summary per method (mean,
-  standard deviation, median, min, max over the cases);
+- ``metrics.json``: the model, per-case metrics of every method and the input check's warnings about the
+  case (``input_warnings``: the model's input check, :func:`SyntheticCTLib.synthesis.input_check.review_inputs`,
+  echo times and field strength included), and a summary per method (mean, standard deviation, median, min,
+  max over the cases);
 - ``metrics.csv`` (one row per case and method) and ``summary.csv`` (one row per method and metric);
 - ``images/<case>.png``: orthogonal slices of the MRI, sCT, CT and sCT - CT;
 - ``index.html``: the summary table and box plots (:func:`SyntheticCTLib.apps.report.write_index`).
@@ -35,6 +37,7 @@ from SyntheticCTLib.apps.report import slices_png
 from SyntheticCTLib.comparison.compare import compare
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
 from SyntheticCTLib.comparison.uncertainty import uncertainty_quality
+from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_for_files
 from SyntheticCTLib.kernel.errors import InvalidParameterError, NoBoneError, SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like
 from SyntheticCTLib.kernel.hu import AIR_HU, BONE_THRESHOLD_HU
@@ -46,8 +49,9 @@ from SyntheticCTLib.models.package import MODEL_CARD, ModelPackage, read_card
 from SyntheticCTLib.registration.registration import register
 from SyntheticCTLib.synthesis.baselines import BASELINES
 from SyntheticCTLib.synthesis.inference import synthesize, synthesize_with_uncertainty
+from SyntheticCTLib.synthesis.input_check import review_inputs
 from SyntheticCTLib.training.config import ConfigError
-from SyntheticCTLib.training.data import read_case_manifest, read_mri_channels
+from SyntheticCTLib.training.data import case_acquisition, read_case_manifest, read_mri_channels
 from SyntheticCTLib.training.validation import score
 
 logger = logging.getLogger(__name__)
@@ -67,7 +71,8 @@ GOALS: Dict[str, Tuple[str, float]] = {
 
 @dataclass
 class EvaluationCase:
-    """A case to evaluate: MRI channel files and the CT of the same patient."""
+    """A case to evaluate: MRI channel files and the CT of the same patient (and the MRI's echo times and
+    field strength, where known; None: read from the files' JSON sidecars or a ``case.json`` beside them)."""
 
     name: str
     mri: List[Path]
@@ -77,6 +82,7 @@ class EvaluationCase:
     """The case's group (a phantom set's group, else the folder above the case when cases are nested)."""
     expect: str = "served"
     """``served`` (held to the goals) or ``warning`` (the model's input check must warn; reported apart)."""
+    acquisition: Optional[Acquisition] = None
 
 
 @dataclass
@@ -93,6 +99,8 @@ class EvaluationResult:
     """The served group farthest from a goal."""
     uncertainty: Dict[str, Dict[str, float]] = field(default_factory=dict)
     """With ``uncertainty=True``: per case, how well the model's spread map predicts its error."""
+    input_warnings: Dict[str, List[str]] = field(default_factory=dict)
+    """Per case, the input check's warnings about the model's inputs (empty: nothing stood out)."""
 
 
 def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationCase]:
@@ -137,6 +145,7 @@ def find_evaluation_cases(paths: Sequence[Union[str, Path]]) -> List[EvaluationC
                     bone_labels=spec.bone_labels,
                     group=group,
                     expect=str(spec.manifest.get("expect") or "served"),
+                    acquisition=case_acquisition(spec),
                 )
             )
     names = [c.name for c in cases]
@@ -362,12 +371,15 @@ def evaluate(
     per_case: Dict[str, Dict[str, Dict[str, float]]] = {}
     times: Dict[str, Dict[str, float]] = {}
     spread_quality: Dict[str, Dict[str, float]] = {}
+    warnings: Dict[str, List[str]] = {}
     files: Dict[str, Path] = {}
     n = len(cases)
     for i, case in enumerate(cases):
         sub = scaled(report, i / n, (i + 1) / n)
         sub(0.0, "evaluate", f"case {i + 1}/{n}: {case.name}")
-        per_case[case.name], times[case.name], picture, quality = _evaluate_case(case, settings, sub)
+        per_case[case.name], times[case.name], warnings[case.name], picture, quality = _evaluate_case(
+            case, settings, sub
+        )
         if quality is not None:
             spread_quality[case.name] = quality
         if picture is not None:
@@ -381,6 +393,7 @@ def evaluate(
         groups=groups,
         worst_group=worst,
         uncertainty=spread_quality,
+        input_warnings=warnings,
     )
     result.files = {**files, **_write_outputs(result, package, cases, methods, align, bone_threshold, times)}
     report(1.0, "evaluate", "done")
@@ -405,8 +418,8 @@ class _CaseSettings:
 
 
 def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: ProgressCallback):
-    """Synthesize and score every method on one case; return its metrics, times, picture (or None) and, with
-    ``settings.uncertainty``, the quality of the model's spread map (else None)."""
+    """Synthesize and score every method on one case; return its metrics, times, input warnings, picture (or
+    None) and, with ``settings.uncertainty``, the quality of the model's spread map (else None)."""
 
     package = settings.package
     mri = read_mri_channels(case.mri)
@@ -417,6 +430,8 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
             f"Case '{case.name}' has {len(mri)} MRI channel(s); the model "
             f"'{package.name}' needs {package.in_channels} ({', '.join(package.input_names)})."
         )
+    acquisition = case.acquisition if case.acquisition is not None else acquisition_for_files(case.mri)
+    input_warnings = review_inputs(mri, package.card, progress=report, source=case.name, acquisition=acquisition)
     transform = _align(ct, mri[0], settings.align, scaled(report, 0.0, 0.1))
     metrics_of: Dict[str, Dict[str, float]] = {}
     times: Dict[str, float] = {}
@@ -459,7 +474,7 @@ def _evaluate_case(case: EvaluationCase, settings: _CaseSettings, report: Progre
     if settings.images and model_sct is not None:
         picture = settings.out_dir / "images" / f"{case.name}.png"
         _case_png(picture, mri[0], model_sct, ct, transform)
-    return metrics_of, times, picture, quality
+    return metrics_of, times, input_warnings, picture, quality
 
 
 def _synthesize(mri: List[sitk.Image], settings: _CaseSettings, progress: ProgressCallback):
@@ -522,6 +537,7 @@ def _write_outputs(
                 "metrics": per_case[c.name],
                 "uncertainty": result.uncertainty.get(c.name),
                 "time_s": times[c.name],
+                "input_warnings": list(result.input_warnings.get(c.name, [])),
             }
             for c in cases
         ],

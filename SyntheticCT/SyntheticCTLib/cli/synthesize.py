@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="make every warning of the input check (channels, voxel size, field of view, orientation, "
-        "intensities, what each channel holds) an error, before any model runs",
+        "intensities, what each channel holds, echo times and field strength against the protocols the "
+        "model was trained on) an error, before any model runs",
     )
     p.add_argument(
         "--resample-channels",
@@ -193,14 +194,21 @@ def _run_one(args: argparse.Namespace, report) -> int:
             from SyntheticCTLib.kernel.dicom_series import read_model_echoes
 
             report(0.05, "reading", str(inputs[0]))
-            images = read_model_echoes(inputs[0], [e.get("echo_time_ms") for e in model.card.get("inputs", [])])
+            expected = [e.get("echo_time_ms") for e in model.card.get("inputs", [])]
+            images, acquisition = read_model_echoes(inputs[0], expected)
+        else:
+            from SyntheticCTLib.kernel.acquisition import acquisition_for_files, acquisition_from_metadata
+
+            acquisition = acquisition_for_files(inputs)  # a malformed JSON sidecar fails here, before the work
         for k, path in enumerate(inputs if not dicom_dir else []):
             report(0.05 + 0.05 * k / len(inputs), "reading", str(path))
             images.append(read_volume(path))
+        if acquisition is None:  # DICOM tags kept on the volumes (e.g. NRRD written by `syntheticct convert`)
+            acquisition = acquisition_from_metadata(images, "the volumes' DICOM tags")
         sources = [str(inputs[0])] * len(images) if dicom_dir else [str(p) for p in inputs]
         names = [f"{p} ({n})" for p, n in zip(sources, _input_names(model))]
         check_mri_channels(images, names, resample=args.resample_channels)
-        input_warnings = review_inputs(images, model.card, strict=args.strict, progress=report)
+        input_warnings = review_inputs(images, model.card, strict=args.strict, progress=report, acquisition=acquisition)
         want_uncertainty = uncertainty is not None
         synthesizer = Synthesizer(model, device=args.device, window=_window(args))
         result = synthesizer.run(images, progress=scaled(report, 0.1, 0.85), tta=args.tta or want_uncertainty)

@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_from_metadata, echo_time_warnings
 from SyntheticCTLib.kernel.errors import VolumeReadError
 from SyntheticCTLib.kernel.types import PathLike
 
@@ -924,23 +925,16 @@ def read_echoes(path: PathLike) -> Tuple[List[sitk.Image], List[Optional[float]]
     return chosen.read(), chosen.echo_times_ms, chosen.ids
 
 
-def echo_time_warnings(echo_times: Sequence[Optional[float]], expected: Sequence[Optional[float]]) -> List[str]:
-    """One line per echo whose TE differs from the model card's (by over 20 % and 0.5 ms)."""
-    out = []
-    for k, (te, want) in enumerate(zip(echo_times, expected)):
-        if te is None or want is None:
-            continue
-        if abs(te - want) > max(0.5, 0.2 * want):
-            out.append(f"Echo {k + 1} has TE {te:g} ms where the model was trained with TE {want:g} ms.")
-    return out
-
-
-def read_model_echoes(path: PathLike, expected_echo_times: Sequence[Optional[float]]) -> List[sitk.Image]:
-    """The echoes of the one multi-echo magnitude set in ``path``, in echo-time order, for a model.
+def read_model_echoes(
+    path: PathLike, expected_echo_times: Sequence[Optional[float]]
+) -> Tuple[List[sitk.Image], Acquisition]:
+    """The echoes of the one multi-echo magnitude set in ``path``, in echo-time order, for a model, and their
+    acquisition (echo times from the headers, field strength from the MagneticFieldStrength tag).
 
     ``expected_echo_times`` are the model card's echo times, one per input (None where not given): a set
-    with another number of echoes is a :class:`VolumeReadError`; echo times far from the card's are
-    logged as warnings.
+    with another number of echoes is a :class:`VolumeReadError`. Whether the echo times fit the model is
+    the input check's to say (:func:`SyntheticCTLib.synthesis.input_check.check_inputs`, against every
+    protocol the model was trained on).
     """
     images, echo_times, ids = read_echoes(path)
     listed = ", ".join(f"{i} (TE {t:g} ms)" if t is not None else i for i, t in zip(ids, echo_times))
@@ -951,9 +945,9 @@ def read_model_echoes(path: PathLike, expected_echo_times: Sequence[Optional[flo
             f"input(s) (TE {wanted} ms)."
         )
     logger.info("'%s': model inputs in echo-time order: %s.", path, listed)
-    for message in echo_time_warnings(echo_times, expected_echo_times):
-        logger.warning("'%s': %s", path, message)
-    return images
+    tags = acquisition_from_metadata(images)
+    field_t = tags.field_strength_t if tags is not None else None
+    return images, Acquisition(list(echo_times), field_t, f"the DICOM headers of '{path}'")
 
 
 def describe_path(path: PathLike) -> List[Dict[str, Any]]:

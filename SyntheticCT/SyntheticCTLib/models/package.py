@@ -145,6 +145,7 @@ def validate_card(card: Any, source: object = "<model.json>") -> Dict[str, Any]:
     n_in = len(inputs)
     if kwargs.setdefault("in_channels", n_in) != n_in:
         raise _fail(source, f"architecture.kwargs.in_channels is {kwargs['in_channels']} but 'inputs' lists {n_in}.")
+    _check_protocols(card, n_in, source)
     spacing = card["spacing_mm"]
     if not isinstance(spacing, list) or len(spacing) != 3:
         raise _fail(source, f"'spacing_mm' must be a list of 3 numbers (got {spacing!r}).")
@@ -207,6 +208,65 @@ def validate_card(card: Any, source: object = "<model.json>") -> Dict[str, Any]:
         if fmt not in WEIGHT_FORMATS:
             raise _fail(source, f"weights[{i}].format must be one of {', '.join(WEIGHT_FORMATS)} (got {fmt!r}).")
     return card
+
+
+def _check_protocols(card: Mapping[str, Any], n_in: int, source: object) -> None:
+    """``training_data.protocols``, when given: a list of {field_strength_t, echo_times_ms (one per input), ...}."""
+    training = card.get("training_data")
+    if not isinstance(training, dict) or "protocols" not in training:
+        return
+    protocols = training["protocols"]
+    if not isinstance(protocols, list) or not all(isinstance(p, dict) for p in protocols):
+        raise _fail(source, "'training_data.protocols' must be a list of objects {field_strength_t, echo_times_ms}.")
+    for i, protocol in enumerate(protocols):
+        where = f"training_data.protocols[{i}]"
+        tes = protocol.get("echo_times_ms")
+        if not isinstance(tes, list) or len(tes) != n_in:
+            raise _fail(source, f"{where}.echo_times_ms must list {n_in} echo time(s), one per input (got {tes!r}).")
+        for te in tes:
+            if _number(te, f"{where}.echo_times_ms", source) <= 0:
+                raise _fail(source, f"{where}.echo_times_ms must be positive (got {tes!r}).")
+        for key in ("field_strength_t", "tr_ms", "flip_angle_deg"):
+            if protocol.get(key) is not None and _number(protocol[key], f"{where}.{key}", source) <= 0:
+                raise _fail(source, f"{where}.{key} must be positive (got {protocol[key]!r}).")
+
+
+def card_protocols(card: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The acquisition protocols a model was trained on: ``[{"field_strength_t", "echo_times_ms", ...}]``.
+
+    ``training_data.protocols`` when the card has it; else one protocol from the inputs' ``echo_time_ms``
+    (and ``field_strength_t``, when every input that gives one agrees); else ``[]`` (nothing known).
+    A field strength of None means "not stated". Malformed entries are skipped (:func:`validate_card` refuses them).
+    """
+    training = card.get("training_data")
+    listed = training.get("protocols") if isinstance(training, Mapping) else None
+    out: List[Dict[str, Any]] = []
+    if isinstance(listed, list) and listed:
+        for protocol in listed:
+            if not isinstance(protocol, Mapping) or not isinstance(protocol.get("echo_times_ms"), list):
+                continue
+            try:
+                tes = [float(t) for t in protocol["echo_times_ms"]]
+                b0 = protocol.get("field_strength_t")
+                entry = {"field_strength_t": float(b0) if b0 is not None else None, "echo_times_ms": tes}
+            except (TypeError, ValueError):
+                continue
+            for key in ("tr_ms", "flip_angle_deg"):
+                if protocol.get(key) is not None:
+                    entry[key] = protocol[key]
+            out.append(entry)
+        return out
+    inputs = [e for e in card.get("inputs") or [] if isinstance(e, Mapping)]
+    tes = [e.get("echo_time_ms") for e in inputs]
+    if not inputs or all(t is None for t in tes):
+        return []
+    fields = {float(e["field_strength_t"]) for e in inputs if e.get("field_strength_t") is not None}
+    return [
+        {
+            "field_strength_t": fields.pop() if len(fields) == 1 else None,
+            "echo_times_ms": [float(t) if t is not None else None for t in tes],
+        }
+    ]
 
 
 NATIVE_ORIENTATIONS = ("", "INPUT", "NATIVE", "INDEX", "ANY", "NONE")
@@ -760,6 +820,7 @@ __all__ = [
     "validate_card",
     "read_card",
     "input_label",
+    "card_protocols",
     "network_data_format",
     "load_weights",
 ]

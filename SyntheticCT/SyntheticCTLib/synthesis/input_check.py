@@ -16,10 +16,16 @@ Card fields read (all optional except ``inputs``)::
     training_data.spacing_mm      voxel size of the training data: [x, y, z], or {"min": [...], "max": [...]}
     training_data.fov_mm          field of view of the training data: [x, y, z], or {"min": [...], "max": [...]}
     training_data.input_statistics  per channel {"p1", "p50", "p99"}: raw intensities inside the body
+    training_data.protocols       the acquisitions trained on: [{"field_strength_t", "echo_times_ms", ...}]
+                                  (without it, one protocol from inputs[].echo_time_ms; models.package.card_protocols)
 
 Intensity scale differs between scanners, and the model normalises each channel, so the statistics
 are compared through scale-free ratios: the shape of each channel's distribution
 ((p99 - p50) / (p50 - p1)) and the median of each channel relative to the first (for echoes: the signal decay with echo time).
+
+When the input's acquisition is known (:class:`~SyntheticCTLib.kernel.acquisition.Acquisition`: DICOM headers, a
+JSON sidecar, a case manifest), its echo times and field strength are compared with every protocol of the card,
+by the rule of :func:`~SyntheticCTLib.kernel.acquisition.echo_time_differs`: within it for one protocol is fine.
 """
 
 from __future__ import annotations
@@ -31,9 +37,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.acquisition import (
+    Acquisition,
+    echo_time_differs,
+    field_strength_differs,
+    format_echo_times,
+)
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.kernel.masks import mri_body_mask
-from SyntheticCTLib.models.package import card_orientation
+from SyntheticCTLib.models.package import card_orientation, card_protocols
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +255,21 @@ def _check_orientation(image: sitk.Image, card: Mapping[str, Any]) -> List[str]:
     return warnings
 
 
+def _order_from_headers(acquisition: Optional[Acquisition], card: Mapping[str, Any], n_channels: int) -> bool:
+    """True when the input's echo times are all known and in the order of every protocol's (the headers say
+    the channels are in the model's order: a change of echo medians then comes from the echo times)."""
+    if acquisition is None or len(acquisition.echo_times_ms) != n_channels:
+        return False
+    tes = acquisition.echo_times_ms
+    if any(t is None for t in tes) or len(set(tes)) != len(tes):
+        return False
+    order = list(np.argsort(tes, kind="stable"))
+    known = [p["echo_times_ms"] for p in card_protocols(card) if None not in p["echo_times_ms"]]
+    return bool(known) and all(list(np.argsort(r, kind="stable")) == order for r in known)
+
+
 def _check_statistics(
-    stats: Sequence[Mapping[str, float]], card: Mapping[str, Any], labels: Sequence[str]
+    stats: Sequence[Mapping[str, float]], card: Mapping[str, Any], labels: Sequence[str], order_known: bool = False
 ) -> List[str]:
     trained = _training(card).get("input_statistics")
     if not isinstance(trained, Sequence) or len(trained) != len(stats):
@@ -264,7 +289,8 @@ def _check_statistics(
         ratios, t_ratios = [], []
     if len(stats) > 1 and ratios and all(np.isfinite(ratios)) and all(np.isfinite(t_ratios)):
         distinct = len(set(np.round(t_ratios, 2))) == len(t_ratios)
-        if distinct and not np.array_equal(np.argsort(t_ratios, kind="stable"), np.argsort(ratios, kind="stable")):
+        swapped = not np.array_equal(np.argsort(t_ratios, kind="stable"), np.argsort(ratios, kind="stable"))
+        if distinct and swapped and not order_known:
             # A swapped input explains every other difference: say only that.
             return warnings + [
                 "The inputs seem to be in a different order than the model expects ("
@@ -296,6 +322,49 @@ def _check_statistics(
                 "and its parameters (or a contrast agent)."
             )
     return warnings
+
+
+def _fits_protocol(acquisition: Acquisition, protocol: Mapping[str, Any], n_channels: int) -> bool:
+    """True when every known echo time and the field strength (where both sides state it) fit ``protocol``."""
+    b0, reference_b0 = acquisition.field_strength_t, protocol.get("field_strength_t")
+    if b0 is not None and reference_b0 is not None and field_strength_differs(b0, reference_b0):
+        return False
+    tes = list(acquisition.echo_times_ms)
+    if len(tes) != n_channels or all(t is None for t in tes):
+        return True  # echo times unknown (or not one per channel): only the field strength says anything
+    reference = list(protocol.get("echo_times_ms") or [])
+    if len(reference) != len(tes):
+        return False
+    return not any(t is not None and r is not None and echo_time_differs(t, r) for t, r in zip(tes, reference))
+
+
+def check_acquisition(
+    acquisition: Optional[Acquisition], card: Mapping[str, Any], n_channels: Optional[int] = None
+) -> List[str]:
+    """A warning when the input's echo times (and field strength) fit none of the card's protocols.
+
+    Each protocol (:func:`~SyntheticCTLib.models.package.card_protocols`) is compared echo by echo with
+    :func:`~SyntheticCTLib.kernel.acquisition.echo_time_differs` (more than 0.5 ms and 20 % off) and by field
+    strength (:func:`~SyntheticCTLib.kernel.acquisition.field_strength_differs`); fitting one is enough.
+    Nothing known on either side: no warning.
+    """
+    if acquisition is None or not acquisition.known:
+        return []
+    protocols = card_protocols(card)
+    if not protocols:
+        return []
+    n = len(card.get("inputs") or []) if n_channels is None else n_channels
+    if any(_fits_protocol(acquisition, p, n) for p in protocols):
+        return []
+    tes = acquisition.echo_times_ms if len(acquisition.echo_times_ms) == n else []
+    given = format_echo_times(tes, acquisition.field_strength_t) if tes else (f"{acquisition.field_strength_t:g} T")
+    trained = "; ".join(format_echo_times(p["echo_times_ms"], p.get("field_strength_t")) for p in protocols)
+    where = f" (from {acquisition.source})" if acquisition.source else ""
+    return [
+        f"The input was acquired with {given}{where}, which matches none of the protocols the model was "
+        f"trained on ({trained}): echoes far from the training's change the fat/water phase pattern the model "
+        "reads, so the synthetic CT may be wrong while looking plausible."
+    ]
 
 
 LABEL_MAP_MAX_VALUES = 32
@@ -366,7 +435,11 @@ def _same_up_to_scale(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def check_inputs(
-    images: Sequence[sitk.Image], card: Mapping[str, Any], *, mask: Optional[np.ndarray] = None
+    images: Sequence[sitk.Image],
+    card: Mapping[str, Any],
+    *,
+    mask: Optional[np.ndarray] = None,
+    acquisition: Optional[Acquisition] = None,
 ) -> List[str]:
     """Compare input MRI volumes with a model card; return plain-words warnings (empty: all fits).
 
@@ -378,6 +451,10 @@ def check_inputs(
         The model card (``model.json`` as a dict, e.g. ``ModelPackage.card``).
     mask
         Optional body mask ``(z, y, x)`` for the intensity statistics (default: :func:`body_mask`).
+    acquisition
+        The inputs' echo times and field strength, where known (e.g.
+        :func:`~SyntheticCTLib.kernel.acquisition.acquisition_for_files`): compared with the card's
+        protocols (:func:`check_acquisition`); that warning comes first, as it explains the others.
     """
     labels = input_labels(card)
     expected = len(labels)
@@ -391,7 +468,7 @@ def check_inputs(
         ]
     labels = labels or [f"input {i + 1}" for i in range(len(images))]
     content = _check_content(images, labels)
-    warnings = content + _check_grids(images, labels)
+    warnings = check_acquisition(acquisition, card, len(images)) + content + _check_grids(images, labels)
     warnings += _check_spacing(images[0], card)
     warnings += _check_fov(images[0], card)
     warnings += _check_orientation(images[0], card)
@@ -401,7 +478,8 @@ def check_inputs(
         except (RuntimeError, IndexError, ValueError):  # different grids: statistics are not comparable
             stats = []
         if stats:
-            warnings += _check_statistics(stats, card, labels)
+            order_known = _order_from_headers(acquisition, card, len(images))
+            warnings += _check_statistics(stats, card, labels, order_known)
     return warnings
 
 
@@ -416,15 +494,17 @@ def review_inputs(
     strict: bool = False,
     progress: Optional[Any] = None,
     source: str = "",
+    acquisition: Optional[Acquisition] = None,
 ) -> List[str]:
     """Run :func:`check_inputs` before any model runs, and tell every face what it found.
 
     Each warning is logged, and sent through ``progress`` as ``report(0.0, "input check", warning)``
     (the JSON progress stream a GUI reads). With ``strict`` any warning is an
-    :class:`~SyntheticCTLib.kernel.errors.InvalidParameterError` naming ``source``. Returns the warnings,
-    for the synthetic CT's metadata (:func:`stamp_warnings`).
+    :class:`~SyntheticCTLib.kernel.errors.InvalidParameterError` naming ``source``. ``acquisition`` (the
+    inputs' echo times and field strength, where known) is compared with the card's protocols. Returns
+    the warnings, for the synthetic CT's metadata (:func:`stamp_warnings`).
     """
-    warnings = check_inputs(images, card)
+    warnings = check_inputs(images, card, acquisition=acquisition)
     for warning in warnings:
         logger.warning("%s%s", f"{source}: " if source else "", warning)
         if progress is not None:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_for_files
 from SyntheticCTLib.kernel.errors import SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like, resample_to_spacing, same_grid
 from SyntheticCTLib.kernel.hu import CT_MIN_HU
@@ -76,7 +77,8 @@ def read_case_manifest(path: Path) -> CaseSpec:
 
     Phantom manifests (with ``labels``) are read by :func:`SyntheticCTLib.phantom.load_case`; a minimal
     manifest of one's own data needs only ``{"mri": ["echo1.nii.gz", ...], "ct": "ct.nii.gz"}`` (optionally
-    ``"bone_labels"``), file names relative to the manifest's folder.
+    ``"bone_labels"``, and the acquisition: ``"echo_times_ms"`` and ``"field_strength_t"``, read by
+    :func:`case_acquisition`), file names relative to the manifest's folder.
 
     Raises
     ------
@@ -135,6 +137,14 @@ def read_case_manifest(path: Path) -> CaseSpec:
 
 
 _case_from_manifest = read_case_manifest
+
+
+def case_acquisition(case: CaseSpec) -> Optional[Acquisition]:
+    """The echo times and field strength of a case's MRI: from its manifest (a phantom's ``case.json``
+    ``parameters``, or ``"echo_times_ms"`` and ``"field_strength_t"`` in one's own), else from the MRI
+    files' JSON sidecars (:func:`SyntheticCTLib.kernel.acquisition.acquisition_for_files`); None when unknown.
+    """
+    return acquisition_for_files(case.mri, case.manifest or None, f"the case.json of '{case.name}'")
 
 
 def find_cases(folder: Path) -> List[CaseSpec]:

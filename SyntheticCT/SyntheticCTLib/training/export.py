@@ -1,7 +1,8 @@
 """Export a trained network as a model package that ``syntheticct models add`` accepts as it is.
 
 The card (``model.json``) is built from the training configuration and the prepared training data:
-the inputs (echo times of phantom cases), the normalisation the training used, the working spacing,
+the inputs (echo times of phantom cases), the distinct acquisition protocols of all training cases
+(``training_data.protocols``: field strength, echo times, TR, flip angle), the normalisation the training used, the working spacing,
 the HU output mapping, patch size and overlap, the training summary with ``input_statistics`` (p1,
 p50 and p99 of the raw intensities inside the body, per channel), the spacing and field-of-view ranges
 of the training data, and the validation metrics. :func:`SyntheticCTLib.models.package.write_model_package`
@@ -45,6 +46,59 @@ def describe_inputs(
                 inputs.append(entry)
             return inputs
     return [{"name": f"channel{k + 1}", "sequence": config.export.sequence or "MRI"} for k in range(n_channels)]
+
+
+def _acquisition_number(value: Any, digits: int) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        return None
+    return round(float(value), digits)
+
+
+def training_protocols(manifests: Sequence[Mapping[str, Any]], n_channels: int) -> List[Dict[str, Any]]:
+    """The card's ``training_data.protocols``: the distinct acquisitions of the training cases.
+
+    Each case's manifest gives its acquisition (a phantom's ``parameters``: ``field_strength_t``,
+    ``echo_times_ms``, ``tr_ms``, ``flip_angle_deg``; one's own ``case.json``: the same keys at its top
+    level, those it has). Echo times are rounded to 0.01 ms, the field strength to 0.1 T, TR to 0.1 ms and
+    the flip angle to 0.1 degree; equal acquisitions are listed once, with their number of ``cases``,
+    sorted by field strength and echo times. Cases without ``n_channels`` echo times are left out.
+    """
+    counts: Dict[tuple, int] = {}
+    for manifest in manifests:
+        if not isinstance(manifest, Mapping):
+            continue
+        params = manifest.get("parameters")
+        merged = {
+            **manifest,
+            **{k: v for k, v in (params if isinstance(params, Mapping) else {}).items() if v is not None},
+        }
+        get = merged.get
+        tes = get("echo_times_ms")
+        if not isinstance(tes, (list, tuple)) or len(tes) != n_channels:
+            continue
+        rounded = tuple(_acquisition_number(t, 2) for t in tes)
+        if any(t is None for t in rounded):
+            continue
+        field = get("field_strength_t")
+        if field is None:
+            field = get("field_strength")
+        key = (
+            _acquisition_number(field, 1),
+            rounded,
+            _acquisition_number(get("tr_ms"), 1),
+            _acquisition_number(get("flip_angle_deg"), 1),
+        )
+        counts[key] = counts.get(key, 0) + 1
+    protocols = []
+    for (field, tes, tr, flip), n in sorted(counts.items(), key=lambda kv: (kv[0][0] or 0.0, kv[0][1], str(kv[0][2:]))):
+        entry: Dict[str, Any] = {"field_strength_t": field, "echo_times_ms": list(tes)}
+        if tr is not None:
+            entry["tr_ms"] = tr
+        if flip is not None:
+            entry["flip_angle_deg"] = flip
+        entry["cases"] = n
+        protocols.append(entry)
+    return protocols
 
 
 def _range(values: Sequence[Sequence[float]]) -> Dict[str, List[float]]:
@@ -96,12 +150,15 @@ def build_card(
         "cases": len(train_cases),
         "case_names": [c.name for c in train_cases],
         "input_statistics": pooled_input_statistics(train_cases, seed=config.seed),
+        "protocols": training_protocols(manifests, n_channels),
         "spacing_mm": _range([c.info["source_spacing_mm"] for c in train_cases]),
         "fov_mm": _range([c.info["source_fov_mm"] for c in train_cases]),
         "working_spacing_mm": spacing_xyz,
         "training_command": f"syntheticct train --config {config.source.name}",
         "config_sha256": _file_sha256(config.source),
     }
+    if not training_data["protocols"]:  # nothing known: the card's inputs[].echo_time_ms speak (if any)
+        del training_data["protocols"]
     if summary:
         training_data.update({k: v for k, v in summary.items() if k != "text"})
     card: Dict[str, Any] = {
