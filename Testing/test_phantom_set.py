@@ -138,5 +138,8 @@ def test_evaluation_summarises_each_group_and_names_the_worst(tiny_set, tmp_path
     assert {c["name"]: c["group"] for c in document["cases"]}["seed504"] == "far"
     served = [result.cases[c]["model"]["mae_hu"] for c in ("seed501", "seed502", "seed503")]
     assert document["summary_served"]["model"]["mae_hu"]["mean"] == pytest.approx(np.mean(served))
+    # The far echo times are warned (the bundled card's protocol is TE 2.2 / 3.4 / 4.6 ms at 3 T); the rest not.
+    assert result.groups["far"]["warned"] == 1 and result.groups["far"]["expectation_met"]
+    assert any("TE 1.2, 2.4, 3.6 ms" in w for w in result.input_warnings["seed504"])
     block = held_out_block(result)
     assert block["worst_group"] == result.worst_group and block["groups"]["far"]["expect"] == "warning"

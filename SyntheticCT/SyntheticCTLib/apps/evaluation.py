@@ -206,9 +206,13 @@ def goal_check(summary: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
 
 
 def summarize_groups(
-    cases: Sequence[EvaluationCase], per_case: Dict[str, Dict[str, Dict[str, float]]]
+    cases: Sequence[EvaluationCase],
+    per_case: Dict[str, Dict[str, Dict[str, float]]],
+    input_warnings: Optional[Dict[str, List[str]]] = None,
 ) -> Tuple[Dict[str, Dict[str, Any]], Optional[str]]:
-    """Per group: its cases, what is expected of it, the summary of every method and the model's goals.
+    """Per group: its cases, what is expected of it, the summary of every method and the model's goals, and
+    how many of its cases the input check warned about (``warned``; ``expectation_met``: a served group none,
+    a ``warning`` group all).
 
     Returns the groups and the worst served group: the one whose model mean is farthest from a goal
     (largest :func:`goal_check` ratio), None without groups.
@@ -225,6 +229,9 @@ def summarize_groups(
         goals = goal_check(entry["summary"].get(MODEL_METHOD, {}))
         entry["goals"] = goals
         entry["all_goals_met"] = all(g["met"] for g in goals.values())
+        entry["warned"] = sum(bool((input_warnings or {}).get(c)) for c in entry["cases"])
+        wanted = len(entry["cases"]) if entry["expect"] == "warning" else 0
+        entry["expectation_met"] = entry["warned"] == wanted
         ratio = max((g["ratio"] for g in goals.values()), default=-math.inf)
         if entry["expect"] == "served" and ratio > worst_ratio:
             worst, worst_ratio = name, ratio
@@ -385,7 +392,7 @@ def evaluate(
         if picture is not None:
             files[f"image:{case.name}"] = picture
     summary = summarize(per_case)
-    groups, worst = summarize_groups(cases, per_case)
+    groups, worst = summarize_groups(cases, per_case, warnings)
     result = EvaluationResult(
         out_dir=out_dir,
         cases=per_case,
