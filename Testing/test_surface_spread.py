@@ -27,7 +27,7 @@ from SyntheticCTLib.comparison.surfaces import (
     surface_points,
     values_at_points,
 )
-from SyntheticCTLib.comparison.uncertainty import reading, spread_at_points
+from SyntheticCTLib.comparison.uncertainty import reading, spread_at_points, uncertainty_quality
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 
 SLOPE = np.array([0.5, -0.25, 1.0])  # HU per mm along x, y, z (LPS)
@@ -118,6 +118,10 @@ def test_the_spread_on_the_surface_is_the_planted_function_through_the_transform
     assert quality["n_surface_off"] == int(off.sum())
     assert quality["surface_spread_median_hu"] == pytest.approx(float(np.median(stored[measured])), rel=1e-5)
     assert quality["reading"].startswith("Spread predicts where the sCT bone surface is wrong")
+    # The stand-alone measure on the same comparison gives the same figures (and leaves the surface alone).
+    again = uncertainty_quality(result, spread, transform=move)
+    for key in ("n_surface_points", "n_surface_off", "surface_spread_median_hu", "n_voxels", "reading"):
+        assert again[key] == pytest.approx(quality[key]), key
     # Without a spread the record says so (null), and there is no spread picture.
     plain = compare(ct, sct, transform=move)
     assert plain.metrics.to_dict()["uncertainty"] is None
@@ -225,3 +229,11 @@ def test_a_spread_that_follows_the_error_reads_well_through_compare(small_phanto
     quality = compare(ct, sct, spread=informative).metrics.uncertainty
     assert quality["surface_auroc"] > 0.9 and quality["n_surface_off"] > 50
     assert ": well (AUROC" in quality["reading"]
+
+
+def test_compare_args_pass_the_spread_map(tmp_path):
+    from SyntheticCTLib.apps.runner import compare_args
+
+    args = compare_args("ct.nrrd", "sct.nrrd", tmp_path, uncertainty="spread.nrrd", python="python")
+    assert args[args.index("--uncertainty") + 1] == "spread.nrrd"
+    assert "--uncertainty" not in compare_args("ct.nrrd", "sct.nrrd", tmp_path, python="python")

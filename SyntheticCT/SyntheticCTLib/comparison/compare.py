@@ -48,7 +48,7 @@ from SyntheticCTLib.comparison.surfaces import (
     surface_distances,
     surface_points,
 )
-from SyntheticCTLib.comparison.uncertainty import add_surface_spread, check_spread, spread_quality
+from SyntheticCTLib.comparison.uncertainty import check_spread, spread_quality
 from SyntheticCTLib.kernel.errors import (
     GeometryMismatchError,
     InvalidParameterError,
@@ -270,9 +270,14 @@ def compare(
     uncertainty = None
     if spread is not None:
         report(0.99, "uncertainty", "Spread on the bone surface")
-        add_surface_spread(surfaces.synthetic, spread, transform=transform)
         uncertainty = spread_quality(
-            images.reference, images.synthetic, images.body_mask, surfaces.synthetic, spread, transform=transform
+            images.reference,
+            images.synthetic,
+            images.body_mask,
+            surfaces.synthetic,
+            spread,
+            transform=transform,
+            store=True,  # the point array Spread_HU, beside SignedDistance_mm
         )
     metrics = _metrics_record(
         images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings, uncertainty

@@ -120,18 +120,25 @@ def add_surface_spread(
     return values
 
 
-def surface_spread_quality(surface: vtk.vtkPolyData, *, off_mm: float = SURFACE_OFF_MM) -> Dict[str, Any]:
-    """The surface figures from a surface that carries ``Spread_HU`` and ``SignedDistance_mm``.
+def surface_spread_quality(
+    surface: vtk.vtkPolyData, values: Optional[np.ndarray] = None, *, off_mm: float = SURFACE_OFF_MM
+) -> Dict[str, Any]:
+    """The surface figures of the spread ``values`` at the points of ``surface`` (default: its ``Spread_HU``).
 
-    ``surface_auroc`` (spread separating the measured points more than ``off_mm`` off), the numbers of
-    measured and off points, and the median and 95th percentile of the spread over the measured points.
+    ``surface_auroc`` (the spread separating the measured points more than ``off_mm`` from the other
+    surface, by its ``SignedDistance_mm``), the numbers of measured and off points, and the median and
+    95th percentile of the spread over the measured points. Points off the spread's grid (NaN) are left out.
     """
     if off_mm <= 0:
         raise InvalidParameterError(f"off_mm must be positive (got {off_mm}).")
-    if surface.GetPointData().GetArray(SPREAD_ARRAY) is None:
-        raise InvalidParameterError(f"The surface has no point array '{SPREAD_ARRAY}' (see add_surface_spread).")
+    if values is None:
+        if surface.GetPointData().GetArray(SPREAD_ARRAY) is None:
+            raise InvalidParameterError(f"The surface has no point array '{SPREAD_ARRAY}' (see add_surface_spread).")
+        values = point_array(surface, SPREAD_ARRAY)
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) != surface.GetNumberOfPoints():
+        raise InvalidParameterError(f"{len(values)} spread values for {surface.GetNumberOfPoints()} surface points.")
     measured = point_array(surface, MEASURED_ARRAY) > 0 if surface.GetPointData().GetArray(MEASURED_ARRAY) else None
-    values = point_array(surface, SPREAD_ARRAY).astype(np.float64)
     distance = np.abs(point_array(surface, DISTANCE_ARRAY))
     keep = np.isfinite(values) if measured is None else (measured & np.isfinite(values))
     at_points, off = values[keep], distance[keep] > off_mm
@@ -183,20 +190,24 @@ def spread_quality(
     transform: Optional[sitk.Transform] = None,
     off_mm: float = SURFACE_OFF_MM,
     max_voxels: int = 500_000,
+    store: bool = False,
 ) -> Dict[str, Any]:
     """:func:`voxel_spread_quality` and :func:`surface_spread_quality` together, with their :func:`reading`.
 
-    The pieces of a comparison (see :func:`uncertainty_quality`); the surface gets ``Spread_HU`` when it
-    has none yet.
+    The pieces of a comparison (see :func:`uncertainty_quality`). The spread is sampled at the surface's
+    points through ``transform``; with ``store`` it is kept there as the point array ``Spread_HU``.
     """
     if off_mm <= 0:
         raise InvalidParameterError(f"off_mm must be positive (got {off_mm}).")
-    if surface.GetPointData().GetArray(SPREAD_ARRAY) is None:
-        add_surface_spread(surface, sitk.Cast(spread, sitk.sitkFloat32), transform=transform)
+    spread = sitk.Cast(spread, sitk.sitkFloat32)
+    if store:
+        values = add_surface_spread(surface, spread, transform=transform)
+    else:
+        values = spread_at_points(surface_points(surface), spread, transform=transform)
     result = voxel_spread_quality(
         reference, synthetic_on_reference, body_mask, spread, transform=transform, max_voxels=max_voxels
     )
-    result.update(surface_spread_quality(surface, off_mm=off_mm))
+    result.update(surface_spread_quality(surface, values, off_mm=off_mm))
     result["reading"] = reading(result)
     return result
 
@@ -211,9 +222,9 @@ def uncertainty_quality(
 ) -> Dict[str, Any]:
     """How well ``spread`` (on the synthetic CT's grid) predicts the errors that ``comparison`` measured.
 
-    ``transform`` is the one the comparison used (reference points to synthetic points). The spread at
-    the synthetic bone-surface points is the surface's ``Spread_HU`` array when it has one, else it is
-    sampled (linearly, through ``transform``) and added now. Returns ``{"hu_spearman", "n_voxels",
+    ``transform`` is the one the comparison used (reference points to synthetic points). The spread is
+    sampled (linearly, through ``transform``) at the synthetic bone-surface points; the comparison is not
+    changed. Returns ``{"hu_spearman", "n_voxels",
     "surface_auroc", "n_surface_points", "n_surface_off", "off_mm", "surface_spread_median_hu",
     "surface_spread_p95_hu", "reading"}``.
     """
