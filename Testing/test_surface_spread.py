@@ -237,3 +237,10 @@ def test_compare_args_pass_the_spread_map(tmp_path):
     args = compare_args("ct.nrrd", "sct.nrrd", tmp_path, uncertainty="spread.nrrd", python="python")
     assert args[args.index("--uncertainty") + 1] == "spread.nrrd"
     assert "--uncertainty" not in compare_args("ct.nrrd", "sct.nrrd", tmp_path, python="python")
+
+
+def test_the_demo_command_offers_one_pass(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--no-uncertainty" in capsys.readouterr().out
