@@ -47,10 +47,19 @@ FLICKER_MS = 500
 DISTANCE_ARRAY = "SignedDistance_mm"
 DISTANCE_COLORS = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
 DISTANCE_RANGE_MM = 2.0
+SPREAD_ARRAY = "Spread_HU"
+SPREAD_COLORS = "vtkMRMLColorTableNodeFileViridis.txt"
 DIFFERENCE_WINDOW_HU = 400.0
 COMPARISON_PACKAGES = {"matplotlib": "matplotlib>=3.5"}  # for the report's pictures; Slicer does not ship it
 METRIC_ROWS = tuple((key, METRICS[key].label, METRICS[key].value_unit) for key in REPORT_KEYS)
 """(key, label, unit of the stored value) of the statistics table, from the library's one metric registry."""
+UNCERTAINTY_ROWS = (
+    ("surface_spread_median_hu", "Spread at the sCT bone surface, median", "HU"),
+    ("surface_auroc", "Spread AUROC for bone-surface points > 1 mm off (0.5 chance)", ""),
+    ("n_surface_off", "Bone-surface points > 1 mm off", "points"),
+    ("hu_spearman", "Spread vs HU error, Spearman", ""),
+)
+"""(key, label, unit) of the statistics rows of a comparison with a spread map (its ``uncertainty`` record)."""
 
 
 #
@@ -115,6 +124,8 @@ class SyntheticCTRegistrationParameterNode:
     boneThreshold: Annotated[float, WithinRange(-200.0, 1500.0)] = 200.0
     boneLabels: vtkMRMLLabelMapVolumeNode
     dual3D: bool = False
+    spreadVolume: vtkMRMLScalarVolumeNode
+    showSpread: bool = False
     trajectoryLine: vtkMRMLMarkupsLineNode
     screwRadiusMm: Annotated[float, WithinRange(0.0, 5.0)] = 2.5
     trajectoryBoneThreshold: Annotated[float, WithinRange(-200.0, 1000.0)] = 150.0
@@ -177,6 +188,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReportButton)
         self.ui.checkTrajectoryButton.connect("clicked(bool)", self.onCheckTrajectoryButton)
         self.ui.trajectoryLineSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTrajectoryLineChanged)
+        self.ui.showSpreadCheckBox.connect("toggled(bool)", self.onShowSpreadToggled)
         self.ui.probePlaceWidget.enabled = False
 
         self._flickerTimer = qt.QTimer()
@@ -247,6 +259,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
             button.enabled = pair
         self.ui.saveReportButton.enabled = bool(p and p.comparisonFolder and os.path.isdir(p.comparisonFolder))
         self.ui.checkTrajectoryButton.enabled = bool(p and p.trajectoryLine and moving)
+        self.ui.showSpreadCheckBox.enabled = bool(p and self.logic.hasSpread(p.syntheticSurface))
 
     # -- jobs --------------------------------------------------------------------------------------
     def _onJobEvent(self, event: RunnerEvent, progressBar) -> None:
@@ -369,6 +382,7 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
                 p.movingVolume,
                 boneThreshold=p.boneThreshold,
                 boneLabels=p.boneLabels,
+                spreadVolume=p.spreadVolume,
                 parameterNode=p,
                 onEvent=lambda e: self._onJobEvent(e, bar),
                 onFinished=self._onComparisonFinished,
@@ -418,6 +432,12 @@ class SyntheticCTRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservation
         except Exception as e:  # an observer must not raise into VTK
             logging.exception("SyntheticCT: probe")
             self.ui.probeDistanceLabel.text = str(e)
+
+    def onShowSpreadToggled(self, on: bool) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not recolour the bone surface."), waitCursor=True):
+            p = self._parameterNode
+            if p is not None and self.logic.hasSpread(p.syntheticSurface):
+                self.logic.showSurfaceScalar(p.syntheticSurface, spread=on)
 
     def onSaveReportButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not save the report."), waitCursor=True):
@@ -844,6 +864,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
         *,
         boneThreshold: float = 200.0,
         boneLabels=None,
+        spreadVolume=None,
         parameterNode=None,
         onEvent: Optional[Callable] = None,
         onFinished: Optional[Callable] = None,
@@ -852,7 +873,9 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
         """Compare the bone surfaces of the fixed CT and the (transformed) moving sCT in a child process.
 
         On success: both surfaces as model nodes, a statistics table, a per-bone table, a distance
-        histogram chart and a probe markup, all recorded in ``parameterNode``. The copies of the
+        histogram chart and a probe markup, all recorded in ``parameterNode``. With ``spreadVolume`` (the
+        sCT's uncertainty map, on the sCT's grid) the sCT surface carries the spread too (``Spread_HU``),
+        and the statistics its uncertainty quality. The copies of the
         volumes are removed at once; the comparison folder (the report) stays until the next
         comparison, the scene's closing or the module's cleanup.
         """
@@ -865,6 +888,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
             moving = self.writeVolume(movingVolume, work / "synthetic.nrrd")
             transform = self._exportMovingToFixed(fixedVolume, movingVolume, work)
             labels = self.writeVolume(boneLabels, work / "bone_labels.nrrd") if boneLabels is not None else None
+            spread = self.writeVolume(spreadVolume, work / "spread.nrrd") if spreadVolume is not None else None
             bones = None
             parent = movingVolume.GetParentTransformNode()
             if labels is not None and parent is not None and fixedVolume.GetParentTransformNode() is None:
@@ -878,6 +902,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
                 bone_threshold=boneThreshold,
                 bone_labels=labels,
                 bone_transforms=bones,
+                uncertainty=spread,
                 python=self.pythonExecutable(),
             )
         except Exception:
@@ -886,7 +911,7 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
 
         def load() -> dict:
             outcome = self.loadComparison(out, fixedVolume, parameterNode)
-            for copy in (fixed, moving, labels):
+            for copy in (fixed, moving, labels, spread):
                 if copy is not None and copy.exists():
                     copy.unlink()
             old = parameterNode.comparisonFolder
@@ -923,6 +948,10 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
         for model in (synthetic, reference):
             model.SetAndObserveTransformNodeID(fixedVolume.GetTransformNodeID())  # surfaces are in the CT's space
         self._styleSurfaces(synthetic, reference)
+        if not self.hasSpread(synthetic):
+            p.showSpread = False
+        elif p.showSpread:
+            self.showSurfaceScalar(synthetic, spread=True)
         p.syntheticSurface = synthetic
         p.referenceSurface = reference
         p.statisticsTable = self.statisticsTable(metrics, p.statisticsTable)
@@ -939,7 +968,54 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
             message += " " + _("Mean distance {m:.2f} mm; {w:.1f}% of the surface within 1 mm.").format(
                 m=float(mean), w=100.0 * float(within)
             )
+        quality = metrics.get("uncertainty") or {}
+        if quality.get("reading"):
+            message += " " + str(quality["reading"])
         return {"metrics": metrics, "message": message}
+
+    @staticmethod
+    def hasSpread(model) -> bool:
+        """True when ``model`` (a comparison's sCT surface) carries the spread point array."""
+        if model is None or model.GetPolyData() is None:
+            return False
+        return model.GetPolyData().GetPointData().GetArray(SPREAD_ARRAY) is not None
+
+    @staticmethod
+    def spreadRange(values) -> float:
+        """The top of the spread's colour scale (HU), as the report's: the 95th percentile of the finite
+        values rounded up to 1, 2 or 5 times a power of ten, at least 1 HU."""
+        import math
+
+        import numpy as np
+
+        finite = np.asarray(values, dtype=float)
+        finite = finite[np.isfinite(finite)]
+        top = max(1.0, float(np.percentile(finite, 95)) if finite.size else 1.0)
+        power = 10.0 ** math.floor(math.log10(top))
+        return float(next(step * power for step in (1.0, 2.0, 5.0, 10.0) if top <= step * power + 1e-9))
+
+    def showSurfaceScalar(self, model, spread: bool) -> None:
+        """Colour the sCT surface ``model`` by its spread (viridis, 0 to :meth:`spreadRange` HU) or by its
+        signed distance (blue-red, ±2 mm), with the legend's title and labels to match."""
+        display = model.GetDisplayNode()
+        if spread:
+            if not self.hasSpread(model):
+                raise ValueError(_("This comparison has no spread map: choose the sCT's spread and compare again."))
+            top = self.spreadRange(slicer.util.arrayFromModelPointData(model, SPREAD_ARRAY))
+            name, colors, low, high = SPREAD_ARRAY, SPREAD_COLORS, 0.0, top
+            title, labels = _("sCT spread (HU)"), "%.1f" if top < 10 else "%.0f"
+        else:
+            name, colors, low, high = DISTANCE_ARRAY, DISTANCE_COLORS, -DISTANCE_RANGE_MM, DISTANCE_RANGE_MM
+            title, labels = _("sCT to CT bone (mm)"), "%.1f"
+        display.SetActiveScalarName(name)
+        display.SetScalarVisibility(True)
+        display.SetAndObserveColorNodeID(colors)
+        display.SetScalarRangeFlagFromString("UseManual")
+        display.SetScalarRange(low, high)
+        legend = slicer.modules.colors.logic().GetColorLegendDisplayNode(model)
+        if legend is not None:
+            legend.SetTitleText(title)
+            legend.SetLabelFormat(labels)
 
     @staticmethod
     def _styleSurfaces(synthetic, reference) -> None:
@@ -1012,6 +1088,15 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
                 continue
             names.InsertNextValue(_(label))
             keys.InsertNextValue(key)
+            values.InsertNextValue(float(value))
+            units.InsertNextValue(unit)
+        quality = metrics.get("uncertainty") or {}
+        for key, label, unit in UNCERTAINTY_ROWS:
+            value = quality.get(key)
+            if value is None:
+                continue
+            names.InsertNextValue(_(label))
+            keys.InsertNextValue(f"uncertainty.{key}")
             values.InsertNextValue(float(value))
             units.InsertNextValue(unit)
         for column in (names, values, units, keys):
@@ -1100,6 +1185,9 @@ class SyntheticCTRegistrationLogic(SyntheticCTJobLogic):
         text = _("{d:+.2f} mm: the sCT bone surface lies {side} the CT's here").format(d=value, side=side)
         if gap > 1.0:
             text += " " + _("(nearest surface point {g:.1f} mm from the click)").format(g=gap)
+        if polyData.GetPointData().GetArray(SPREAD_ARRAY) is not None:
+            spread = float(slicer.util.arrayFromModelPointData(surface, SPREAD_ARRAY)[pointId])
+            text += "; " + _("sCT spread {s:.0f} HU").format(s=spread)
         probe.SetNthControlPointLabel(0, f"{value:+.2f} mm")
         probe.SetNthControlPointDescription(0, text)
         return text

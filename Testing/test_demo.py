@@ -267,6 +267,14 @@ def test_demo_with_a_tiny_random_model(tmp_path):
     _check_metrics(metrics)
     _check_report(out, metrics)
     assert metrics["model"]["name"] == "tiny-random"
+    # The sCT's spread (two passes) is on its bone surface, measured, and shown beside the deviation.
+    assert (out / "uncertainty.nii.gz").is_file()
+    quality = metrics["metrics"]["uncertainty"]
+    assert quality["n_surface_points"] > 0 and quality["reading"]
+    spread = _vtp_arrays(out / "comparison" / "synthetic_surface.vtp")["Spread_HU"]
+    assert len(spread) > 0 and np.nanmin(spread) >= 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Bone surfaces coloured by spread" in page and quality["reading"] in page
     # One progress stage per step, in order, each going from 0 to 1.
     names = [demo_lib._Steps(None).stage(s) for s in demo_lib.STEPS]
     seen = list(dict.fromkeys(stage for stage, _ in stages))

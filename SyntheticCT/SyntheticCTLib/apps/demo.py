@@ -6,10 +6,12 @@
 2. **move CT** - move the CT by a random but recorded rigid transform (seeded; rotations up to
    ``max_rotation_deg`` about each axis, shifts up to ``max_shift_mm``), as if scanned another day in
    another position, and resample it onto a CT grid of its own (thicker slices, its own origin);
-3. **synthesize** - the synthetic CT (sCT) from the MRI with a model package (the bundled default);
+3. **synthesize** - the synthetic CT (sCT) from the MRI with a model package (the bundled default), and
+   its spread (two passes: the MRI as is and flipped along all axes; the sCT is the first pass);
 4. **register** - the sCT to the moved CT (mono-modal rigid), and the registration error against the
    known transform (target registration error over the CT's bone voxels);
-5. **compare** - bone surfaces and image metrics of the sCT against the CT, through the registration;
+5. **compare** - bone surfaces and image metrics of the sCT against the CT, through the registration; the
+   spread on the sCT bone surface beside the deviation, and how well it predicts the error;
 6. **baselines** - the two non-learning baselines through the same comparison and registration, so
    that the model is shown beside them;
 7. **report** - ``report.html`` (self-contained) and ``metrics.json``.
@@ -312,6 +314,7 @@ def run_demo(
     max_rotation_deg: float = MAX_ROTATION_DEG,
     max_shift_mm: float = MAX_SHIFT_MM,
     run_baselines: bool = True,
+    uncertainty: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> DemoResult:
@@ -333,6 +336,9 @@ def run_demo(
         Bounds of the random rigid move of the CT.
     run_baselines
         Compare the two non-learning baselines too.
+    uncertainty
+        Synthesise in two passes (the MRI as is and flipped) for the sCT's spread (``uncertainty.nii.gz``),
+        shown on the bone surface and measured against the error; False: one pass, no spread.
     progress, cancel
         Progress callback (one stage per step) and an optional cancel token.
 
@@ -367,6 +373,7 @@ def run_demo(
         max_rotation_deg=max_rotation_deg,
         max_shift_mm=max_shift_mm,
         run_baselines=run_baselines,
+        uncertainty=uncertainty,
     )
     try:
         result = _run(settings, out, report)
@@ -389,6 +396,7 @@ class _Settings:
     max_rotation_deg: float
     max_shift_mm: float
     run_baselines: bool
+    uncertainty: bool = True
 
 
 def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
@@ -399,7 +407,7 @@ def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
     true_transform, ct_moved, bones_moved = steps.run(
         "move CT", lambda p: _move_ct(s, case, p), **_step_record("move CT", s)
     )
-    sct = steps.run("synthesize", lambda p: _synthesize(s, case, p), **_step_record("synthesize", s))
+    sct, spread = steps.run("synthesize", lambda p: _synthesize(s, case, p), **_step_record("synthesize", s))
     registration, tre = steps.run(
         "register",
         lambda p: _register(s, ct_moved, sct, bones_moved, true_transform, p),
@@ -407,7 +415,7 @@ def _run(s: _Settings, out: Path, report: ProgressCallback) -> DemoResult:
     )
     comparison, comparison_files = steps.run(
         "compare",
-        lambda p: _compare(s, ct_moved, sct, bones_moved, registration.transform, p),
+        lambda p: _compare(s, ct_moved, sct, bones_moved, registration.transform, p, spread=spread),
         **_step_record("compare", s),
     )
     baseline_results = steps.run(
@@ -459,6 +467,7 @@ def _step_record(name: str, s: _Settings) -> Dict[str, Any]:
                 "working_spacing_mm": list(s.package.spacing_mm),
                 "patch_size": list(s.package.patch_size),
                 "overlap": s.package.overlap,
+                "uncertainty": "spread over 2 passes (identity, all axes flipped)" if s.uncertainty else None,
             },
         ),
         "register": (
@@ -472,6 +481,7 @@ def _step_record(name: str, s: _Settings) -> Dict[str, Any]:
                 "synthetic": "sCT",
                 "transform": "registration",
                 "bone_labels": "phantom bone labels, moved",
+                "uncertainty": "uncertainty.nii.gz" if s.uncertainty else None,
             },
         ),
         "baselines": (
@@ -515,13 +525,15 @@ def _move_ct(s: _Settings, case: Any, progress: ProgressCallback) -> Tuple[sitk.
     return true, ct, bones
 
 
-def _synthesize(s: _Settings, case: Any, progress: ProgressCallback) -> sitk.Image:
-    """3. synthesize: the sCT from the phantom's MRI echoes with the model package."""
+def _synthesize(s: _Settings, case: Any, progress: ProgressCallback) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """3. synthesize: the sCT from the phantom's MRI echoes with the model package, and its spread (or None)."""
     from SyntheticCTLib.synthesis import inference
 
-    sct = inference.synthesize(list(case.mri), s.package, device=s.device, progress=progress)
-    write_volume(sct, s.work / "sct.nii.gz")
-    return sct
+    result = inference.Synthesizer(s.package, device=s.device).run(list(case.mri), progress=progress, tta=s.uncertainty)
+    write_volume(result.image, s.work / "sct.nii.gz")
+    if result.uncertainty is not None:
+        write_volume(result.uncertainty, s.work / "uncertainty.nii.gz")
+    return result.image, result.uncertainty
 
 
 def _register(
@@ -549,12 +561,20 @@ def _compare(
     bones_moved: sitk.Image,
     transform: sitk.Transform,
     progress: ProgressCallback,
+    *,
+    spread: Optional[sitk.Image] = None,
 ) -> Tuple[Any, Any]:
-    """5. compare: bone surfaces and image metrics of the sCT against the moved CT, written to ``comparison/``."""
+    """5. compare: bone surfaces and image metrics of the sCT against the moved CT, written to ``comparison/``;
+    with the sCT's spread on its bone surface and its uncertainty quality when there is one."""
     from SyntheticCTLib.comparison import compare as compare_lib
 
     result = compare_lib.compare(
-        ct_moved, sct, transform=transform, bone_labels=bones_moved, progress=_scaled(progress, 0.0, 0.8, "")
+        ct_moved,
+        sct,
+        transform=transform,
+        bone_labels=bones_moved,
+        spread=spread,
+        progress=_scaled(progress, 0.0, 0.8, ""),
     )
     files = compare_lib.write_comparison(result, s.work / "comparison", progress=_scaled(progress, 0.8, 1.0, ""))
     return result, files

@@ -2,7 +2,8 @@
 
 - :func:`write_demo_report` - one case of the demo: the case and the model (with its card), the
   version and parameters of each step, orthogonal slices of MRI, sCT, CT and their difference in a
-  fixed HU window, the checkerboard overlay, 3D bone surfaces coloured by deviation, the distance
+  fixed HU window, the checkerboard overlay, 3D bone surfaces coloured by deviation (and by the sCT's
+  spread, with how well it predicts the error, when the comparison had one), the distance
   histogram with the 1 mm lines, the metrics beside the baselines (per bone where available) and
   the registration summary against the known transform.
 - :func:`write_index` - many cases (``syntheticct evaluate``): links to the per-case reports or
@@ -308,6 +309,9 @@ COMPARISON_PICTURES = {
     "surface_front": "Front (anterior)",
     "surface_side": "Side (patient's left)",
     "surface_back": "Back (posterior)",
+    "spread_front": "Spread, front (anterior)",
+    "spread_side": "Spread, side (patient's left)",
+    "spread_back": "Spread, back (posterior)",
     "checkerboard": "Checkerboard of CT and registered sCT",
     "difference": "Difference sCT \u2212 CT inside the body",
     "distance_histogram": "Signed surface distances, \u00b11 mm marked",
@@ -380,7 +384,7 @@ def write_demo_report(
             ),
         ),
     ]
-    sections += _picture_sections(pictures)
+    sections += _picture_sections(pictures, metrics.get("metrics") or {})
     sections.append(_steps_section(metrics))
     page = _page(
         "SyntheticCT demo report",
@@ -393,8 +397,9 @@ def write_demo_report(
     return path
 
 
-def _picture_sections(pictures: Mapping[str, bytes]) -> List[str]:
-    """The sections of the comparison's pictures that are there: checkerboard, surfaces, histogram, difference."""
+def _picture_sections(pictures: Mapping[str, bytes], comparison: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """The sections of the comparison's pictures that are there: checkerboard, surfaces (deviation, then spread
+    with its uncertainty quality from ``comparison``, the comparison's metrics), histogram, difference."""
     h = _html()
     sections: List[str] = []
     if "checkerboard" in pictures:
@@ -417,6 +422,11 @@ def _picture_sections(pictures: Mapping[str, bytes]) -> List[str]:
                 + h.figures(surfaces),
             )
         )
+    spread = [
+        (pictures[k], COMPARISON_PICTURES[k]) for k in ("spread_front", "spread_side", "spread_back") if k in pictures
+    ]
+    if spread or (comparison or {}).get("uncertainty"):
+        sections.append(h.section("Bone surfaces coloured by spread", h.uncertainty_block(comparison or {}, spread)))
     if "distance_histogram" in pictures:
         sections.append(
             h.section(

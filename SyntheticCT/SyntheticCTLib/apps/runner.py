@@ -170,12 +170,13 @@ def compare_args(
     bone_threshold: Optional[float] = None,
     bone_labels: Optional[PathLike] = None,
     bone_transforms: Optional[Mapping[int, PathLike]] = None,
+    uncertainty: Optional[PathLike] = None,
     python: Optional[PathLike] = None,
 ) -> List[str]:
     """Arguments for ``syntheticct compare --reference CT --synthetic SCT -o OUT_DIR --progress json``.
 
     ``bone_transforms`` maps a bone label to its transform file (bone-local registration); it needs
-    ``bone_labels``.
+    ``bone_labels``. ``uncertainty`` is the sCT's spread map (``--uncertainty``).
     """
     args = base_command(python) + [
         "compare",
@@ -197,6 +198,8 @@ def compare_args(
             if int(label) < 1:
                 raise InvalidParameterError(f"Bone labels are positive integers (got {label!r}).")
             args += ["--bone-transform", f"{int(label)}={_path(path, 'A bone transform')}"]
+    if uncertainty is not None:
+        args += ["--uncertainty", _path(uncertainty, "The spread map")]
     return args + ["-o", _path(out_dir, "The output folder"), "--progress", "json"]
 
 

@@ -25,9 +25,13 @@ The per-bone transforms that `syntheticct register --mode bone-local` writes bes
 Measured: MAE, ME, PSNR and SSIM inside the body (SynthRAD 2023 definitions), the bone Dice, and
 the signed point-wise distances between the two bone surfaces (positive: outside the other bone),
 per direction, symmetric, and per bone with --bone-labels.
+With --uncertainty (the spread map `syntheticct synthesize --uncertainty` wrote beside the sCT) the
+spread is sampled on the sCT bone surface (point array Spread_HU), pictured beside the deviation,
+and how well it predicts the real error is measured (metrics.json "uncertainty").
 
 OUT_DIR receives metrics.json, synthetic_surface.vtp and reference_surface.vtp (point array
-SignedDistance_mm), distance_histogram.csv, PNG pictures and report.html (self-contained).
+SignedDistance_mm; with --uncertainty also Spread_HU), distance_histogram.csv, PNG pictures and
+report.html (self-contained).
 """
 
 
@@ -63,6 +67,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=[],
         metavar="LABEL=T",
         help="with --bone-labels: the transform of one bone (bone-local registration); repeatable",
+    )
+    p.add_argument(
+        "--uncertainty",
+        metavar="SPREAD",
+        help="the sCT's spread map (HU, on the sCT's grid, from `syntheticct synthesize --uncertainty`): "
+        "shown on the bone surface and measured against the real error",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="output folder (created if needed)")
     p.set_defaults(run=run)
@@ -123,11 +133,14 @@ def _bone_local_beside(transform_path: Path, reference, labels):
 
 def run(args: argparse.Namespace, report) -> int:
     from SyntheticCTLib.comparison.compare import compare, write_comparison
+    from SyntheticCTLib.comparison.uncertainty import check_spread
 
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidParameterError(f"The output '{out_dir}' exists and is not a folder.")
-    inputs = [Path(p) for p in (args.reference, args.synthetic, args.transform, args.bone_labels) if p]
+    inputs = [
+        Path(p) for p in (args.reference, args.synthetic, args.transform, args.bone_labels, args.uncertainty) if p
+    ]
     inputs += [Path(item.partition("=")[2]) for item in args.bone_transform if "=" in item]
 
     report(0.0, "reading", "reading images")
@@ -137,6 +150,11 @@ def run(args: argparse.Namespace, report) -> int:
     quality = _registration_grade(Path(args.transform)) if args.transform else {}
     grade = quality.get("verdict")
     labels = read_volume(args.bone_labels) if args.bone_labels else None
+    spread = (
+        check_spread(read_volume(args.uncertainty), synthetic, name=f"The spread map '{args.uncertainty}'")
+        if args.uncertainty
+        else None
+    )
     bone_transforms = _bone_transforms(args.bone_transform, labels is not None)
     if args.transform and not bone_transforms:
         bone_transforms, labels = _bone_local_beside(Path(args.transform), reference, labels)
@@ -149,6 +167,7 @@ def run(args: argparse.Namespace, report) -> int:
         bone_labels=labels,
         bone_transforms=bone_transforms or None,
         registration_quality=quality,
+        spread=spread,
         progress=scaled(report, 0.05, 0.8),
     )
     written = write_comparison(result, out_dir, inputs=inputs, progress=scaled(report, 0.8, 1.0))
@@ -164,4 +183,6 @@ def run(args: argparse.Namespace, report) -> int:
         f"{100 * (m['surface_within_1mm'] or 0):.1f}% within 1 mm. Report: {written['report']}"
         + (f" (registration graded {grade})" if grade else "")
     )
+    if m.get("uncertainty"):
+        print(m["uncertainty"].get("reading", ""))
     return 0

@@ -57,6 +57,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default="default",
         help="model name in the catalog, or a package folder/.zip (default: the bundled default model)",
     )
+    p.add_argument(
+        "--no-uncertainty",
+        action="store_true",
+        help="one synthesis pass, no spread map (default: two passes, the spread shown on the bone surface)",
+    )
     p.set_defaults(run=run)
     return p
 
@@ -70,6 +75,7 @@ def run(args: argparse.Namespace, report) -> int:
         spacing=args.spacing if args.spacing is not None else DEFAULT_SPACING_MM,
         device=args.device,
         model=args.model,
+        uncertainty=not args.no_uncertainty,
         progress=report,
     )
     close = getattr(report, "close", None)

@@ -35,6 +35,7 @@ from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     LABEL_ARRAY,
     MEASURED_ARRAY,
+    SPREAD_ARRAY,
     SurfaceDistances,
     affine_of,
     bone_row,
@@ -47,6 +48,7 @@ from SyntheticCTLib.comparison.surfaces import (
     surface_distances,
     surface_points,
 )
+from SyntheticCTLib.comparison.uncertainty import check_spread, spread_quality
 from SyntheticCTLib.kernel.errors import (
     GeometryMismatchError,
     InvalidParameterError,
@@ -184,6 +186,7 @@ def compare(
     label_margin_mm: float = 10.0,
     hu_range: Sequence[float] = HU_RANGE,
     registration_quality: Optional[Mapping[str, Any]] = None,
+    spread: Optional[sitk.Image] = None,
     progress: Optional[ProgressCallback] = None,
 ) -> ComparisonResult:
     """Compare ``synthetic_ct`` with ``reference_ct``.
@@ -212,6 +215,10 @@ def compare(
     registration_quality
         The grade of the registration that gave ``transform`` (its record's ``quality``: ``verdict``
         and ``reasons``); recorded in the settings and shown beside the figures that depend on it.
+    spread
+        The synthetic CT's per-voxel spread (HU, on its grid, as ``syntheticct synthesize --uncertainty``
+        writes it). It is sampled at the synthetic bone-surface points (point array ``Spread_HU``, beside
+        ``SignedDistance_mm``) and its uncertainty quality (:mod:`.uncertainty`) goes into the metrics.
     progress
         ``report(fraction, stage, message)``; it may raise :class:`~SyntheticCTLib.kernel.errors.Cancelled`.
 
@@ -226,6 +233,8 @@ def compare(
     """
     report = progress or no_progress
     _check_transforms(transform, bone_labels, bone_transforms)
+    if spread is not None:
+        spread = check_spread(spread, synthetic_ct)
     options = dict(transform=transform, body_threshold=body_threshold, hu_range=hu_range, progress=report)
     images = image_comparison(reference_ct, synthetic_ct, **options)
     report(0.3, "bone", f"Segmenting bone at {bone_threshold:g} HU")
@@ -258,7 +267,21 @@ def compare(
     if registration_quality:
         settings["registration_grade"] = str(registration_quality.get("verdict", "unknown"))
         settings["registration_grade_reasons"] = "; ".join(str(r) for r in registration_quality.get("reasons") or [])
-    metrics = _metrics_record(images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings)
+    uncertainty = None
+    if spread is not None:
+        report(0.99, "uncertainty", "Spread on the bone surface")
+        uncertainty = spread_quality(
+            images.reference,
+            images.synthetic,
+            images.body_mask,
+            surfaces.synthetic,
+            spread,
+            transform=transform,
+            store=True,  # the point array Spread_HU, beside SignedDistance_mm
+        )
+    metrics = _metrics_record(
+        images, dice(reference_bone, synthetic_bone), surfaces.distances, per_bone, settings, uncertainty
+    )
     report(1.0, "done", f"Mean bone-surface distance {surfaces.distances.symmetric.mean_abs_mm:.2f} mm")
     return _result(metrics, images, (reference_bone, synthetic_bone), surfaces, labels, per_bone)
 
@@ -506,6 +529,7 @@ def _metrics_record(
     distances: SurfaceDistances,
     per_bone: List[dict],
     settings: Mapping[str, object],
+    uncertainty: Optional[Mapping[str, Any]] = None,
 ) -> ComparisonMetrics:
     """Gather the stages' figures, the settings and the versions into one :class:`ComparisonMetrics`."""
     symmetric = distances.symmetric
@@ -525,6 +549,7 @@ def _metrics_record(
         synthetic_to_reference=distances.synthetic_to_reference.to_dict(),
         reference_to_synthetic=distances.reference_to_synthetic.to_dict(),
         body_overlap_fraction=images.overlap,
+        uncertainty=uncertainty,
         settings={
             **settings,
             "distance_sign": "positive outside the other bone surface",
@@ -696,9 +721,10 @@ def write_comparison(
     """Write the comparison into ``out_dir``; return ``{name: path}`` of the written files.
 
     Files: ``metrics.json``, ``synthetic_surface.vtp`` and ``reference_surface.vtp`` (point array
-    ``SignedDistance_mm``), ``distance_histogram.csv``, PNGs (``surface_front.png``,
-    ``surface_side.png``, ``surface_back.png``, ``checkerboard.png``, ``difference.png``,
-    ``distance_histogram.png``) and ``report.html``, each written atomically.
+    ``SignedDistance_mm``; the synthetic one ``Spread_HU`` too when the comparison had a spread map),
+    ``distance_histogram.csv``, PNGs (``surface_front.png``, ``surface_side.png``, ``surface_back.png``,
+    with a spread map ``spread_front.png``, ``spread_side.png``, ``spread_back.png``, ``checkerboard.png``,
+    ``difference.png``, ``distance_histogram.png``) and ``report.html``, each written atomically.
     """
 
     report = progress or no_progress
@@ -724,6 +750,9 @@ def write_comparison(
     views = rendering.render_distance_views(result.synthetic_surface, array=DISTANCE_ARRAY)
     for view, png in views.items():
         images[f"surface_{view}"] = png
+    if result.synthetic_surface.GetPointData().GetArray(SPREAD_ARRAY) is not None:
+        for view, png in rendering.render_spread_views(result.synthetic_surface).items():
+            images[f"spread_{view}"] = png
     report(0.6, "writing", "pictures")
     centre = rendering.mask_centre_index(result.reference_bone)
     images["checkerboard"] = rendering.checkerboard_png(result.reference, result.synthetic, centre=centre)

@@ -203,6 +203,8 @@ class ComparisonMetrics:
     Distances are area-weighted statistics of the signed point-wise bone-surface distances (symmetric:
     both directions pooled); ``synthetic_to_reference`` and ``reference_to_synthetic`` hold the directed
     statistics. A PSNR of identical images (infinite) is None, as ``metrics.json`` writes it (null).
+    ``uncertainty``: how well a spread map given to the comparison predicts its errors
+    (:func:`SyntheticCTLib.comparison.uncertainty.uncertainty_quality`); None without one.
     The field order is the key order of ``metrics.json``.
     """
 
@@ -224,6 +226,7 @@ class ComparisonMetrics:
     synthetic_to_reference: Mapping[str, Any] = field(default_factory=dict)
     reference_to_synthetic: Mapping[str, Any] = field(default_factory=dict)
     body_overlap_fraction: Optional[float] = None
+    uncertainty: Optional[Mapping[str, Any]] = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     versions: Mapping[str, Any] = field(default_factory=dict)
     note: str = NOT_FOR_DIAGNOSTIC_USE
@@ -233,6 +236,8 @@ class ComparisonMetrics:
             object.__setattr__(self, spec.key, _number(getattr(self, spec.key)))
         object.__setattr__(self, "body_overlap_fraction", _number(self.body_overlap_fraction))
         object.__setattr__(self, "per_bone", tuple(_json_safe(dict(row)) for row in self.per_bone))
+        if self.uncertainty is not None:
+            object.__setattr__(self, "uncertainty", _json_safe(dict(self.uncertainty)))
         for name in ("synthetic_to_reference", "reference_to_synthetic", "settings", "versions"):
             object.__setattr__(self, name, _json_safe(dict(getattr(self, name))))
 

@@ -1,4 +1,4 @@
-"""Pictures of a comparison, as PNG bytes: distance-coloured bone surfaces, slices, a histogram.
+"""Pictures of a comparison, as PNG bytes: bone surfaces coloured by distance or spread, slices, a histogram.
 
 Surfaces are rendered offscreen with VTK (world coordinates are LPS: the front view looks from
 anterior, -y, the side view from the patient's left, +x, the back view from posterior, +y).
@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import vtk
 from vtk.util import numpy_support
 
-from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY, SurfaceDistances
+from SyntheticCTLib.comparison.surfaces import DISTANCE_ARRAY, SPREAD_ARRAY, SurfaceDistances
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,53 @@ def diverging_lookup_table(range_mm: float = 2.0, n_colors: int = 256) -> vtk.vt
     return table
 
 
+# Viridis (matplotlib's), sampled at nine points: dark purple (low) to yellow (high), perceptually uniform.
+_VIRIDIS = (
+    (0.267, 0.005, 0.329),
+    (0.283, 0.141, 0.458),
+    (0.254, 0.265, 0.530),
+    (0.207, 0.372, 0.553),
+    (0.164, 0.471, 0.558),
+    (0.128, 0.567, 0.551),
+    (0.135, 0.659, 0.518),
+    (0.267, 0.749, 0.441),
+    (0.478, 0.821, 0.318),
+    (0.741, 0.873, 0.150),
+    (0.993, 0.906, 0.144),
+)
+
+
+def sequential_lookup_table(high: float, low: float = 0.0, n_colors: int = 256) -> vtk.vtkLookupTable:
+    """A viridis lookup table over ``[low, high]`` (values beyond are clamped; NaN grey)."""
+    if not high > low:
+        raise ValueError(f"The colour range must be increasing (got {low} to {high}).")
+    ctf = vtk.vtkColorTransferFunction()
+    for i, rgb in enumerate(_VIRIDIS):
+        ctf.AddRGBPoint(low + (high - low) * i / (len(_VIRIDIS) - 1), *rgb)
+    table = vtk.vtkLookupTable()
+    table.SetNumberOfTableValues(n_colors)
+    table.SetRange(low, high)
+    for i in range(n_colors):
+        table.SetTableValue(i, *ctf.GetColor(low + (high - low) * i / (n_colors - 1)), 1.0)
+    table.SetNanColor(0.6, 0.6, 0.6, 1.0)
+    table.Build()
+    return table
+
+
+def spread_range(values: np.ndarray) -> float:
+    """The top of the spread's colour scale (HU): the 95th percentile of the finite values, rounded up to
+    1, 2 or 5 times a power of ten (at least 1 HU)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    top = float(np.percentile(finite, 95)) if finite.size else 1.0
+    top = max(top, 1.0)
+    power = 10.0 ** np.floor(np.log10(top))
+    for step in (1.0, 2.0, 5.0, 10.0):
+        if top <= step * power + 1e-9:
+            return float(step * power)
+    return float(10 * power)
+
+
 def _offscreen_window() -> vtk.vtkRenderWindow:
     """An offscreen render window; without a display on Linux, EGL is preferred over X."""
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
@@ -83,18 +130,56 @@ def render_distance_views(
     title: str = "Signed distance to the reference bone (mm)",
 ) -> Dict[str, bytes]:
     """Render ``surface`` coloured by its point array ``array`` from each of ``views``; PNG bytes."""
+    table = diverging_lookup_table(range_mm)
+    return _render_views(surface, array, table, views=views, size=size, title=title, label_format="%+.1f")
+
+
+def render_spread_views(
+    surface: vtk.vtkPolyData,
+    *,
+    array: str = SPREAD_ARRAY,
+    range_hu: Optional[float] = None,
+    views: Sequence[str] = ("front", "side", "back"),
+    size: Tuple[int, int] = (800, 800),
+    title: str = "Spread of the synthetic CT (HU)",
+) -> Dict[str, bytes]:
+    """Render ``surface`` coloured by its spread (``Spread_HU``) on a sequential map from 0 to ``range_hu``.
+
+    The same views and camera as :func:`render_distance_views`, so the two pictures of a view match point
+    for point. ``range_hu`` defaults to :func:`spread_range` of the array (its 95th percentile, rounded up).
+    """
+    values = surface.GetPointData().GetArray(array)
+    if values is None:
+        raise ValueError(f"The surface has no point array '{array}' to colour by.")
+    top = spread_range(numpy_support.vtk_to_numpy(values)) if range_hu is None else float(range_hu)
+    table = sequential_lookup_table(top)
+    label_format = "%.1f" if top < 10 else "%.0f"
+    return _render_views(surface, array, table, views=views, size=size, title=title, label_format=label_format)
+
+
+def _render_views(
+    surface: vtk.vtkPolyData,
+    array: str,
+    table: vtk.vtkLookupTable,
+    *,
+    views: Sequence[str],
+    size: Tuple[int, int],
+    title: str,
+    label_format: str,
+) -> Dict[str, bytes]:
+    """Render ``surface`` coloured by ``array`` through ``table`` (with its scale bar) from each of ``views``."""
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
         raise ValueError(f"Unknown views {unknown}; choose from {sorted(VIEWS)}.")
     if surface.GetPointData().GetArray(array) is None:
         raise ValueError(f"The surface has no point array '{array}' to colour by.")
-    table = diverging_lookup_table(range_mm)
+    low, high = table.GetRange()
     mapper = vtk.vtkPolyDataMapper()
     mapper.SetInputData(surface)
     mapper.SetScalarModeToUsePointFieldData()
     mapper.SelectColorArray(array)
     mapper.SetLookupTable(table)
-    mapper.SetScalarRange(-range_mm, range_mm)
+    mapper.SetScalarRange(low, high)
     mapper.UseLookupTableScalarRangeOn()
     mapper.ScalarVisibilityOn()
     actor = vtk.vtkActor()
@@ -107,7 +192,7 @@ def render_distance_views(
     bar.SetLookupTable(table)
     bar.SetTitle(title)
     bar.SetNumberOfLabels(5)
-    bar.SetLabelFormat("%+.1f")
+    bar.SetLabelFormat(label_format)
     bar.SetOrientationToHorizontal()
     bar.SetTextPositionToPrecedeScalarBar()
     bar.SetPosition(0.1, 0.05)

@@ -224,6 +224,52 @@ def registration_grade(metrics: Dict[str, object]) -> str:
     return "".join(parts)
 
 
+def uncertainty_table(quality: Mapping[str, object]) -> str:
+    """The uncertainty-quality figures of a comparison (its ``metrics["uncertainty"]``) as a table."""
+    off_mm = quality.get("off_mm") or 1.0
+    rows = [
+        ("Spread at the sCT bone surface, median", format_number(quality.get("surface_spread_median_hu"), 1, "HU")),
+        (
+            "Spread at the sCT bone surface, 95th percentile",
+            format_number(quality.get("surface_spread_p95_hu"), 1, "HU"),
+        ),
+        (
+            f"AUROC: spread separating surface points > {format_number(off_mm, 1)} mm off (0.5 chance, 1 perfect)",
+            format_number(quality.get("surface_auroc"), 3),
+        ),
+        (
+            f"Surface points > {format_number(off_mm, 1)} mm off / measured",
+            f"{quality.get('n_surface_off', '—')} / {quality.get('n_surface_points', '—')}",
+        ),
+        (
+            "Spearman: spread vs |sCT − CT| in the body (0 none, 1 perfect)",
+            format_number(quality.get("hu_spearman"), 3),
+        ),
+        ("Body voxels", str(quality.get("n_voxels", "—"))),
+    ]
+    return table(rows, ("Uncertainty quality", "Value"))
+
+
+def uncertainty_block(metrics: Mapping[str, object], views: Sequence[Tuple[bytes, str]] = ()) -> str:
+    """The spread section's body: its plain reading, the spread views and the uncertainty-quality table."""
+    quality = metrics.get("uncertainty")
+    parts = [
+        paragraph(
+            "The synthetic CT's spread (the standard deviation, in HU, of two passes of the model: the MRI as "
+            "is and flipped along all axes) sampled on the same bone surface and seen from the same views as "
+            "the deviation above, on a sequential scale from 0 HU. Bright where the model is unsure."
+        )
+    ]
+    if isinstance(quality, Mapping):
+        if quality.get("reading"):
+            parts.append(f"<p><b>{escape(quality['reading'])}</b></p>")
+    if views:
+        parts.append(figures(views))
+    if isinstance(quality, Mapping):
+        parts.append(uncertainty_table(quality))
+    return "".join(parts)
+
+
 def comparison_report(
     metrics: Dict[str, object], images: Dict[str, bytes], *, title: str = "Synthetic CT vs reference CT"
 ) -> str:
@@ -252,6 +298,17 @@ def comparison_report(
     ]
     if surface_views:
         sections.append(section("Synthetic bone surface coloured by deviation", figures(surface_views)))
+    spread_views = [
+        (images[k], caption)
+        for k, caption in (
+            ("spread_front", "sCT bone surface, front: spread of the sCT (HU)"),
+            ("spread_side", "sCT bone surface, side: spread"),
+            ("spread_back", "sCT bone surface, back: spread"),
+        )
+        if k in images
+    ]
+    if spread_views or metrics.get("uncertainty"):
+        sections.append(section("Synthetic bone surface coloured by spread", uncertainty_block(metrics, spread_views)))
     slice_figures = [
         (images[k], caption)
         for k, caption in (

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from scipy import ndimage
 from scipy.spatial import cKDTree
 from vtk.util import numpy_support
 
@@ -37,6 +38,8 @@ MEASURED_ARRAY = "Measured"
 """Name of the point array: 1 for points in the statistics, 0 for points on a cut of the field of view."""
 LABEL_ARRAY = "BoneLabel"
 """Name of the point array holding the bone label of each vertex (per-bone statistics)."""
+SPREAD_ARRAY = "Spread_HU"
+"""Name of the point array holding the synthetic CT's spread (uncertainty, HU) at each vertex."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,20 +586,35 @@ def surface_distances(
 
 
 def values_at_points(
-    points: np.ndarray, image: Union[sitk.Image, np.ndarray], like: Optional[sitk.Image] = None, outside: float = 0.0
+    points: np.ndarray,
+    image: Union[sitk.Image, np.ndarray],
+    like: Optional[sitk.Image] = None,
+    outside: float = 0.0,
+    *,
+    linear: bool = False,
 ) -> np.ndarray:
     """The value of the nearest voxel of ``image`` at each world point (``outside`` off the grid).
 
-    ``image`` is an image, or a (z, y, x) array on the grid of ``like``.
+    ``image`` is an image, or a (z, y, x) array on the grid of ``like``. With ``linear`` the value is
+    interpolated trilinearly between the voxel centres (float64; the edge voxels' values within half a
+    voxel of the grid's edge), so a field linear in position is reproduced exactly.
     """
     grid = image if isinstance(image, sitk.Image) else like
     if grid is None:
         raise InvalidParameterError("values_at_points needs the grid (like=) of an array.")
     array = sitk.GetArrayViewFromImage(image) if isinstance(image, sitk.Image) else np.asarray(image)
     points = np.asarray(points, dtype=float).reshape(-1, 3)
-    index = np.rint(
-        ((points - np.asarray(grid.GetOrigin())) @ _direction(grid)) / np.asarray(grid.GetSpacing())
-    ).astype(np.int64)[:, ::-1]
+    continuous = ((points - np.asarray(grid.GetOrigin())) @ _direction(grid)) / np.asarray(grid.GetSpacing())
+    if linear:
+        zyx = continuous[:, ::-1]
+        inside = np.all((zyx >= -0.5) & (zyx <= np.array(array.shape) - 0.5), axis=1)
+        result = np.full(len(points), outside, dtype=np.float64)
+        if inside.any():
+            result[inside] = ndimage.map_coordinates(
+                np.asarray(array, dtype=np.float64), zyx[inside].T, order=1, mode="nearest"
+            )
+        return result
+    index = np.rint(continuous).astype(np.int64)[:, ::-1]
     inside = np.all((index >= 0) & (index < np.array(array.shape)), axis=1)
     result = np.full(len(points), outside, dtype=np.result_type(array.dtype, np.asarray(outside).dtype))
     result[inside] = array[index[inside, 0], index[inside, 1], index[inside, 2]]
