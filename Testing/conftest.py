@@ -22,6 +22,27 @@ def small_phantom():
 
 
 @pytest.fixture(scope="session")
+def planted_error(small_phantom):
+    """The small phantom's CT, an sCT whose bone is grown by 3 voxels (6 mm) in one half (a planted error), and
+    |sCT - CT|, as float32 images and an array."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    ct = sitk.Cast(small_phantom.ct, sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(ct)
+    bone = array > 200
+    block = np.zeros_like(bone)
+    block[:, :, : array.shape[2] // 2] = True
+    grown = ndimage.binary_dilation(bone, iterations=3) & block & ~bone & (array > -500)
+    wrong = array.copy()
+    wrong[grown] = 700.0
+    sct = sitk.GetImageFromArray(wrong)
+    sct.CopyInformation(ct)
+    return ct, sct, np.abs(wrong - array)
+
+
+@pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """The folder of real CT/MRI volumes (``../shared/data/real``); skips the test when it is absent."""
     if not REAL_DATA_DIR.is_dir():

@@ -212,19 +212,10 @@ def test_cli_compare_with_uncertainty(moved_case, tmp_path, capsys):
     assert not (bad / "metrics.json").exists()
 
 
-def test_a_spread_that_follows_the_error_reads_well_through_compare(small_phantom):
+def test_a_spread_that_follows_the_error_reads_well_through_compare(planted_error):
     """The planted error of test_uncertainty_quality through compare(spread=...): AUROC > 0.9, reading "well"."""
-    ct = sitk.Cast(small_phantom.ct, sitk.sitkFloat32)
-    array = sitk.GetArrayFromImage(ct)
-    bone = array > 200
-    block = np.zeros_like(bone)
-    block[:, :, : array.shape[2] // 2] = True
-    grown = ndimage.binary_dilation(bone, iterations=3) & block & ~bone & (array > -500)
-    wrong = array.copy()
-    wrong[grown] = 700.0
-    sct = sitk.GetImageFromArray(wrong)
-    sct.CopyInformation(ct)
-    informative = sitk.GetImageFromArray(ndimage.gaussian_filter(np.abs(wrong - array), 1.5).astype(np.float32))
+    ct, sct, error = planted_error
+    informative = sitk.GetImageFromArray(ndimage.gaussian_filter(error, 1.5).astype(np.float32))
     informative.CopyInformation(ct)
     quality = compare(ct, sct, spread=informative).metrics.uncertainty
     assert quality["surface_auroc"] > 0.9 and quality["n_surface_off"] > 50

@@ -16,24 +16,8 @@ def test_auroc_by_hand():
     assert np.isnan(auroc(np.array([1.0, 2.0]), np.array([True, True])))
 
 
-def _planted(small_phantom):
-    """The phantom CT, and an sCT whose bone is grown by 3 voxels (6 mm) in one block: a planted error."""
-    ct = sitk.Cast(small_phantom.ct, sitk.sitkFloat32)
-    array = sitk.GetArrayFromImage(ct)
-    bone = array > 200
-    block = np.zeros_like(bone)
-    block[:, :, : array.shape[2] // 2] = True
-    grown = ndimage.binary_dilation(bone, iterations=3) & block & ~bone & (array > -500)
-    wrong = array.copy()
-    wrong[grown] = 700.0
-    sct = sitk.GetImageFromArray(wrong)
-    sct.CopyInformation(ct)
-    error = np.abs(wrong - array)
-    return ct, sct, error
-
-
-def test_a_spread_that_follows_the_planted_error_scores_high_and_noise_scores_chance(small_phantom):
-    ct, sct, error = _planted(small_phantom)
+def test_a_spread_that_follows_the_planted_error_scores_high_and_noise_scores_chance(planted_error):
+    ct, sct, error = planted_error
     comparison = compare(ct, sct)
     informative = sitk.GetImageFromArray(ndimage.gaussian_filter(error, 1.5).astype(np.float32))
     informative.CopyInformation(ct)
