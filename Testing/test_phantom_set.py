@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SyntheticCTLib.apps.evaluation import GOALS, evaluate, find_evaluation_cases, goal_check, held_out_block
+from SyntheticCTLib.apps.evaluation import evaluate, find_evaluation_cases, held_out_block
+from SyntheticCTLib.comparison.metric_registry import GOALS, goal_check
 from SyntheticCTLib.cli.main import main
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.phantom.sets import parse_phantom_set, read_phantom_set, write_phantom_set
@@ -76,6 +77,15 @@ def test_goal_check_by_hand():
     assert not goals["surface_p95_mm"]["met"] and goals["surface_p95_mm"]["ratio"] == pytest.approx(2.0)
     assert goals["bone_dice"]["met"] and goals["bone_dice"]["ratio"] == pytest.approx(1.0)
     assert not goals["mae_hu"]["met"]  # not measured is not met
+    # Training's epoch selection on the goals ranks by the worst ratio: p95 at twice its goal here.
+    from SyntheticCTLib.training.validation import selection_score
+
+    flat = {k: v["mean"] for k, v in summary.items()}
+    assert selection_score({**flat, "mae_hu": 20.0}, "goals") == pytest.approx(2.0, abs=1e-5)
+    islands = {"surface_mean_mm": 0.8, "surface_p95_mm": 0.47, "bone_dice": 0.98, "mae_hu": 22.0}
+    clean = {"surface_mean_mm": 0.25, "surface_p95_mm": 0.6, "bone_dice": 0.97, "mae_hu": 25.0}
+    assert selection_score(islands) < selection_score(clean)  # p95 alone keeps the epoch with false islands
+    assert selection_score(islands, "goals") > selection_score(clean, "goals")
 
 
 @pytest.fixture(scope="module")

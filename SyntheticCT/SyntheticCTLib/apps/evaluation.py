@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import slices_png
 from SyntheticCTLib.comparison.compare import compare
-from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS
+from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS, GOALS, goal_check
 from SyntheticCTLib.comparison.uncertainty import uncertainty_quality
 from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_for_files
 from SyntheticCTLib.kernel.errors import InvalidParameterError, NoBoneError, SyntheticCTError
@@ -59,14 +59,6 @@ logger = logging.getLogger(__name__)
 MODEL_METHOD = "model"
 METRIC_KEYS = EVALUATION_KEYS
 ALIGN_MODES = ("none", "rigid", "affine")
-
-GOALS: Dict[str, Tuple[str, float]] = {
-    "surface_mean_mm": ("<=", 0.3),
-    "surface_p95_mm": ("<=", 0.7),
-    "bone_dice": (">=", 0.95),
-    "mae_hu": ("<=", 40.0),
-}
-"""The accuracy goals of a released model, per metric: (direction, bound), met by each group's mean."""
 
 
 @dataclass
@@ -187,22 +179,6 @@ def summarize(cases: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[s
                 "n": int(values.size),
             }
     return summary
-
-
-def goal_check(summary: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
-    """Each goal of :data:`GOALS` against one method's summary: its mean, whether it is met, and how far off.
-
-    ``ratio`` is the mean over the bound (the bound over the mean for a ``>=`` goal): above 1 misses the goal.
-    """
-    out: Dict[str, Any] = {}
-    for key, (direction, bound) in GOALS.items():
-        mean = summary.get(key, {}).get("mean", math.nan)
-        if not math.isfinite(mean):
-            out[key] = {"goal": f"{direction} {bound:g}", "mean": None, "met": False, "ratio": math.inf}
-            continue
-        ratio = mean / bound if direction == "<=" else bound / max(mean, 1e-12)
-        out[key] = {"goal": f"{direction} {bound:g}", "mean": mean, "met": bool(ratio <= 1.0), "ratio": ratio}
-    return out
 
 
 def summarize_groups(

@@ -265,7 +265,45 @@ class ComparisonMetrics:
         return {k: (math.nan if self.value(k) is None else float(self.value(k))) for k in keys}
 
 
+GOALS: Dict[str, Tuple[str, float]] = {
+    "surface_mean_mm": ("<=", 0.3),
+    "surface_p95_mm": ("<=", 0.7),
+    "bone_dice": (">=", 0.95),
+    "mae_hu": ("<=", 40.0),
+}
+"""The accuracy goals of a released model, per metric: (direction, bound); an evaluation holds each group's
+mean to them, and training can select its epoch on them (``validation.select_by: goals``)."""
+
+
+def goal_ratio(key: str, value: float) -> float:
+    """How far ``value`` of metric ``key`` is from its goal in :data:`GOALS`: the value over the bound (the
+    bound over the value for a ``>=`` goal); above 1 misses it, and a non-finite value is ``inf``."""
+    direction, bound = GOALS[key]
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value / bound if direction == "<=" else bound / max(value, 1e-12)
+
+
+def goal_check(summary: Mapping[str, Mapping[str, float]]) -> Dict[str, Any]:
+    """Each goal of :data:`GOALS` against one method's summary (``{metric: {"mean": ...}}``): its mean,
+    whether it is met, and :func:`goal_ratio`."""
+    out: Dict[str, Any] = {}
+    for key, (direction, bound) in GOALS.items():
+        mean = summary.get(key, {}).get("mean", math.nan)
+        ratio = goal_ratio(key, mean)
+        out[key] = {
+            "goal": f"{direction} {bound:g}",
+            "mean": mean if math.isfinite(mean) else None,
+            "met": bool(ratio <= 1.0),
+            "ratio": ratio,
+        }
+    return out
+
+
 __all__ = [
+    "GOALS",
+    "goal_check",
+    "goal_ratio",
     "BETTER",
     "ComparisonMetrics",
     "EVALUATION_KEYS",

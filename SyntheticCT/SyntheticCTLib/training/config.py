@@ -146,12 +146,19 @@ class AugmentConfig:
     flip_axes: Tuple[str, ...] = ("x",)
 
 
+SELECT_BY = ("surface_p95", "goals")
+"""The epoch-selection rules of ``validation.select_by``."""
+
+
 @dataclass
 class ValidationConfig:
     every_epochs: int = 1
     overlap: Optional[float] = None
     bone_threshold_hu: float = BONE_THRESHOLD_HU
     surfaces: bool = True
+    select_by: str = "surface_p95"
+    """How the kept epoch is chosen: ``surface_p95`` (lowest mean bone-surface p95) or ``goals`` (the lowest
+    worst ratio to the release goals, surface mean, p95, Dice and MAE alike)."""
 
 
 @dataclass
@@ -583,6 +590,7 @@ def _parse_validation(reader: _Reader) -> ValidationConfig:
     reader.used.add("overlap")
     v.bone_threshold_hu = reader.number("bone_threshold_hu", BONE_THRESHOLD_HU)
     v.surfaces = reader.boolean("surfaces", True)
+    v.select_by = reader.string("select_by", v.select_by, choices=SELECT_BY)
     reader.finish()
     return v
 

@@ -798,7 +798,7 @@ class _Run:
             mean = result["mean"]
             row.update({f"val_{k}": mean[k] for k in VALIDATION_KEYS})
             row["val_cases"] = result["cases"]
-            score = selection_score(mean)
+            score = selection_score(mean, self.config.validation.select_by)
             if score < self.best["score"] or self.best["epoch"] is None:
                 self.best = {"epoch": epoch + 1, "step": step, "score": score, "metrics": mean}
                 row["best"] = 1

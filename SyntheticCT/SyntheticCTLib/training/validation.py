@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.comparison.compare import DEFAULT_BONE_THRESHOLD_HU, compare, image_comparison
-from SyntheticCTLib.comparison.metric_registry import VALIDATION_KEYS, ComparisonMetrics
+from SyntheticCTLib.comparison.metric_registry import GOALS, VALIDATION_KEYS, ComparisonMetrics, goal_ratio
 from SyntheticCTLib.kernel.errors import NoBoneError
 from SyntheticCTLib.kernel.progress import ProgressCallback
 from SyntheticCTLib.models.package import load_model_package  # torch: only when validating
@@ -58,12 +58,17 @@ def score(
         return ComparisonMetrics(**images.metrics, bone_dice=0.0, body_overlap_fraction=images.overlap)
 
 
-def selection_score(metrics: Mapping[str, float]) -> float:
-    """Lower is better: validation bone-surface p95 (mm), ties broken by MAE; NaN ranks last."""
+def selection_score(metrics: Mapping[str, float], select_by: str = "surface_p95") -> float:
+    """Lower is better; NaN ranks last. ``surface_p95``: the validation bone-surface p95 (mm), ties broken by
+    MAE. ``goals``: the worst ratio of a metric to its release goal
+    (:data:`~SyntheticCTLib.comparison.metric_registry.GOALS`; surface mean, p95, Dice, MAE), ties broken by p95,
+    so that an epoch whose surface mean suffers from a few far-off false bone islands is not kept for its p95."""
     p95 = metrics.get("surface_p95_mm", math.nan)
     mae = metrics.get("mae_hu", math.nan)
     if not math.isfinite(p95):
         return math.inf
+    if select_by == "goals":
+        return max(goal_ratio(k, metrics.get(k, math.nan)) for k in GOALS) + 1e-6 * p95
     return p95 + 1e-6 * (mae if math.isfinite(mae) else 1e6)
 
 
