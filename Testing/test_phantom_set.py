@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from SyntheticCTLib.apps.evaluation import evaluate, find_evaluation_cases, held_out_block
-from SyntheticCTLib.comparison.metric_registry import GOALS, goal_check
 from SyntheticCTLib.cli.main import main
+from SyntheticCTLib.comparison.metric_registry import GOALS, goal_check
 from SyntheticCTLib.kernel.errors import InvalidParameterError
 from SyntheticCTLib.phantom.sets import parse_phantom_set, read_phantom_set, write_phantom_set
 from SyntheticCTLib.training.config import load_config
@@ -153,3 +153,19 @@ def test_evaluation_summarises_each_group_and_names_the_worst(tiny_set, tmp_path
     assert any("TE 1.2, 2.4, 3.6 ms" in w for w in result.input_warnings["seed504"])
     block = held_out_block(result)
     assert block["worst_group"] == result.worst_group and block["groups"]["far"]["expect"] == "warning"
+
+
+def test_evaluation_measures_the_spread_map_against_the_error(tiny_set, tmp_path):
+    _, _, out = tiny_set
+    case = [c for c in find_evaluation_cases([out]) if c.name == "seed501"]
+    plain = evaluate("default", case, tmp_path / "plain", images=False, device="cpu", baselines=False)
+    result = evaluate(
+        "default", case, tmp_path / "spread", images=False, device="cpu", baselines=False, uncertainty=True
+    )
+    quality = result.uncertainty["seed501"]
+    assert -1.0 <= quality["hu_spearman"] <= 1.0 and quality["n_voxels"] > 1000 and quality["n_surface_points"] > 100
+    # The spread is measured beside the sCT, not instead of it: the metrics are those of the plain run.
+    assert result.cases["seed501"]["model"]["mae_hu"] == pytest.approx(plain.cases["seed501"]["model"]["mae_hu"])
+    document = json.loads((tmp_path / "spread" / "metrics.json").read_text())
+    assert document["cases"][0]["uncertainty"]["n_voxels"] == quality["n_voxels"]
+    assert held_out_block(result)["uncertainty"]["hu_spearman"] == pytest.approx(quality["hu_spearman"], abs=1e-4)

@@ -36,7 +36,6 @@ from SyntheticCTLib import NOT_FOR_DIAGNOSTIC_USE, __version__
 from SyntheticCTLib.apps.report import slices_png
 from SyntheticCTLib.comparison.compare import compare
 from SyntheticCTLib.comparison.metric_registry import EVALUATION_KEYS, GOALS, goal_check
-from SyntheticCTLib.comparison.uncertainty import uncertainty_quality
 from SyntheticCTLib.kernel.acquisition import Acquisition, acquisition_for_files
 from SyntheticCTLib.kernel.errors import InvalidParameterError, NoBoneError, SyntheticCTError
 from SyntheticCTLib.kernel.geometry import resample_like
@@ -472,21 +471,15 @@ def _synthesize(mri: List[sitk.Image], settings: _CaseSettings, progress: Progre
 
 
 def _score_with_spread(ct: sitk.Image, sct: sitk.Image, spread: sitk.Image, progress: ProgressCallback, **kwargs):
-    """The metrics of ``sct`` (as :func:`compare_images`) and how well ``spread`` predicts its error (None
-    when the bone metrics cannot be measured)."""
+    """The metrics of ``sct`` (as :func:`compare_images`) and how well ``spread`` predicts its error
+    (:func:`~SyntheticCTLib.comparison.uncertainty.spread_quality`, through ``compare(spread=...)``; None when the
+    bone metrics cannot be measured)."""
     try:
-        result = compare(ct, sct, progress=progress, **kwargs)
+        result = compare(ct, sct, progress=progress, spread=spread, **kwargs)
     except NoBoneError:
         return compare_images(ct, sct, progress=progress, **kwargs), None
-    quality = uncertainty_quality(result, spread, transform=kwargs.get("transform"))
-    logger.info(
-        "Spread against real error: HU Spearman %.2f, surface AUROC %.2f (%d of %d surface points > %g mm off).",
-        quality["hu_spearman"],
-        quality["surface_auroc"],
-        quality["n_surface_off"],
-        quality["n_surface_points"],
-        quality["off_mm"],
-    )
+    quality = {k: (math.nan if v is None else v) for k, v in dict(result.metrics.uncertainty or {}).items()}
+    logger.info("Spread against real error: %s", quality.get("reading", ""))
     return result.metrics.scalars(METRIC_KEYS), quality
 
 
