@@ -28,14 +28,13 @@ from SyntheticCTLib.comparison.surfaces import (
     DISTANCE_ARRAY,
     MEASURED_ARRAY,
     SPREAD_ARRAY,
-    affine_of,
     point_array,
     set_point_array,
     surface_points,
     values_at_points,
 )
 from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
-from SyntheticCTLib.kernel.geometry import resample_like, same_grid
+from SyntheticCTLib.kernel.geometry import resample_like, same_grid, transform_points
 from SyntheticCTLib.kernel.io import validate_volume
 
 if TYPE_CHECKING:  # compare imports this module
@@ -84,15 +83,6 @@ def check_spread(spread: sitk.Image, synthetic_ct: sitk.Image, *, name: str = "t
     return spread
 
 
-def _to_synthetic(points: np.ndarray, transform: Optional[sitk.Transform]) -> np.ndarray:
-    """Reference-frame points mapped through ``transform`` (reference to synthetic points; None: identity)."""
-    affine = affine_of(transform)
-    if affine is not None:
-        matrix, offset = affine
-        return points @ matrix.T + offset
-    return np.array([transform.TransformPoint(tuple(float(v) for v in p)) for p in points], dtype=float).reshape(-1, 3)
-
-
 def spread_at_points(
     points: np.ndarray, spread: sitk.Image, *, transform: Optional[sitk.Transform] = None
 ) -> np.ndarray:
@@ -104,7 +94,8 @@ def spread_at_points(
     points = np.asarray(points, dtype=float).reshape(-1, 3)
     if len(points) == 0:
         return np.zeros(0)
-    return values_at_points(_to_synthetic(points, transform), spread, outside=math.nan, linear=True)
+    mapped = points if transform is None else transform_points(transform, points)
+    return values_at_points(mapped, spread, outside=math.nan, linear=True)
 
 
 def add_surface_spread(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from SyntheticCTLib.kernel.errors import GeometryMismatchError
+from SyntheticCTLib.kernel.errors import GeometryMismatchError, InvalidParameterError
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, *, tolerance: float = 1e-4) -> bool:
@@ -89,3 +89,24 @@ def resample_to_spacing(
     return resample_like(
         image, grid_with_spacing(image, spacing), interpolator=interpolator, default_value=default_value
     )
+
+
+def linear_parts(transform: sitk.Transform) -> Tuple[np.ndarray, np.ndarray]:
+    """(A, b) with ``transform(x) = A @ x + b`` for a linear transform (Euler, versor, similarity, affine)."""
+    t = transform.Downcast()
+    if not hasattr(t, "GetMatrix"):
+        raise InvalidParameterError(f"{t.GetName()} is not a linear transform.")
+    a = np.asarray(t.GetMatrix(), dtype=float).reshape(3, 3)
+    centre = np.asarray(t.GetCenter(), dtype=float)
+    translation = np.asarray(t.GetTranslation(), dtype=float)
+    return a, translation + centre - a @ centre
+
+
+def transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
+    """Apply ``transform`` to world points ``(n, 3)``; vectorized for linear transforms."""
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    try:
+        a, b = linear_parts(transform)
+    except InvalidParameterError:
+        return np.array([transform.TransformPoint(tuple(p)) for p in points], dtype=float).reshape(-1, 3)
+    return points @ a.T + b

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.geometry import transform_points
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
 from SyntheticCTLib.kernel.progress import ProgressCallback, no_progress, scaled
 from SyntheticCTLib.registration.engine import (
@@ -26,7 +27,7 @@ from SyntheticCTLib.registration.engine import (
     optimize,
     sampling_fraction,
 )
-from SyntheticCTLib.registration.initialization import mask_points, transform_points
+from SyntheticCTLib.registration.initialization import mask_points
 from SyntheticCTLib.registration.pyramid import crop_to_mask, level_spacing, mask_on_grid, plan_levels, shrink
 
 logger = logging.getLogger(__name__)

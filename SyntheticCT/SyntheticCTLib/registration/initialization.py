@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SyntheticCTLib.kernel.errors import InvalidParameterError
+from SyntheticCTLib.kernel.geometry import linear_parts, transform_points
 from SyntheticCTLib.registration import INITIALIZATIONS
 from SyntheticCTLib.registration.engine import NonOverlapError, RegistrationError, evaluate_metric, quiet_itk
 
@@ -85,27 +86,6 @@ def mask_points(mask: sitk.Image, max_points: int = 20000, seed: int = 0) -> np.
         zyx = zyx[np.sort(rng.choice(len(zyx), max_points, replace=False))]
     matrix, origin = index_to_world_matrix(mask)
     return zyx[:, ::-1].astype(float) @ matrix.T + origin
-
-
-def linear_parts(transform: sitk.Transform) -> Tuple[np.ndarray, np.ndarray]:
-    """(A, b) with ``transform(x) = A @ x + b`` for a linear transform (Euler, versor, similarity, affine)."""
-    t = transform.Downcast()
-    if not hasattr(t, "GetMatrix"):
-        raise InvalidParameterError(f"{t.GetName()} is not a linear transform.")
-    a = np.asarray(t.GetMatrix(), dtype=float).reshape(3, 3)
-    centre = np.asarray(t.GetCenter(), dtype=float)
-    translation = np.asarray(t.GetTranslation(), dtype=float)
-    return a, translation + centre - a @ centre
-
-
-def transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
-    """Apply ``transform`` to world points ``(n, 3)``; vectorized for linear transforms."""
-    points = np.asarray(points, dtype=float).reshape(-1, 3)
-    try:
-        a, b = linear_parts(transform)
-    except InvalidParameterError:
-        return np.array([transform.TransformPoint(tuple(p)) for p in points], dtype=float).reshape(-1, 3)
-    return points @ a.T + b
 
 
 def inside_fraction(points: np.ndarray, image: sitk.Image) -> float:

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from SyntheticCTLib.kernel.geometry import transform_points
 from SyntheticCTLib.kernel.hu import BONE_THRESHOLD_HU
-from SyntheticCTLib.registration.initialization import transform_points
 from SyntheticCTLib.registration.modality import foreground_threshold
 
 logger = logging.getLogger(__name__)
