@@ -52,7 +52,7 @@ def diverging_lookup_table(range_mm: float = 2.0, n_colors: int = 256) -> vtk.vt
     return table
 
 
-# Viridis (matplotlib's), sampled at nine points: dark purple (low) to yellow (high), perceptually uniform.
+# Viridis (matplotlib's), sampled at eleven points: dark purple (low) to yellow (high), perceptually uniform.
 _VIRIDIS = (
     (0.267, 0.005, 0.329),
     (0.283, 0.141, 0.458),
